@@ -1,0 +1,219 @@
+"""DaemonClient: the Python client of the Luna protocol.
+
+What a caller can rely on:
+
+* Safe to share between threads. Each call borrows a persistent connection from a small
+  pool (a new one is opened when all are busy), so threads never wait on each other's
+  requests and connections are reused across calls.
+* Errors are typed: :class:`DaemonUnavailable` (cannot connect / connection lost) and
+  :class:`DaemonError` (the daemon answered with an error; ``.code`` is the protocol
+  code such as ``"not_found"``). A client-side timeout is ``DaemonError("timeout")``.
+* Idempotent ops (everything but ``shutdown``) are retried once, transparently, on a
+  fresh connection when a pooled connection turns out to be dead (daemon restarted).
+* Tensors go in and come out as torch tensors; results alias the received buffer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import threading
+from typing import Any, Sequence
+
+import torch
+
+from luna_daemon import protocol, transport
+from luna_daemon.protocol import ErrorCode, Limits, LunaError
+from luna_daemon.settings import Settings, read_token
+
+log = logging.getLogger(__name__)
+
+NOT_IDEMPOTENT = frozenset({"shutdown"})
+_POOL_MAX = 8
+
+
+class DaemonUnavailable(ConnectionError):
+    """The daemon cannot be reached (not running, wrong port, connection lost)."""
+
+
+class DaemonError(LunaError):
+    """The daemon answered with an error. ``code`` is a protocol error code."""
+
+
+class _Connection:
+    def __init__(self, host: str, port: int, connect_timeout: float):
+        try:
+            self.sock = socket.create_connection((host, port), timeout=connect_timeout)
+        except OSError as exc:
+            raise DaemonUnavailable(
+                f"Luna Daemon is not reachable at {host}:{port} ({exc.strerror or exc}). "
+                "Start it with the tray app or 'luna-daemon serve'."
+            ) from None
+        transport.configure(self.sock)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class DaemonClient:
+    """Client for one daemon. ``token=None`` reads the per-install token file."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 19283,
+        token: str | None = None,
+        timeout: float = 120.0,
+        *,
+        connect_timeout: float = 5.0,
+        settings: Settings | None = None,
+        max_body_bytes: int = 16 * 1024**3,
+    ):
+        self.host, self.port, self.timeout, self.connect_timeout = host, port, timeout, connect_timeout
+        self._settings = settings
+        self._token = token
+        self._limits = Limits(max_body_bytes=max_body_bytes)
+        self._pool: list[_Connection] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kw: Any) -> "DaemonClient":
+        kw.setdefault("timeout", settings.client_timeout)
+        return cls(settings.host, settings.port, settings=settings, **kw)
+
+    # ------------------------------------------------------------ plumbing
+    @property
+    def token(self) -> str | None:
+        if self._token is None:
+            self._token = read_token(self._settings or Settings.load())
+        return self._token
+
+    def _checkout(self) -> tuple[_Connection, bool]:
+        with self._lock:
+            if self._closed:
+                raise DaemonUnavailable("client is closed")
+            if self._pool:
+                return self._pool.pop(), True
+        return _Connection(self.host, self.port, self.connect_timeout), False
+
+    def _checkin(self, conn: _Connection) -> None:
+        with self._lock:
+            if not self._closed and len(self._pool) < _POOL_MAX:
+                self._pool.append(conn)
+                return
+        conn.close()
+
+    def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        """Send one request and return its result (tensors as torch tensors)."""
+        timeout = self.timeout if timeout is None else timeout
+        req_id = next(self._ids)
+        token = self.token if op not in ("ping", "hello") else None
+        buffers, _keep = protocol.request(req_id, op, args, token)
+        for attempt in (0, 1):
+            conn, reused = self._checkout()
+            try:
+                transport.send_buffers(conn.sock, buffers, timeout)
+                frame = transport.read_frame(conn.sock, self._limits, idle_timeout=timeout, frame_timeout=timeout)
+            except (transport.IdleTimeout, transport.FrameTimeout, socket.timeout):
+                conn.close()  # the answer may still arrive: this stream is unusable now
+                raise DaemonError(ErrorCode.TIMEOUT, f"no answer to {op!r} within {timeout:.0f}s") from None
+            except (OSError, transport.PeerClosed) as exc:
+                conn.close()
+                # A pooled connection may have been closed by the daemon (idle timeout,
+                # restart). Retrying on a fresh one is safe only for idempotent ops.
+                if attempt == 0 and reused and op not in NOT_IDEMPOTENT:
+                    continue
+                raise DaemonUnavailable(f"connection to Luna Daemon at {self.host}:{self.port} lost during {op!r}: {exc}") from None
+            except LunaError as exc:
+                conn.close()
+                raise DaemonError(exc.code, f"bad answer from daemon: {exc.message}") from None
+            rid, ok, payload = protocol.parse_response(frame)
+            if rid is not None and rid != req_id:
+                conn.close()
+                raise DaemonError(ErrorCode.BAD_FRAME, f"answer for request {rid!r}, expected {req_id}")
+            if ok:
+                self._checkin(conn)
+                return payload
+            code, message = payload
+            if code in (c.value for c in protocol.FATAL_CODES):
+                conn.close()
+            else:
+                self._checkin(conn)
+            raise DaemonError(code, message)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, []
+        for c in pool:
+            c.close()
+
+    def __enter__(self) -> "DaemonClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ ops
+    def ping(self) -> dict:
+        return self.call("ping")
+
+    def hello(self) -> dict:
+        return self.call("hello")
+
+    def status(self) -> dict:
+        return self.call("status")
+
+    def ps(self) -> list[dict]:
+        return self.call("ps")["models"]
+
+    def unload(self, model: str | None = None, *, all: bool = False) -> list[dict]:
+        if all:
+            return self.call("unload", {"all": True})["unloaded"]
+        return self.call("unload", {"model": model})["unloaded"]
+
+    def shutdown(self) -> dict:
+        return self.call("shutdown")
+
+    def vae_load(self, path: str, *, device: str | None = None, dtype: str | None = None, keep_alive: Any = None) -> dict:
+        return self.call("vae_load", _drop_none(path=path, device=device, dtype=dtype, keep_alive=keep_alive))
+
+    def vae_encode(self, model: str, pixels: torch.Tensor, tiled: bool | dict | None = None) -> torch.Tensor:
+        return self.call("vae_encode", _drop_none(model=model, pixels=pixels, tiled=tiled))["latent"]
+
+    def vae_decode(self, model: str, latent: torch.Tensor, tiled: bool | dict | None = None) -> torch.Tensor:
+        return self.call("vae_decode", _drop_none(model=model, latent=latent, tiled=tiled))["image"]
+
+    def clip_load(self, paths: str | Sequence[str], clip_type: str = "sd1", *, device: str | None = None,
+                  dtype: str | None = None, keep_alive: Any = None) -> dict:
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        return self.call("clip_load", _drop_none(paths=paths, clip_type=clip_type, device=device, dtype=dtype, keep_alive=keep_alive))
+
+    def clip_tokenize(self, model: str, text: str, **options: Any) -> dict:
+        return self.call("clip_tokenize", {"model": model, "text": text, "options": options})["tokens"]
+
+    def clip_encode(self, model: str, *, tokens: dict | None = None, text: str | None = None, layer: int | None = None,
+                    loras: Sequence[dict] | None = None) -> dict:
+        """-> {"cond": tensor, "pooled_output": tensor|None, "extras": {...}}."""
+        return self.call("clip_encode", _drop_none(model=model, tokens=tokens, text=text, layer=layer, loras=list(loras) if loras else None))
+
+    def lora_has(self, sha256: str) -> bool:
+        return bool(self.call("lora_has", {"sha256": sha256})["present"])
+
+    def lora_put(self, data: bytes | bytearray | memoryview, sha256: str | None = None) -> dict:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+        return self.call("lora_put", _drop_none(data=buf, sha256=sha256))
+
+    def lora_load(self, path: str) -> dict:
+        return self.call("lora_load", {"path": path})
+
+
+def _drop_none(**kw: Any) -> dict[str, Any]:
+    return {k: v for k, v in kw.items() if v is not None}

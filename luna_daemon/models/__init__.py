@@ -1,0 +1,1 @@
+"""Model layer: engines (how weights run), registry (what is loaded), LoRA cache."""

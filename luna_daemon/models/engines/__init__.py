@@ -1,0 +1,48 @@
+"""Engines: the code that actually loads and runs VAE / CLIP weights.
+
+``select_engine(settings)`` picks one: ``comfy`` when ComfyUI's package is importable
+(exact parity with native nodes), ``standalone`` (diffusers + transformers) otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from luna_daemon.models.engines.base import Engine, EngineError
+
+log = logging.getLogger(__name__)
+
+
+def detect_comfyui_root(settings) -> Path | None:
+    """ComfyUI root from settings ``comfyui_root``, env ``COMFYUI_PATH``, or this repo's
+    location when it sits in ``ComfyUI/custom_nodes/<repo>/``. None if none found."""
+    candidates = [settings.comfyui_root, os.environ.get("COMFYUI_PATH", "")]
+    repo = Path(__file__).resolve().parents[3]
+    if repo.parent.name == "custom_nodes":
+        candidates.append(str(repo.parent.parent))
+    for c in candidates:
+        if c and (Path(c).expanduser() / "comfy" / "sd.py").is_file():
+            return Path(c).expanduser().resolve()
+    return None
+
+
+def select_engine(settings) -> Engine:
+    """The engine named by ``settings.engine``; ``auto`` prefers ComfyUI's own code."""
+    choice = settings.engine
+    if choice in ("auto", "comfy"):
+        root = detect_comfyui_root(settings)
+        if root is not None or choice == "comfy":
+            try:
+                from luna_daemon.models.engines.comfy import ComfyEngine
+            except ImportError as exc:
+                if choice == "comfy":
+                    raise EngineError("model_error", f"engine=comfy but the ComfyUI engine is unavailable: {exc}") from None
+            else:
+                return ComfyEngine(settings, root)
+        if choice == "comfy":
+            raise EngineError("model_error", "engine=comfy but no ComfyUI was found: set comfyui_root or COMFYUI_PATH")
+    from luna_daemon.models.engines.standalone import StandaloneEngine
+
+    return StandaloneEngine()

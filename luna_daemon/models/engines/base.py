@@ -1,0 +1,139 @@
+"""The Engine interface every backend implements.
+
+The service layer only ever talks to these classes. All tensors crossing this boundary
+are CPU tensors in ComfyUI's layouts:
+
+* pixels: float32 ``[B, H, W, C]`` in 0..1 (channels-last),
+* latents: float32 ``[B, C, h, w]`` (raw, unscaled: no SD scale factor applied),
+* tokens: ``{encoder_key: [chunk, ...]}`` where a chunk is a list of ``(token_id, weight)``
+  tuples (77 per chunk for CLIP),
+* conditioning: ``{"cond": float32 [1, T, D], "pooled_output": float32 [1, P] | None, **extras}``.
+
+Engines are *not* required to be thread-safe: the registry runs every call for one loaded
+model on that model's single executor thread, inside ``torch.inference_mode()``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from luna_daemon.protocol import LunaError
+
+
+class EngineError(LunaError):
+    """An engine-level failure that maps onto a protocol error code.
+
+    ``code`` is one of the protocol error codes (``model_error``, ``oom``, ``bad_args``,
+    ``not_found`` ...); the message is shown to the user verbatim.
+    """
+
+
+@dataclass
+class TiledArgs:
+    """Tile geometry as ComfyUI's ``decode_tiled`` / ``encode_tiled`` take it.
+
+    For decode the sizes are in latent pixels (default 64/64/16), for encode in image
+    pixels (default 512/512/64).
+    """
+
+    tile_x: int
+    tile_y: int
+    overlap: int
+
+
+@dataclass
+class LoraSpec:
+    """One entry of a LoRA stack: resolved LoRA weights plus strength.
+
+    ``weights`` maps a *target parameter name of the text encoder* (as in the model's own
+    ``state_dict`` key space, see ``ClipModel.patchable_keys``) to a low-rank pair
+    ``(up [out, r], down [r, in], scale)`` -- delta = up @ down * scale * strength.
+    """
+
+    sha256: str
+    strength: float
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+
+
+class LoadedModel(abc.ABC):
+    """A loaded model object. ``nbytes`` is measured from its parameters and buffers."""
+
+    kind: str = "model"
+    device: torch.device
+    dtype: torch.dtype
+
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        ...
+
+    @abc.abstractmethod
+    def info(self) -> dict[str, Any]:
+        """JSON-safe static facts a client needs (channels, ratios, encoders...)."""
+
+    def release(self) -> None:
+        """Drop every reference to weights so the memory can be returned. Idempotent."""
+
+
+class VaeModel(LoadedModel):
+    kind = "vae"
+
+    @abc.abstractmethod
+    def encode(self, pixels: torch.Tensor, tiled: TiledArgs | None = None) -> torch.Tensor:
+        """BHWC 0..1 pixels -> BCHW raw latent (float32, CPU). Crops H/W to the ratio."""
+
+    @abc.abstractmethod
+    def decode(self, latent: torch.Tensor, tiled: TiledArgs | None = None) -> torch.Tensor:
+        """BCHW latent -> BHWC float32 pixels clamped to 0..1 (CPU)."""
+
+
+class ClipModel(LoadedModel):
+    kind = "clip"
+
+    @abc.abstractmethod
+    def tokenize(self, text: str, **options: Any) -> dict[str, list[list[tuple]]]:
+        ...
+
+    @abc.abstractmethod
+    def encode(
+        self,
+        tokens: dict[str, list[list[tuple]]],
+        layer: int | None = None,
+        loras: Sequence[LoraSpec] = (),
+    ) -> dict[str, Any]:
+        """Tokens -> ``{"cond", "pooled_output", **extras}``.
+
+        ``layer`` follows CLIPSetLastLayer: ``None`` or ``-1`` = last layer, ``-2`` =
+        penultimate, ... ``loras`` are applied for this call only; they must never be
+        visible to another call (the shared weights are not modified in place).
+        """
+
+    def patchable_keys(self) -> list[str]:
+        """Names of the text encoder's weights a LoRA may target (state-dict key space)."""
+        return []
+
+
+class Engine(abc.ABC):
+    """Loads models. One instance per daemon; ``name`` shows in ``hello`` / ``status``."""
+
+    name: str = "engine"
+
+    @abc.abstractmethod
+    def load_vae(self, paths: Sequence[str], device: torch.device, dtype: torch.dtype | None) -> VaeModel:
+        ...
+
+    @abc.abstractmethod
+    def load_clip(
+        self,
+        paths: Sequence[str],
+        clip_type: str,
+        device: torch.device,
+        dtype: torch.dtype | None,
+    ) -> ClipModel:
+        ...
+
+    def close(self) -> None:
+        """Release engine-global resources (caches). Called once at daemon stop."""

@@ -1,0 +1,70 @@
+"""Preload at start and warm start (restore the previous run's models).
+
+A preload entry is ``"vae:<path>"`` or ``"clip:<clip_type>:<path>[,<path>...]"``; paths
+obey ``model_roots`` like any load. The warm-start list is written to the state dir at
+stop and read back at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from luna_daemon.protocol import LunaError
+
+log = logging.getLogger(__name__)
+
+
+def parse_entry(entry: str) -> dict[str, Any]:
+    kind, _, rest = entry.partition(":")
+    if kind == "vae" and rest:
+        return {"kind": "vae", "paths": [rest]}
+    if kind == "clip" and rest:
+        clip_type, _, paths = rest.partition(":")
+        if paths:
+            return {"kind": "clip", "clip_type": clip_type, "paths": paths.split(",")}
+    raise ValueError(f"preload entry {entry!r} must be 'vae:<path>' or 'clip:<type>:<path>[,<path>]'")
+
+
+def _load_all(daemon, specs: list[dict[str, Any]]) -> None:
+    for spec in specs:
+        if daemon.registry is None:
+            return
+        try:
+            daemon.registry.load(spec["kind"], spec["paths"], clip_type=spec.get("clip_type"),
+                                 device=spec.get("device"), dtype=spec.get("dtype"))
+        except LunaError as exc:
+            log.warning("preload of %s failed: %s", spec["paths"], exc.message)
+
+
+def preload(daemon, entries: list[str]) -> None:
+    specs = []
+    for e in entries:
+        try:
+            specs.append(parse_entry(e))
+        except ValueError as exc:
+            log.warning("%s", exc)
+    _load_all(daemon, specs)
+
+
+def save_loaded(daemon) -> None:
+    specs = [
+        {"kind": e.kind, "paths": e.paths, "clip_type": e.options.get("clip_type"), "device": e.device, "dtype": e.dtype}
+        for e in daemon.registry.entries()
+    ]
+    path = daemon.settings.state_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"models": specs}, indent=2), encoding="utf-8")
+
+
+def restore_previous(daemon) -> None:
+    path = daemon.settings.state_file
+    try:
+        specs = json.loads(path.read_text(encoding="utf-8")).get("models", [])
+    except FileNotFoundError:
+        return
+    except ValueError as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return
+    _load_all(daemon, [s for s in specs if isinstance(s, dict) and "kind" in s and "paths" in s])

@@ -1,0 +1,426 @@
+"""Luna wire protocol v1 -- pure framing, no sockets (sans-I/O).
+
+A frame is::
+
+    offset size  field
+    0      4     magic  b"LUNA"
+    4      1     version (1)
+    5      1     kind    (1 = request, 2 = response)
+    6      2     flags   (reserved, must be 0)
+    8      4     header_len  (u32, big-endian)
+    12     8     body_len    (u64, big-endian)
+    20     H     header: UTF-8 JSON object
+    20+H   B     body: raw tensor bytes, each tensor starting at a 64-byte aligned offset
+
+The I/O layers read the fixed 20-byte prefix, call :func:`parse_prefix` (which checks
+every length against the limits *before* anything is allocated), then read exactly
+``header_len`` and ``body_len`` bytes into fresh ``bytearray`` objects and call
+:func:`decode_frame`. Tensors are decoded zero-copy with ``torch.frombuffer`` over the
+body bytearray after validating dtype (allowlist), shape x itemsize == nbytes, alignment,
+bounds and non-overlap. Nothing here unpickles or evaluates anything.
+
+Tensors inside ``args`` / ``result`` are referenced as ``{"$tensor": "<name>"}``; tuples
+(ComfyUI token chunks are lists of tuples) as ``{"$tuple": [...]}``. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+MAGIC = b"LUNA"
+VERSION = 1
+PREFIX = struct.Struct(">4sBBHIQ")
+PREFIX_SIZE = PREFIX.size  # 20
+ALIGN = 64
+HARD_MAX_HEADER = 1024 * 1024
+MAX_TENSORS = 256
+MAX_NDIM = 8
+MAX_JSON_DEPTH = 64
+
+
+class Kind(enum.IntEnum):
+    REQUEST = 1
+    RESPONSE = 2
+
+
+class ErrorCode(str, enum.Enum):
+    """Every error a daemon can answer with. Values are the strings on the wire."""
+
+    BAD_FRAME = "bad_frame"                  # framing / JSON / tensor descriptor invalid
+    UNSUPPORTED_VERSION = "unsupported_version"
+    TOO_LARGE = "too_large"                  # header or body over the configured limit
+    UNKNOWN_OP = "unknown_op"
+    BAD_ARGS = "bad_args"
+    UNAUTHORIZED = "unauthorized"            # missing / wrong token
+    NOT_FOUND = "not_found"                  # model id / file / LoRA unknown
+    FORBIDDEN_PATH = "forbidden_path"        # path outside model_roots
+    BUSY = "busy"                            # queue or connection limit reached
+    STOPPING = "stopping"                    # daemon is shutting down
+    TIMEOUT = "timeout"
+    OOM = "oom"
+    MODEL_ERROR = "model_error"
+    INTERNAL = "internal"
+
+
+# Errors after which the stream position is unknown or the peer is hostile: the
+# connection is closed after the error frame is sent.
+FATAL_CODES = frozenset({ErrorCode.BAD_FRAME, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.TOO_LARGE})
+
+
+class LunaError(Exception):
+    """A typed failure with a protocol error code -- the one error type of the project.
+
+    ``code`` is an :class:`ErrorCode` value (a string such as ``"not_found"``);
+    ``message`` is meant for the user. Raised by the protocol, the service and the
+    engines; the server turns it into an error response, the client re-raises it.
+    """
+
+    def __init__(self, code: ErrorCode | str, message: str):
+        code = ErrorCode(code)
+        super().__init__(f"{code.value}: {message}")
+        self.code = code.value
+        self.message = message
+
+    @property
+    def fatal(self) -> bool:
+        return ErrorCode(self.code) in FATAL_CODES
+
+
+ProtocolError = LunaError  # name used where the failure is about framing
+
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection limits; the server takes them from Settings."""
+
+    max_header_bytes: int = HARD_MAX_HEADER
+    max_body_bytes: int = 2 * 1024**3
+
+    def __post_init__(self) -> None:
+        if self.max_header_bytes > HARD_MAX_HEADER:
+            object.__setattr__(self, "max_header_bytes", HARD_MAX_HEADER)
+
+
+@dataclass(frozen=True)
+class Prefix:
+    version: int
+    kind: Kind
+    flags: int
+    header_len: int
+    body_len: int
+
+
+@dataclass
+class Frame:
+    """A decoded frame. ``tensors`` alias the received body buffer (zero copy)."""
+
+    kind: Kind
+    header: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- decoding
+def parse_prefix(data: bytes | bytearray | memoryview, limits: Limits) -> Prefix:
+    """Validate the fixed 20-byte prefix. Raises ProtocolError before any allocation."""
+    if len(data) != PREFIX_SIZE:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"prefix must be {PREFIX_SIZE} bytes, got {len(data)}")
+    magic, version, kind, flags, header_len, body_len = PREFIX.unpack(data)
+    if magic != MAGIC:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "bad magic (not a Luna frame)")
+    if version != VERSION:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version} not supported (this daemon speaks {VERSION})")
+    if kind not in (Kind.REQUEST, Kind.RESPONSE):
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown frame kind {kind}")
+    if flags != 0:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown flags 0x{flags:04x}")
+    if header_len < 2:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "header too short")
+    if header_len > limits.max_header_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"header of {header_len} bytes exceeds the limit of {limits.max_header_bytes}")
+    if body_len > limits.max_body_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"body of {body_len} bytes exceeds max_body_bytes={limits.max_body_bytes}")
+    return Prefix(version, Kind(kind), flags, header_len, body_len)
+
+
+def _json_depth_ok(obj: Any, depth: int = 0) -> bool:
+    if depth > MAX_JSON_DEPTH:
+        return False
+    if isinstance(obj, dict):
+        return all(_json_depth_ok(v, depth + 1) for v in obj.values())
+    if isinstance(obj, list):
+        return all(_json_depth_ok(v, depth + 1) for v in obj)
+    return True
+
+
+def decode_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
+    try:
+        header = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"header is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "header must be a JSON object")
+    if not _json_depth_ok(header):
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"header nested deeper than {MAX_JSON_DEPTH}")
+    return header
+
+
+def _descriptor(d: Any, body_len: int) -> tuple[str, torch.dtype, tuple[int, ...], int, int]:
+    if not isinstance(d, dict):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "tensor descriptor must be an object")
+    name, dtype_name, shape, offset, nbytes = (d.get(k) for k in ("name", "dtype", "shape", "offset", "nbytes"))
+    if not isinstance(name, str) or not name or len(name) > 128:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "tensor name must be a non-empty string (<= 128 chars)")
+    if dtype_name not in DTYPES:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: dtype {dtype_name!r} not allowed (allowed: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(type(s) is int and s >= 0 for s in shape):
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: shape must be a list of <= {MAX_NDIM} non-negative ints")
+    if type(offset) is not int or type(nbytes) is not int or offset < 0 or nbytes < 0:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: offset/nbytes must be non-negative ints")
+    dtype = DTYPES[dtype_name]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # Python ints do not overflow: a hostile shape cannot wrap this product around.
+    expected = math.prod(shape) * itemsize
+    if expected != nbytes:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: shape {shape} x {itemsize} B = {expected} != nbytes {nbytes}")
+    if offset % ALIGN:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: offset {offset} not {ALIGN}-byte aligned")
+    if offset + nbytes > body_len:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: bytes {offset}..{offset + nbytes} outside the body ({body_len} B)")
+    return name, dtype, tuple(shape), offset, nbytes
+
+
+def decode_tensors(descriptors: Any, body: bytearray) -> dict[str, torch.Tensor]:
+    """Validate descriptors against ``body`` and return tensors that alias it."""
+    if descriptors is None:
+        descriptors = []
+    if not isinstance(descriptors, list):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "'tensors' must be a list")
+    if len(descriptors) > MAX_TENSORS:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"more than {MAX_TENSORS} tensors")
+    parsed = [_descriptor(d, len(body)) for d in descriptors]
+    names = [p[0] for p in parsed]
+    if len(set(names)) != len(names):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "duplicate tensor names")
+    spans = sorted((p[3], p[3] + p[4], p[0]) for p in parsed if p[4] > 0)
+    for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise ProtocolError(ErrorCode.BAD_FRAME, f"tensors {name_a!r} and {name_b!r} overlap")
+    out: dict[str, torch.Tensor] = {}
+    for name, dtype, shape, offset, nbytes in parsed:
+        if nbytes == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+            continue
+        # frombuffer shares memory with ``body`` (a writable bytearray, so no warning
+        # and no copy); the tensor keeps the buffer alive.
+        flat = torch.frombuffer(body, dtype=dtype, count=nbytes // _itemsize(dtype), offset=offset)
+        out[name] = flat.view(shape)
+    return out
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def decode_frame(prefix: Prefix, header_bytes: bytes | bytearray, body: bytearray) -> Frame:
+    """Decode a complete frame whose prefix was already validated."""
+    if len(header_bytes) != prefix.header_len or len(body) != prefix.body_len:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "frame truncated")
+    header = decode_header(header_bytes)
+    tensors = decode_tensors(header.get("tensors"), body)
+    return Frame(prefix.kind, header, tensors)
+
+
+def decode_bytes(data: bytes | bytearray, limits: Limits = Limits()) -> Frame:
+    """Decode one whole frame held in memory (tests, fuzzing). Extra bytes are an error."""
+    if len(data) < PREFIX_SIZE:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "frame truncated (shorter than the prefix)")
+    prefix = parse_prefix(memoryview(data)[:PREFIX_SIZE], limits)
+    end_h = PREFIX_SIZE + prefix.header_len
+    end_b = end_h + prefix.body_len
+    if len(data) != end_b:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"frame truncated or has trailing bytes ({len(data)} != {end_b})")
+    return decode_frame(prefix, bytes(data[PREFIX_SIZE:end_h]), bytearray(data[end_h:end_b]))
+
+
+# --------------------------------------------------------------------------- encoding
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A read-only byte view of a CPU tensor (copies only if not contiguous / not CPU)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    # Viewing as uint8 works for every allowed dtype (bf16 and bool included, which
+    # numpy alone cannot represent) and shares storage with ``t``.
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def encode_frame(kind: Kind, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> list[memoryview | bytes]:
+    """Encode a frame as a list of buffers for ``sendall`` / ``sendmsg`` (no big copies).
+
+    Adds the ``tensors`` descriptor list to ``header`` (a new dict; the caller's is kept).
+    Raises ProtocolError(bad_args) for a tensor of a dtype outside the allowlist.
+    """
+    descriptors = []
+    chunks: list[memoryview | bytes] = []
+    offset = 0
+    for name, t in (tensors or {}).items():
+        if t.dtype not in DTYPE_NAMES:
+            raise ProtocolError(ErrorCode.BAD_ARGS, f"tensor {name!r}: dtype {t.dtype} cannot be sent")
+        pad = (-offset) % ALIGN
+        if pad:
+            chunks.append(bytes(pad))
+            offset += pad
+        data = _tensor_bytes(t)
+        descriptors.append({"name": name, "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "offset": offset, "nbytes": data.nbytes})
+        if data.nbytes:
+            chunks.append(data)
+        offset += data.nbytes
+    header = dict(header)
+    header["tensors"] = descriptors
+    header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=True).encode("utf-8")
+    if len(header_bytes) > HARD_MAX_HEADER:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"header of {len(header_bytes)} bytes exceeds {HARD_MAX_HEADER}")
+    prefix = PREFIX.pack(MAGIC, VERSION, int(kind), 0, len(header_bytes), offset)
+    return [prefix + header_bytes, *chunks]
+
+
+def encode_bytes(kind: Kind, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> bytes:
+    return b"".join(bytes(c) for c in encode_frame(kind, header, tensors))
+
+
+# --------------------------------------------------------------------------- values
+def pack_value(value: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> Any:
+    """Turn a nested value with tensors/tuples into JSON-safe data.
+
+    Tensors are moved into ``tensors`` under generated names and replaced by
+    ``{"$tensor": name}``; tuples become ``{"$tuple": [...]}``.
+    """
+    if isinstance(value, torch.Tensor):
+        name = f"{prefix}{len(tensors)}"
+        while name in tensors:
+            name += "_"
+        tensors[name] = value
+        return {"$tensor": name}
+    if isinstance(value, tuple):
+        return {"$tuple": [pack_value(v, tensors, prefix) for v in value]}
+    if isinstance(value, list):
+        return [pack_value(v, tensors, prefix) for v in value]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ProtocolError(ErrorCode.BAD_ARGS, f"dict keys must be strings, got {type(k).__name__}")
+            out[k] = pack_value(v, tensors, prefix)
+        return out
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.dtype):
+        return DTYPE_NAMES.get(value, str(value))
+    raise ProtocolError(ErrorCode.BAD_ARGS, f"cannot send a value of type {type(value).__name__}")
+
+
+def unpack_value(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`pack_value`. Unknown tensor references are a bad_frame error."""
+    if isinstance(value, dict):
+        if len(value) == 1 and "$tensor" in value:
+            name = value["$tensor"]
+            if not isinstance(name, str) or name not in tensors:
+                raise ProtocolError(ErrorCode.BAD_FRAME, f"reference to unknown tensor {name!r}")
+            return tensors[name]
+        if len(value) == 1 and "$tuple" in value and isinstance(value["$tuple"], list):
+            return tuple(unpack_value(v, tensors) for v in value["$tuple"])
+        return {k: unpack_value(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unpack_value(v, tensors) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- messages
+def request(req_id: int, op: str, args: dict[str, Any] | None = None, token: str | None = None) -> tuple[list, dict[str, torch.Tensor]]:
+    """Build (buffers) for a request; tensors anywhere in ``args`` travel in the body."""
+    tensors: dict[str, torch.Tensor] = {}
+    header: dict[str, Any] = {"id": req_id, "op": op, "args": pack_value(args or {}, tensors, "a")}
+    if token is not None:
+        header["token"] = token
+    return encode_frame(Kind.REQUEST, header, tensors), tensors
+
+
+def ok_response(req_id: Any, result: Any) -> list:
+    tensors: dict[str, torch.Tensor] = {}
+    header = {"id": req_id, "ok": True, "result": pack_value(result, tensors, "r")}
+    return encode_frame(Kind.RESPONSE, header, tensors)
+
+
+def error_response(req_id: Any, code: ErrorCode | str, message: str) -> list:
+    code = ErrorCode(code).value
+    return encode_frame(Kind.RESPONSE, {"id": req_id, "ok": False, "error": {"code": code, "message": message or code}})
+
+
+@dataclass
+class Request:
+    id: Any
+    op: str
+    args: dict[str, Any]
+    token: str | None
+
+
+def parse_request(frame: Frame) -> Request:
+    """Validate a request frame's header; tensor references in args are resolved."""
+    h = frame.header
+    if frame.kind != Kind.REQUEST:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "expected a request frame")
+    req_id = h.get("id")
+    # 0 is a perfectly good id (an earlier tool treated it as "no id" and hung).
+    if type(req_id) is not int and not isinstance(req_id, str):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "request 'id' must be an int or string")
+    op = h.get("op")
+    if not isinstance(op, str) or not op:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "request 'op' must be a non-empty string")
+    args = h.get("args", {})
+    if not isinstance(args, dict):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "request 'args' must be an object")
+    token = h.get("token")
+    if token is not None and not isinstance(token, str):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "'token' must be a string")
+    return Request(req_id, op, unpack_value(args, frame.tensors), token)
+
+
+def parse_response(frame: Frame) -> tuple[Any, bool, Any]:
+    """-> (id, ok, result-or-(code, message))."""
+    h = frame.header
+    if frame.kind != Kind.RESPONSE:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "expected a response frame")
+    if h.get("ok") is True:
+        return h.get("id"), True, unpack_value(h.get("result"), frame.tensors)
+    err = h.get("error") or {}
+    code = err.get("code", "internal")
+    try:
+        code = ErrorCode(code).value
+    except ValueError:
+        code = ErrorCode.INTERNAL.value
+    return h.get("id"), False, (code, str(err.get("message") or code))
+
+
+def iter_buffers_nbytes(buffers: Iterable) -> int:
+    return sum(memoryview(b).nbytes for b in buffers)

@@ -1,0 +1,377 @@
+"""The ops: validate arguments, call the registry / engine, shape the result.
+
+No sockets here. ``Service.handle(request, ctx)`` is called by the server's connection
+thread; ``ctx.wait(future)`` lets the server watch the client while the work is queued
+(a client that disconnects cancels its queued work).
+
+Every failure leaves as a :class:`LunaError` with a code from ``protocol.ErrorCode``;
+anything unexpected becomes ``internal`` (logged with a traceback) and the daemon keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hmac
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from luna_daemon import __version__, protocol
+from luna_daemon.events import EventBus
+from luna_daemon.models.engines.base import TiledArgs
+from luna_daemon.models.registry import Registry, available_devices, device_memory
+from luna_daemon.protocol import ErrorCode, LunaError, Request
+from luna_daemon.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Seconds; Prometheus-style cumulative buckets for request latency.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+VAE_DECODE_TILE = TiledArgs(64, 64, 16)   # latent pixels (ComfyUI's VAEDecodeTiled defaults / 8)
+VAE_ENCODE_TILE = TiledArgs(512, 512, 64)  # image pixels
+
+
+class Context(Protocol):
+    """What the server provides to an op while it runs."""
+
+    client: str
+
+    def wait(self, fut: cf.Future) -> Any: ...
+
+
+@dataclass
+class Stats:
+    """Request counters and latency histograms (read by status and /metrics)."""
+
+    started: float = field(default_factory=time.time)
+    requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    latency_buckets: dict[str, list[int]] = field(default_factory=dict)
+    latency_sum: dict[str, float] = field(default_factory=dict)
+    latency_count: dict[str, int] = field(default_factory=dict)
+    recent: list[float] = field(default_factory=list)  # request end times, last 60 s
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, op: str, outcome: str, seconds: float) -> None:
+        now = time.time()
+        with self.lock:
+            self.requests[(op, outcome)] = self.requests.get((op, outcome), 0) + 1
+            b = self.latency_buckets.setdefault(op, [0] * len(LATENCY_BUCKETS))
+            for i, edge in enumerate(LATENCY_BUCKETS):
+                if seconds <= edge:
+                    b[i] += 1
+            self.latency_sum[op] = self.latency_sum.get(op, 0.0) + seconds
+            self.latency_count[op] = self.latency_count.get(op, 0) + 1
+            self.recent.append(now)
+            if len(self.recent) > 4096 or (self.recent and self.recent[0] < now - 60):
+                self.recent = [t for t in self.recent if t >= now - 60]
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.time()
+        with self.lock:
+            total = sum(self.requests.values())
+            errors = sum(n for (op, oc), n in self.requests.items() if oc != "ok")
+            per_minute = sum(1 for t in self.recent if t >= now - 60)
+            by_op: dict[str, dict[str, int]] = {}
+            for (op, oc), n in self.requests.items():
+                by_op.setdefault(op, {})[oc] = n
+        return {"total": total, "errors": errors, "per_minute": per_minute, "by_op": by_op}
+
+
+OpFn = Callable[["Service", dict, Context], Any]
+_OPS: dict[str, tuple[OpFn, bool, str]] = {}  # name -> (fn, needs_token, service kinds)
+
+
+def op(name: str, *, auth: bool = True, service: str = "full vae clip") -> Callable[[OpFn], OpFn]:
+    def deco(fn: OpFn) -> OpFn:
+        _OPS[name] = (fn, auth, service)
+        return fn
+
+    return deco
+
+
+# ----------------------------------------------------------------------------- arg helpers
+def _arg(args: dict, name: str, kind: type | tuple, default: Any = ..., *, allow_none: bool = False) -> Any:
+    if name not in args or (args[name] is None and default is not ...):
+        if default is ...:
+            raise LunaError(ErrorCode.BAD_ARGS, f"missing argument {name!r}")
+        return default
+    value = args[name]
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise LunaError(ErrorCode.BAD_ARGS, f"argument {name!r} must be a number")
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise LunaError(ErrorCode.BAD_ARGS, f"argument {name!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _tensor(args: dict, name: str, ndim: int) -> torch.Tensor:
+    t = _arg(args, name, torch.Tensor)
+    if t.ndim != ndim:
+        raise LunaError(ErrorCode.BAD_ARGS, f"{name} must be {ndim}-D, got shape {list(t.shape)}")
+    if not t.is_floating_point():
+        raise LunaError(ErrorCode.BAD_ARGS, f"{name} must be a float tensor, got {t.dtype}")
+    if t.numel() == 0:
+        raise LunaError(ErrorCode.BAD_ARGS, f"{name} is empty (shape {list(t.shape)})")
+    return t
+
+
+def _tiled(args: dict, default: TiledArgs) -> TiledArgs | None:
+    t = args.get("tiled")
+    if t is None or t is False:
+        return None
+    if t is True:
+        return default
+    if not isinstance(t, dict):
+        raise LunaError(ErrorCode.BAD_ARGS, "tiled must be true/false or {tile_x, tile_y, overlap}")
+    vals = {}
+    for k in ("tile_x", "tile_y", "overlap"):
+        v = t.get(k, getattr(default, k))
+        if type(v) is not int or v < 0 or (k != "overlap" and v < 1):
+            raise LunaError(ErrorCode.BAD_ARGS, f"tiled.{k} must be a positive integer")
+        vals[k] = v
+    if vals["overlap"] * 2 >= min(vals["tile_x"], vals["tile_y"]):
+        vals["overlap"] = min(vals["tile_x"], vals["tile_y"]) // 4
+    return TiledArgs(**vals)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+# ----------------------------------------------------------------------------- the service
+class Service:
+    """Dispatches ops. Thread-safe: called concurrently from connection threads."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        events: EventBus,
+        token: str,
+        status_provider: Callable[[], dict] | None = None,
+        on_shutdown: Callable[[], None] | None = None,
+        lora_cache: Any = None,
+    ):
+        self.settings = settings
+        self.registry = registry
+        self.events = events
+        self.token = token
+        self.stats = Stats()
+        self.status_provider = status_provider or (lambda: {})
+        self.on_shutdown = on_shutdown or (lambda: None)
+        self.lora_cache = lora_cache
+
+    @staticmethod
+    def op_names() -> list[str]:
+        return sorted(_OPS)
+
+    def ops_for_service(self) -> list[str]:
+        return sorted(n for n, (_, _, kinds) in _OPS.items() if self.settings.service in kinds.split())
+
+    def handle(self, req: Request, ctx: Context) -> Any:
+        """Run one request. Returns the result or raises LunaError."""
+        t0 = time.perf_counter()
+        outcome = "ok"
+        try:
+            entry = _OPS.get(req.op)
+            if entry is None:
+                raise LunaError(ErrorCode.UNKNOWN_OP, f"unknown op {req.op!r}; known: {', '.join(self.ops_for_service())}")
+            fn, needs_auth, kinds = entry
+            if needs_auth and not (req.token and hmac.compare_digest(req.token.encode(), self.token.encode())):
+                raise LunaError(ErrorCode.UNAUTHORIZED, "missing or wrong token (the client reads it from the daemon's config dir)")
+            if self.settings.service not in kinds.split():
+                raise LunaError(ErrorCode.UNKNOWN_OP, f"op {req.op!r} is not offered by a {self.settings.service!r} daemon")
+            return fn(self, req.args, ctx)
+        except LunaError as exc:
+            outcome = exc.code
+            raise
+        except Exception as exc:
+            outcome = ErrorCode.INTERNAL.value
+            log.exception("op %s failed unexpectedly", req.op)
+            raise LunaError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}") from None
+        finally:
+            dt = time.perf_counter() - t0
+            self.stats.record(req.op, outcome, dt)
+            if outcome != "ok":
+                self.events.emit("request_failed", op=req.op, code=outcome, client=ctx.client, ms=dt * 1000)
+            elif req.op not in ("ping", "hello", "status", "ps"):
+                self.events.emit("request", op=req.op, client=ctx.client, ms=dt * 1000)
+
+    # -------------------------------------------------------------- running work
+    def run(self, ctx: Context, model_id: Any, fn: Callable[[Any], Any]) -> Any:
+        fut = self.registry.submit(model_id, fn)
+        try:
+            return ctx.wait(fut)
+        except cf.CancelledError:
+            raise LunaError(ErrorCode.STOPPING, "request cancelled") from None
+        except LunaError:
+            raise
+        except Exception as exc:
+            if _is_oom(exc):
+                raise LunaError(ErrorCode.OOM, f"out of memory: {exc}") from None
+            log.warning("model call failed: %s: %s", type(exc).__name__, exc)
+            raise LunaError(ErrorCode.MODEL_ERROR, f"{type(exc).__name__}: {exc}") from None
+
+    def _vae(self, args: dict) -> str:
+        model_id = _arg(args, "model", str)
+        if self.registry.get(model_id).kind != "vae":
+            raise LunaError(ErrorCode.BAD_ARGS, f"{model_id} is not a VAE")
+        return model_id
+
+    def _clip(self, args: dict) -> str:
+        model_id = _arg(args, "model", str)
+        if self.registry.get(model_id).kind != "clip":
+            raise LunaError(ErrorCode.BAD_ARGS, f"{model_id} is not a CLIP")
+        return model_id
+
+    def run_vae(self, ctx: Context, model_id: str, call: Callable[[Any, TiledArgs | None], Any], tiled: TiledArgs | None, default: TiledArgs) -> Any:
+        """Run a VAE call; on out-of-memory retry once tiled (warning event), then ``oom``."""
+        try:
+            return self.run(ctx, model_id, lambda m: call(m, tiled))
+        except LunaError as exc:
+            if exc.code != ErrorCode.OOM.value or tiled is not None:
+                raise
+            msg = f"VAE ran out of memory ({exc.message}); retrying tiled"
+            log.warning(msg)
+            self.events.emit("warning", message=msg, model=model_id)
+            return self.run(ctx, model_id, lambda m: call(m, default))
+
+    def load(self, kind: str, args: dict) -> dict:
+        if kind == "vae":
+            paths = [_arg(args, "path", str)]
+        else:
+            paths = args.get("paths", [args["path"]] if isinstance(args.get("path"), str) else None)
+            if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+                raise LunaError(ErrorCode.BAD_ARGS, "clip_load needs 'paths' (a list of files) or 'path'")
+        entry = self.registry.load(
+            kind, paths,
+            device=_arg(args, "device", str, None), dtype=_arg(args, "dtype", str, None),
+            clip_type=_arg(args, "clip_type", str, "sd1") if kind == "clip" else None,
+            keep_alive=args.get("keep_alive"),
+        )
+        return {"model": entry.id, **entry.describe()}
+
+
+# ----------------------------------------------------------------------------- ops
+@op("ping", auth=False)
+def _ping(svc: Service, args: dict, ctx: Context) -> dict:
+    return {"pong": True, "time": time.time()}
+
+
+@op("hello", auth=False)
+def _hello(svc: Service, args: dict, ctx: Context) -> dict:
+    return {
+        "protocol": protocol.VERSION, "daemon": __version__, "service": svc.settings.service,
+        "engine": svc.registry.engine.name, "ops": svc.ops_for_service(), "devices": available_devices(),
+        "shm": False, "auth": "token", "max_body_bytes": svc.settings.max_body_bytes,
+    }
+
+
+@op("status")
+def _status(svc: Service, args: dict, ctx: Context) -> dict:
+    by_dev = svc.registry.bytes_by_device()
+    devices = {d: {**device_memory(d), "models_bytes": by_dev.get(d, 0)} for d in available_devices()}
+    entries = svc.registry.entries()
+    return {
+        "version": __version__, "engine": svc.registry.engine.name, "service": svc.settings.service,
+        "models": len(entries), "queue": sum(e.executor.depth for e in entries),
+        "devices": devices, "requests": svc.stats.snapshot(),
+        "lora_cache": svc.lora_cache.stats() if svc.lora_cache is not None else None,
+        **svc.status_provider(),
+    }
+
+
+@op("ps")
+def _ps(svc: Service, args: dict, ctx: Context) -> dict:
+    return {"models": svc.registry.ps()}
+
+
+@op("unload")
+def _unload(svc: Service, args: dict, ctx: Context) -> dict:
+    if args.get("all") is True:
+        return {"unloaded": svc.registry.unload_all()}
+    return {"unloaded": [svc.registry.unload(_arg(args, "model", str))]}
+
+
+@op("shutdown")
+def _shutdown(svc: Service, args: dict, ctx: Context) -> dict:
+    # The stop runs on another thread: it waits for in-flight requests, this one included.
+    svc.on_shutdown()
+    return {"stopping": True}
+
+
+@op("vae_load", service="full vae")
+def _vae_load(svc: Service, args: dict, ctx: Context) -> dict:
+    return svc.load("vae", args)
+
+
+@op("vae_encode", service="full vae")
+def _vae_encode(svc: Service, args: dict, ctx: Context) -> dict:
+    model_id = svc._vae(args)
+    pixels = _tensor(args, "pixels", 4)
+    latent = svc.run_vae(ctx, model_id, lambda m, t: m.encode(pixels, t), _tiled(args, VAE_ENCODE_TILE), VAE_ENCODE_TILE)
+    return {"latent": latent}
+
+
+@op("vae_decode", service="full vae")
+def _vae_decode(svc: Service, args: dict, ctx: Context) -> dict:
+    model_id = svc._vae(args)
+    latent = _tensor(args, "latent", 4)
+    image = svc.run_vae(ctx, model_id, lambda m, t: m.decode(latent, t), _tiled(args, VAE_DECODE_TILE), VAE_DECODE_TILE)
+    return {"image": image}
+
+
+@op("clip_load", service="full clip")
+def _clip_load(svc: Service, args: dict, ctx: Context) -> dict:
+    return svc.load("clip", args)
+
+
+@op("clip_tokenize", service="full clip")
+def _clip_tokenize(svc: Service, args: dict, ctx: Context) -> dict:
+    model_id = svc._clip(args)
+    text = _arg(args, "text", str)
+    options = _arg(args, "options", dict, {})
+    return {"tokens": svc.run(ctx, model_id, lambda m: m.tokenize(text, **options))}
+
+
+def _check_tokens(tokens: Any) -> dict:
+    if not isinstance(tokens, dict) or not tokens:
+        raise LunaError(ErrorCode.BAD_ARGS, "tokens must be a non-empty {encoder: [chunk, ...]} object")
+    for key, chunks in tokens.items():
+        if not isinstance(chunks, list) or not all(isinstance(c, list) for c in chunks):
+            raise LunaError(ErrorCode.BAD_ARGS, f"tokens[{key!r}] must be a list of chunks")
+    return tokens
+
+
+@op("clip_encode", service="full clip")
+def _clip_encode(svc: Service, args: dict, ctx: Context) -> dict:
+    model_id = svc._clip(args)
+    layer = _arg(args, "layer", int, None)
+    if layer is not None and layer >= 0:
+        raise LunaError(ErrorCode.BAD_ARGS, "layer counts from the end like CLIPSetLastLayer: -1 = last, -2 = penultimate ...")
+    loras = svc.lora_cache.resolve_stack(args.get("loras") or []) if svc.lora_cache is not None and args.get("loras") else []
+    if args.get("loras") and svc.lora_cache is None:
+        raise LunaError(ErrorCode.BAD_ARGS, "this daemon has no LoRA support")
+    if "tokens" in args:
+        tokens = _check_tokens(args["tokens"])
+
+        def call(m: Any) -> dict:
+            return m.encode(tokens, layer=layer, loras=loras)
+    else:
+        text = _arg(args, "text", str)
+
+        def call(m: Any) -> dict:
+            return m.encode(m.tokenize(text), layer=layer, loras=loras)
+
+    out = dict(svc.run(ctx, model_id, call))
+    return {"cond": out.pop("cond"), "pooled_output": out.pop("pooled_output", None), "extras": out}

@@ -1,0 +1,345 @@
+"""One settings object for every part of Luna Daemon.
+
+Precedence (lowest to highest): built-in defaults < TOML file < ``LUNA_*`` environment
+variables < explicit overrides (CLI flags). ``Settings.sources`` records, for every key,
+which of those layers supplied the effective value (``luna-daemon config --show``).
+
+Paths: by default config, token, logs and state live in the platformdirs user folders.
+``LUNA_HOME=<dir>`` puts all of them under one folder (``<dir>/config``, ``<dir>/logs``,
+``<dir>/state``) so that tests and side-by-side installs never touch each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import secrets
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+APP_NAME = "luna-daemon"
+CONFIG_FILE = "config.toml"
+TOKEN_FILE = "token"
+
+# Units accepted by byte-size settings ("4GiB", "512 MB", plain integers = bytes).
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+FOREVER = -1.0  # keep_alive value meaning "never unload"
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value. ``key`` names it; the message says what is allowed."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """``1073741824``, ``"1GiB"``, ``"512 MB"`` -> bytes (int, >= 0)."""
+    if isinstance(value, bool):
+        raise SettingsError(key, "expected a byte size")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise SettingsError(key, "must be >= 0")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise SettingsError(key, f"expected a byte size like 4GiB or 512MB, got {value!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_duration(value: Any, key: str = "duration") -> float:
+    """Seconds from ``30``, ``"30s"``, ``"5m"``, ``"1h"``; ``"forever"`` / negative -> FOREVER."""
+    if isinstance(value, bool):
+        raise SettingsError(key, "expected a duration")
+    if isinstance(value, (int, float)):
+        return FOREVER if value < 0 else float(value)
+    text = str(value).strip().lower()
+    if text in ("forever", "inf", "never", "-1"):
+        return FOREVER
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)", text)
+    if not m or m.group(2) not in _DURATION_UNITS:
+        raise SettingsError(key, f"expected a duration like 30s, 5m, 1h or 'forever', got {value!r}")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def _parse_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(key, f"expected true/false, got {value!r}")
+
+
+def _parse_list(value: Any, key: str) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    text = str(value).strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        try:
+            parsed = json.loads(text)
+        except ValueError as exc:
+            raise SettingsError(key, f"not a JSON list: {exc}") from None
+        return [str(v) for v in parsed]
+    return [p for p in text.split(os.pathsep) if p]
+
+
+def _parse_size_map(value: Any, key: str) -> dict[str, int]:
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return {}
+        try:
+            value = json.loads(text)
+        except ValueError:
+            # "cuda:0=8GiB,cpu=16GiB"
+            value = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+    if not isinstance(value, Mapping):
+        raise SettingsError(key, "expected a table like {\"cuda:0\" = \"8GiB\", cpu = \"16GiB\"}")
+    return {str(k): parse_size(v, f"{key}.{k}") for k, v in value.items()}
+
+
+_CHOICES = {
+    "engine": ("auto", "comfy", "standalone"),
+    "service": ("full", "vae", "clip"),
+    "vae_dtype": ("auto", "fp32", "fp16", "bf16"),
+    "clip_dtype": ("auto", "fp32", "fp16", "bf16"),
+    "comfy_fallback": ("error", "local"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+_INTERNAL = ("config_file", "sources")
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+@dataclass
+class Settings:
+    """Every tunable of Luna Daemon. Field docs are shown by ``config --show``."""
+
+    # network
+    host: str = "127.0.0.1"
+    port: int = 19283
+    monitor_port: int = 19285
+    lock_port: int = 19299
+    # protocol limits
+    max_header_bytes: int = 1024 * 1024
+    max_body_bytes: int = 2 * 1024**3
+    frame_timeout: float = 30.0
+    idle_timeout: float = 300.0
+    max_connections: int = 64
+    queue_size: int = 16
+    client_timeout: float = 120.0
+    stop_timeout: float = 30.0
+    # models
+    service: str = "full"
+    engine: str = "auto"
+    comfyui_root: str = ""
+    model_roots: list[str] = field(default_factory=list)
+    vae_device: str = "auto"
+    clip_device: str = "auto"
+    vae_dtype: str = "auto"
+    clip_dtype: str = "auto"
+    keep_alive: float = FOREVER
+    max_model_bytes: dict[str, int] = field(default_factory=dict)
+    lora_cache_bytes: int = 1024**3
+    preload: list[str] = field(default_factory=list)
+    warm_start: bool = False
+    # host / faces
+    log_level: str = "INFO"
+    health_interval: float = 5.0
+    autostart_daemon: bool = True
+    autostart_delay: float = 1.0
+    notifications: bool = True
+    allowed_origins: list[str] = field(default_factory=list)
+    comfy_fallback: str = "error"
+    start_daemon_if_missing: bool = False
+    # where things live (derived from LUNA_HOME / platformdirs unless set)
+    config_dir: str = ""
+    log_dir: str = ""
+    state_dir: str = ""
+
+    # Bookkeeping set by load(): not settable from a file, env or flag.
+    config_file: str = field(default="", compare=False)
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(
+        cls,
+        config_file: str | os.PathLike | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> "Settings":
+        """Build the effective settings. Raises SettingsError naming the bad key."""
+        env = os.environ if env is None else env
+        s = cls()
+        s.sources = {f.name: "default" for f in fields(cls) if f.name not in _INTERNAL}
+        s._apply_dirs(env)
+        path = Path(config_file) if config_file else Path(s.config_dir) / CONFIG_FILE
+        s.config_file = str(path)
+        if path.is_file():
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise SettingsError("config_file", f"cannot read {path}: {exc}") from None
+            s._merge(data, "file", strict=True)
+        s._merge({k[5:].lower(): v for k, v in env.items() if k.startswith("LUNA_") and k != "LUNA_HOME"}, "env", strict=False)
+        if overrides:
+            s._merge({k: v for k, v in overrides.items() if v is not None}, "flag", strict=True)
+        s.validate()
+        return s
+
+    def _apply_dirs(self, env: Mapping[str, str]) -> None:
+        home = env.get("LUNA_HOME")
+        if home:
+            base = Path(home).expanduser()
+            self.config_dir, self.log_dir, self.state_dir = (str(base / d) for d in ("config", "logs", "state"))
+            for k in ("config_dir", "log_dir", "state_dir"):
+                self.sources[k] = "env"
+            return
+        import platformdirs
+
+        self.config_dir = platformdirs.user_config_dir(APP_NAME, appauthor=False)
+        self.log_dir = platformdirs.user_log_dir(APP_NAME, appauthor=False)
+        self.state_dir = platformdirs.user_state_dir(APP_NAME, appauthor=False)
+
+    def _merge(self, data: Mapping[str, Any], source: str, *, strict: bool) -> None:
+        known = {f.name: f for f in fields(self) if f.name not in _INTERNAL}
+        for key, raw in data.items():
+            key = key.replace("-", "_")
+            if key not in known:
+                if strict:
+                    raise SettingsError(key, "unknown setting")
+                continue  # unrelated LUNA_* variables are not ours to reject
+            setattr(self, key, self._coerce(known[key], key, raw))
+            self.sources[key] = source
+
+    @staticmethod
+    def _coerce(f: dataclasses.Field, key: str, raw: Any) -> Any:
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if key == "keep_alive" or key.endswith("_timeout") or key in ("health_interval", "autostart_delay"):
+            return parse_duration(raw, key)
+        if key in ("max_body_bytes", "max_header_bytes", "lora_cache_bytes"):
+            return parse_size(raw, key)
+        if key == "max_model_bytes":
+            return _parse_size_map(raw, key)
+        if isinstance(default, bool):
+            return _parse_bool(raw, key)
+        if isinstance(default, int):
+            try:
+                return int(raw)
+            except (TypeError, ValueError):
+                raise SettingsError(key, f"expected an integer, got {raw!r}") from None
+        if isinstance(default, float):
+            try:
+                return float(raw)
+            except (TypeError, ValueError):
+                raise SettingsError(key, f"expected a number, got {raw!r}") from None
+        if isinstance(default, list):
+            return _parse_list(raw, key)
+        return str(raw)
+
+    def validate(self) -> None:
+        """Raise SettingsError for the first invalid value."""
+        for key, allowed in _CHOICES.items():
+            value = getattr(self, key)
+            if key == "log_level":
+                value = self.log_level = value.upper()
+            if value not in allowed:
+                raise SettingsError(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+        for key in ("port", "monitor_port", "lock_port"):
+            if not 0 <= getattr(self, key) <= 65535:
+                raise SettingsError(key, "must be a TCP port 0..65535 (0 = pick a free one)")
+        for key in ("vae_device", "clip_device"):
+            if not _DEVICE_RE.fullmatch(getattr(self, key)):
+                raise SettingsError(key, "must be auto, cpu, mps, cuda or cuda:N")
+        for key in ("frame_timeout", "idle_timeout", "client_timeout", "stop_timeout"):
+            if getattr(self, key) <= 0:
+                raise SettingsError(key, "must be a positive duration")
+        if not 1024 <= self.max_header_bytes <= 1024 * 1024:
+            raise SettingsError("max_header_bytes", "must be between 1 KiB and 1 MiB")
+        if self.max_body_bytes < 1024:
+            raise SettingsError("max_body_bytes", "must be at least 1 KiB")
+        if self.max_connections < 1 or self.queue_size < 1:
+            raise SettingsError("max_connections" if self.max_connections < 1 else "queue_size", "must be >= 1")
+
+    # ---------------------------------------------------------------- derived paths
+    @property
+    def token_path(self) -> Path:
+        return Path(self.config_dir) / TOKEN_FILE
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.log_dir) / "luna-daemon.log"
+
+    @property
+    def state_file(self) -> Path:
+        return Path(self.state_dir) / "state.json"
+
+    def resolved_model_roots(self) -> list[Path]:
+        """Configured roots plus ``<comfyui_root>/models`` when a ComfyUI root is known."""
+        roots = [Path(r).expanduser() for r in self.model_roots]
+        if self.comfyui_root:
+            roots.append(Path(self.comfyui_root).expanduser() / "models")
+        out: list[Path] = []
+        for r in roots:
+            try:
+                rp = r.resolve()
+            except OSError:
+                continue
+            if rp not in out:
+                out.append(rp)
+        return out
+
+    def public_dict(self) -> dict[str, Any]:
+        """Every setting as JSON-safe values (no token)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _INTERNAL}
+
+    def with_overrides(self, **overrides: Any) -> "Settings":
+        """A copy with some values replaced (validated; marked as 'flag')."""
+        new = dataclasses.replace(self, sources=dict(self.sources))
+        new._merge(overrides, "flag", strict=True)
+        new.validate()
+        return new
+
+
+def load_or_create_token(settings: Settings) -> str:
+    """Return the per-install token, creating it (mode 0600) on first use.
+
+    The file is created with O_EXCL so two processes racing on first start agree on one
+    token: the loser reads the winner's file.
+    """
+    path = settings.token_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return read_token(settings) or ""
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(token)
+    return token
+
+
+def read_token(settings: Settings) -> str | None:
+    """The stored token, or None if there is none yet (a daemon has never run here)."""
+    try:
+        return settings.token_path.read_text(encoding="ascii").strip() or None
+    except FileNotFoundError:
+        return None
