@@ -1,0 +1,214 @@
+"""Protocol unit tests: round trips (property-based) and rejection of bad frames."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings as hsettings, strategies as st
+
+from luna_daemon import protocol
+from luna_daemon.protocol import ALIGN, DTYPES, Kind, Limits, ProtocolError
+
+PKG = pathlib.Path(__file__).resolve().parents[1] / "luna_daemon"
+
+
+def _frame(header: dict, body: bytes = b"", *, magic=b"LUNA", version=1, kind=1, flags=0, header_len=None, body_len=None) -> bytes:
+    hb = json.dumps(header).encode()
+    return protocol.PREFIX.pack(magic, version, kind, flags, len(hb) if header_len is None else header_len,
+                                len(body) if body_len is None else body_len) + hb + body
+
+
+def _code(data: bytes, limits: Limits = Limits()) -> str:
+    with pytest.raises(ProtocolError) as ei:
+        protocol.decode_bytes(data, limits)
+    return ei.value.code
+
+
+# ----------------------------------------------------------------------------- round trips
+tensor_dtypes = st.sampled_from(list(DTYPES.values()))
+shapes = st.lists(st.integers(0, 5), min_size=0, max_size=4)
+
+
+@st.composite
+def tensors(draw):
+    dtype = draw(tensor_dtypes)
+    shape = draw(shapes)
+    n = 1
+    for s in shape:
+        n *= s
+    raw = draw(st.binary(min_size=n * torch.empty((), dtype=dtype).element_size(), max_size=n * torch.empty((), dtype=dtype).element_size()))
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+    if dtype == torch.bool:
+        t = t.view(torch.uint8) % 2 == 1
+    return t.clone()
+
+
+json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**53, 2**53), st.text(max_size=20),
+                         st.floats(allow_nan=False, allow_infinity=False))
+json_values = st.recursive(json_scalars, lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=8), c, max_size=4)), max_leaves=20)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        # Compare raw bytes: NaN payloads must survive the trip bit for bit too.
+        return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+                and bytes(a.contiguous().reshape(-1).view(torch.uint8).numpy()) == bytes(b.contiguous().reshape(-1).view(torch.uint8).numpy()))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@hsettings(max_examples=150, deadline=None)
+@given(ts=st.lists(tensors(), max_size=5), extra=json_values, req_id=st.one_of(st.integers(0, 2**40), st.text(max_size=10)))
+def test_request_round_trip(ts, extra, req_id):
+    args = {"extra": extra, "tensors": ts, "pair": (1, 2.5, "x")}
+    buffers, _ = protocol.request(req_id, "op_x", args, token="tok")
+    frame = protocol.decode_bytes(b"".join(bytes(b) for b in buffers))
+    req = protocol.parse_request(frame)
+    assert req.id == req_id and req.op == "op_x" and req.token == "tok"
+    assert _same(req.args, args)
+    for desc in frame.header["tensors"]:
+        assert desc["offset"] % ALIGN == 0
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(ts=st.lists(tensors(), min_size=1, max_size=3))
+def test_response_round_trip(ts):
+    result = {"out": ts, "nested": {"k": ts[0]}, "n": None}
+    frame = protocol.decode_bytes(b"".join(bytes(b) for b in protocol.ok_response(7, result)))
+    rid, ok, got = protocol.parse_response(frame)
+    assert rid == 7 and ok and _same(got, result)
+
+
+def test_decode_is_zero_copy():
+    t = torch.arange(1024, dtype=torch.float32).reshape(4, 256)
+    data = bytearray(protocol.encode_bytes(Kind.REQUEST, {"id": 1, "op": "x", "args": {}}, {"t": t}))
+    prefix = protocol.parse_prefix(memoryview(data)[:protocol.PREFIX_SIZE], Limits())
+    hs = protocol.PREFIX_SIZE
+    body = bytearray(data[hs + prefix.header_len:])
+    frame = protocol.decode_frame(prefix, data[hs:hs + prefix.header_len], body)
+    got = frame.tensors["t"]
+    assert torch.equal(got, t)
+    # The tensor aliases the body buffer: writing the buffer changes the tensor.
+    off = frame.header["tensors"][0]["offset"]
+    body[off:off + 4] = struct.pack("<f", 42.0)
+    assert got[0, 0].item() == 42.0
+
+
+def test_error_response_zero_id_kept():
+    frame = protocol.decode_bytes(b"".join(bytes(b) for b in protocol.error_response(0, "busy", "")))
+    rid, ok, (code, msg) = protocol.parse_response(frame)
+    assert rid == 0 and not ok and code == "busy" and msg == "busy"  # never an empty message
+
+
+# ----------------------------------------------------------------------------- rejections
+def test_truncated_frames_rejected():
+    good = protocol.encode_bytes(Kind.REQUEST, {"id": 1, "op": "x", "args": {}}, {"t": torch.ones(10)})
+    for cut in (0, 5, protocol.PREFIX_SIZE - 1, protocol.PREFIX_SIZE + 3, len(good) - 1):
+        assert _code(good[:cut]) == "bad_frame"
+    assert _code(good + b"\x00") == "bad_frame"
+
+
+def test_wrong_magic_version_kind_flags():
+    h = {"id": 1, "op": "x"}
+    assert _code(_frame(h, magic=b"PKL\x80")) == "bad_frame"
+    assert _code(_frame(h, version=2)) == "unsupported_version"
+    assert _code(_frame(h, kind=9)) == "bad_frame"
+    assert _code(_frame(h, flags=1)) == "bad_frame"
+
+
+def test_oversized_header_and_body_rejected_before_allocation():
+    limits = Limits(max_header_bytes=4096, max_body_bytes=1 << 20)
+    # Only the 20-byte prefix exists: the claims must be refused from the prefix alone.
+    huge_body = protocol.PREFIX.pack(b"LUNA", 1, 1, 0, 10, 1 << 40)
+    with pytest.raises(ProtocolError) as ei:
+        protocol.parse_prefix(huge_body, limits)
+    assert ei.value.code == "too_large" and "max_body_bytes" in ei.value.message
+    huge_header = protocol.PREFIX.pack(b"LUNA", 1, 1, 0, 1 << 31, 0)
+    with pytest.raises(ProtocolError) as ei:
+        protocol.parse_prefix(huge_header, limits)
+    assert ei.value.code == "too_large"
+    # The hard 1 MiB header cap holds even when settings ask for more.
+    assert Limits(max_header_bytes=1 << 30).max_header_bytes == 1 << 20
+
+
+def _tensor_frame(desc: list, body: bytes) -> bytes:
+    return _frame({"id": 1, "op": "x", "args": {}, "tensors": desc}, body)
+
+
+def test_bad_dtype_rejected():
+    assert _code(_tensor_frame([{"name": "t", "dtype": "object", "shape": [1], "offset": 0, "nbytes": 8}], bytes(8))) == "bad_frame"
+    assert _code(_tensor_frame([{"name": "t", "dtype": "float64", "shape": [1], "offset": 0, "nbytes": 8}], bytes(8))) == "bad_frame"
+
+
+def test_shape_nbytes_mismatch_rejected():
+    assert _code(_tensor_frame([{"name": "t", "dtype": "float32", "shape": [3], "offset": 0, "nbytes": 8}], bytes(16))) == "bad_frame"
+    # A shape whose product would overflow a C int64 is still just "wrong nbytes".
+    assert _code(_tensor_frame([{"name": "t", "dtype": "float32", "shape": [2**62, 2**62], "offset": 0, "nbytes": 16}], bytes(16))) == "bad_frame"
+    assert _code(_tensor_frame([{"name": "t", "dtype": "float32", "shape": [-1], "offset": 0, "nbytes": 4}], bytes(64))) == "bad_frame"
+
+
+def test_out_of_bounds_and_misaligned_offsets_rejected():
+    assert _code(_tensor_frame([{"name": "t", "dtype": "float32", "shape": [4], "offset": 64, "nbytes": 16}], bytes(70))) == "bad_frame"
+    assert _code(_tensor_frame([{"name": "t", "dtype": "float32", "shape": [1], "offset": 4, "nbytes": 4}], bytes(64))) == "bad_frame"
+
+
+def test_overlapping_tensors_rejected():
+    desc = [{"name": "a", "dtype": "float32", "shape": [32], "offset": 0, "nbytes": 128},
+            {"name": "b", "dtype": "float32", "shape": [16], "offset": 64, "nbytes": 64}]
+    with pytest.raises(ProtocolError) as ei:
+        protocol.decode_bytes(_tensor_frame(desc, bytes(128)))
+    assert ei.value.code == "bad_frame" and "overlap" in ei.value.message
+
+
+def test_bad_json_and_references():
+    data = protocol.PREFIX.pack(b"LUNA", 1, 1, 0, 5, 0) + b"{nope"
+    assert _code(data) == "bad_frame"
+    assert _code(_frame([1, 2])) == "bad_frame"  # type: ignore[arg-type]
+    deep = {"id": 1, "op": "x", "args": {}}
+    cur = deep["args"]
+    for _ in range(100):
+        cur["n"] = {}
+        cur = cur["n"]
+    assert _code(_frame(deep)) == "bad_frame"
+    frame = protocol.decode_bytes(_frame({"id": 1, "op": "x", "args": {"t": {"$tensor": "missing"}}}))
+    with pytest.raises(ProtocolError):
+        protocol.parse_request(frame)
+
+
+def test_request_header_validation():
+    for header in ({"op": "x"}, {"id": 1.5, "op": "x"}, {"id": 1, "op": ""}, {"id": 1, "op": "x", "args": []}, {"id": 1, "op": "x", "token": 5}):
+        frame = protocol.decode_bytes(_frame(header))
+        with pytest.raises(ProtocolError) as ei:
+            protocol.parse_request(frame)
+        assert ei.value.code == "bad_frame"
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_never_crashes_untyped(data):
+    try:
+        protocol.decode_bytes(b"LUNA\x01\x01\x00\x00" + data)
+    except ProtocolError:
+        pass
+
+
+def test_no_pickle_or_torch_load_in_package():
+    offenders = []
+    pattern = re.compile(r"^\s*(import\s+(c?pickle|dill|marshal)|from\s+(c?pickle|dill)\s+import)|pickle\.loads?\(|torch\.load\(|(?<![\w.])(eval|exec)\(", re.M)
+    for path in PKG.rglob("*.py"):
+        for m in pattern.finditer(path.read_text(encoding="utf-8")):
+            line = path.read_text(encoding="utf-8")[m.start():].splitlines()[0]
+            if "torch.load(" in line and "weights_only=True" in line:
+                continue
+            offenders.append(f"{path.relative_to(PKG)}: {line.strip()}")
+    assert not offenders, offenders
