@@ -50,13 +50,10 @@ class _Connection:
                 f"Luna Daemon is not reachable at {host}:{port} ({exc.strerror or exc}). "
                 "Start it with the tray app or 'luna-daemon serve'."
             ) from None
-        transport.configure(self.sock)
+        self.channel = transport.Channel(self.sock)
 
     def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self.channel.close()
 
 
 class DaemonClient:
@@ -118,8 +115,8 @@ class DaemonClient:
         for attempt in (0, 1):
             conn, reused = self._checkout()
             try:
-                transport.send_buffers(conn.sock, buffers, timeout)
-                frame = transport.read_frame(conn.sock, self._limits, idle_timeout=timeout, frame_timeout=timeout)
+                conn.channel.send(buffers, timeout)
+                frame = conn.channel.read_frame(self._limits, idle_timeout=timeout, frame_timeout=timeout)
             except (transport.IdleTimeout, transport.FrameTimeout, socket.timeout):
                 conn.close()  # the answer may still arrive: this stream is unusable now
                 raise DaemonError(ErrorCode.TIMEOUT, f"no answer to {op!r} within {timeout:.0f}s") from None

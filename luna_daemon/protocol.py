@@ -178,7 +178,9 @@ def decode_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"header is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_FRAME, "header must be a JSON object")
-    if not _json_depth_ok(header):
+    # Nesting deeper than MAX_JSON_DEPTH needs at least 2 bytes per level, so short
+    # headers (ping, status: the latency-critical ones) skip the walk.
+    if len(data) > 2 * MAX_JSON_DEPTH and not _json_depth_ok(header):
         raise ProtocolError(ErrorCode.BAD_FRAME, f"header nested deeper than {MAX_JSON_DEPTH}")
     return header
 
@@ -210,8 +212,9 @@ def _descriptor(d: Any, body_len: int) -> tuple[str, torch.dtype, tuple[int, ...
 
 def decode_tensors(descriptors: Any, body: bytearray) -> dict[str, torch.Tensor]:
     """Validate descriptors against ``body`` and return tensors that alias it."""
-    if descriptors is None:
-        descriptors = []
+    if not descriptors:
+        if descriptors is None or descriptors == []:
+            return {}
     if not isinstance(descriptors, list):
         raise ProtocolError(ErrorCode.BAD_FRAME, "'tensors' must be a list")
     if len(descriptors) > MAX_TENSORS:
@@ -316,6 +319,8 @@ def pack_value(value: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") 
     Tensors are moved into ``tensors`` under generated names and replaced by
     ``{"$tensor": name}``; tuples become ``{"$tuple": [...]}``.
     """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
     if isinstance(value, torch.Tensor):
         name = f"{prefix}{len(tensors)}"
         while name in tensors:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import errno
 import logging
-import select
 import socket
 import sys
 import threading
@@ -68,8 +67,8 @@ class _Conn:
 
     def __init__(self, sock: socket.socket, peer: str):
         self.sock = sock
+        self.channel = transport.Channel(sock)
         self.peer = peer
-        self.busy = False
         self.thread: threading.Thread | None = None
 
     def wait(self, fut: cf.Future) -> Any:
@@ -79,25 +78,13 @@ class _Conn:
                 return fut.result(timeout=0.1)
             except cf.TimeoutError:
                 pass
-            if self._peer_gone():
+            if self.channel.peer_gone():
                 fut.cancel()  # only succeeds if still queued; running work finishes
                 raise _ClientGone()
 
     @property
     def client(self) -> str:
         return self.peer
-
-    def _peer_gone(self) -> bool:
-        try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-            if not readable:
-                return False
-            self.sock.settimeout(0)
-            return self.sock.recv(1, socket.MSG_PEEK) == b""
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            return True
 
 
 class _ClientGone(Exception):
@@ -192,7 +179,6 @@ class Server:
                 log.exception("accept failed")
                 time.sleep(0.1)
                 continue
-            transport.configure(sock)
             conn = _Conn(sock, f"{addr[0]}:{addr[1]}")
             with self._lock:
                 full = len(self._conns) >= self.settings.max_connections
@@ -211,8 +197,8 @@ class Server:
         try:
             while True:
                 try:
-                    frame = transport.read_frame(
-                        conn.sock, self.limits, idle_timeout=self.settings.idle_timeout, frame_timeout=self.settings.frame_timeout
+                    frame = conn.channel.read_frame(
+                        self.limits, idle_timeout=self.settings.idle_timeout, frame_timeout=self.settings.frame_timeout
                     )
                 except transport.PeerClosed:
                     return
@@ -271,7 +257,7 @@ class Server:
 
     def _send(self, conn: _Conn, buffers: list) -> bool:
         try:
-            transport.send_buffers(conn.sock, buffers, self.settings.frame_timeout)
+            conn.channel.send(buffers, self.settings.frame_timeout)
             return not self._closed
         except OSError as exc:
             log.info("could not answer %s: %s", conn.peer, exc)
@@ -279,7 +265,7 @@ class Server:
 
     def _send_error_and_close(self, conn: _Conn, req_id: Any, exc: LunaError) -> None:
         try:
-            transport.send_buffers(conn.sock, protocol.error_response(req_id, exc.code, exc.message), 2.0)
+            conn.channel.send(protocol.error_response(req_id, exc.code, exc.message), 2.0)
         except OSError:
             pass
         _shutdown_socket(conn.sock)

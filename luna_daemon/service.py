@@ -11,6 +11,8 @@ serving.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import concurrent.futures as cf
 import hmac
 import logging
@@ -47,36 +49,57 @@ class Context(Protocol):
 
 @dataclass
 class Stats:
-    """Request counters and latency histograms (read by status and /metrics)."""
+    """Request counters and latency histograms (read by status and /metrics).
+
+    ``record`` is on every request's path, so it is O(1): latency counts are stored per
+    bucket (not cumulative; see ``cumulative_buckets``) and the requests-per-minute
+    window keeps one counter per second.
+    """
 
     started: float = field(default_factory=time.time)
     requests: dict[tuple[str, str], int] = field(default_factory=dict)
-    latency_buckets: dict[str, list[int]] = field(default_factory=dict)
+    latency_buckets: dict[str, list[int]] = field(default_factory=dict)  # len(LATENCY_BUCKETS) + 1 (+Inf)
     latency_sum: dict[str, float] = field(default_factory=dict)
     latency_count: dict[str, int] = field(default_factory=dict)
-    recent: list[float] = field(default_factory=list)  # request end times, last 60 s
+    _per_second: collections.deque = field(default_factory=collections.deque, repr=False)  # [second, count]
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, op: str, outcome: str, seconds: float) -> None:
-        now = time.time()
+        sec = int(time.time())
+        idx = bisect.bisect_left(LATENCY_BUCKETS, seconds)
         with self.lock:
-            self.requests[(op, outcome)] = self.requests.get((op, outcome), 0) + 1
-            b = self.latency_buckets.setdefault(op, [0] * len(LATENCY_BUCKETS))
-            for i, edge in enumerate(LATENCY_BUCKETS):
-                if seconds <= edge:
-                    b[i] += 1
+            key = (op, outcome)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            b = self.latency_buckets.get(op)
+            if b is None:
+                b = self.latency_buckets[op] = [0] * (len(LATENCY_BUCKETS) + 1)
+            b[idx] += 1
             self.latency_sum[op] = self.latency_sum.get(op, 0.0) + seconds
             self.latency_count[op] = self.latency_count.get(op, 0) + 1
-            self.recent.append(now)
-            if len(self.recent) > 4096 or (self.recent and self.recent[0] < now - 60):
-                self.recent = [t for t in self.recent if t >= now - 60]
+            ps = self._per_second
+            if ps and ps[-1][0] == sec:
+                ps[-1][1] += 1
+            else:
+                ps.append([sec, 1])
+                while ps and ps[0][0] < sec - 60:
+                    ps.popleft()
+
+    def cumulative_buckets(self, op: str) -> list[tuple[float, int]]:
+        """Prometheus-style (upper bound, cumulative count) pairs, ending with +Inf."""
+        with self.lock:
+            counts = list(self.latency_buckets.get(op, []))
+        out, total = [], 0
+        for edge, n in zip((*LATENCY_BUCKETS, float("inf")), counts):
+            total += n
+            out.append((edge, total))
+        return out
 
     def snapshot(self) -> dict[str, Any]:
-        now = time.time()
+        now = int(time.time())
         with self.lock:
             total = sum(self.requests.values())
             errors = sum(n for (op, oc), n in self.requests.items() if oc != "ok")
-            per_minute = sum(1 for t in self.recent if t >= now - 60)
+            per_minute = sum(n for sec, n in self._per_second if sec > now - 60)
             by_op: dict[str, dict[str, int]] = {}
             for (op, oc), n in self.requests.items():
                 by_op.setdefault(op, {})[oc] = n
@@ -308,6 +331,31 @@ def _shutdown(svc: Service, args: dict, ctx: Context) -> dict:
     # The stop runs on another thread: it waits for in-flight requests, this one included.
     svc.on_shutdown()
     return {"stopping": True}
+
+
+_ECHO_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+@op("echo")
+def _echo(svc: Service, args: dict, ctx: Context) -> dict:
+    """Diagnostics / benchmarks: returns the tensors it got, plus an optional float32
+    ``reply`` of ``reply_shape`` (zeros; cached so the benchmark measures transport)."""
+    shape = args.get("reply_shape")
+    out: dict[str, Any] = {"received": {k: list(v.shape) for k, v in args.items() if isinstance(v, torch.Tensor)}}
+    if shape is not None:
+        if not isinstance(shape, list) or len(shape) > 8 or not all(type(d) is int and d >= 0 for d in shape):
+            raise LunaError(ErrorCode.BAD_ARGS, "reply_shape must be a list of non-negative ints")
+        n = 4
+        for d in shape:
+            n *= d
+        if n > svc.settings.max_body_bytes:
+            raise LunaError(ErrorCode.TOO_LARGE, f"reply of {n} bytes exceeds max_body_bytes")
+        key = tuple(shape)
+        if key not in _ECHO_CACHE:
+            _ECHO_CACHE.clear()
+            _ECHO_CACHE[key] = torch.zeros(key, dtype=torch.float32)
+        out["reply"] = _ECHO_CACHE[key]
+    return out
 
 
 @op("vae_load", service="full vae")

@@ -1,26 +1,40 @@
-"""Blocking socket helpers shared by the server and the client (I/O only).
+"""Blocking socket I/O shared by the server and the client (no protocol logic).
 
-``read_frame`` reads one frame with two clocks: ``idle_timeout`` for the first byte (a
-connection may sit idle between requests) and ``frame_timeout`` for the rest of the
-frame once it has started (a slow-loris peer cannot hold a thread forever). Lengths are
-validated by :func:`protocol.parse_prefix` *before* the header and body buffers are
-allocated, and the body is received straight into its final ``bytearray`` with
-``recv_into`` (no ``data += chunk`` copying).
+:class:`Channel` wraps one connected socket. ``read_frame`` reads one frame with two
+clocks: ``idle_timeout`` for the first byte (a connection may sit idle between requests)
+and ``frame_timeout`` for the rest once a frame has started (a slow-loris peer cannot
+hold a thread forever). Lengths are validated by :func:`protocol.parse_prefix` *before*
+the header and body buffers are allocated.
+
+Speed matters here (``ping`` must stay within 2x the raw loopback round trip):
+
+* a small receive buffer lets one ``recv`` pick up prefix + header (+ a small body) of a
+  frame; large bodies are received straight into their final ``bytearray`` with
+  ``recv_into`` (no ``data += chunk`` copying);
+* on POSIX the socket stays in blocking mode and the receive timeout is the kernel's
+  ``SO_RCVTIMEO``, set only when it changes (Python's ``settimeout`` would add a
+  ``poll`` syscall before every ``recv``); small answers leave with one non-blocking
+  ``send``.
 """
 
 from __future__ import annotations
 
+import errno
+import select
 import socket
+import struct
 import sys
 import time
 from typing import Iterable
 
 from luna_daemon import protocol
-from luna_daemon.protocol import ErrorCode, Frame, Limits, ProtocolError
+from luna_daemon.protocol import Frame, Limits
 
-# recv_into in chunks of at most this much: large single recv calls on Windows can fail
-# with WSAENOBUFS, and smaller ones keep the deadline checks responsive.
+_BUF = 64 * 1024
+# recv_into at most this much per call: keeps deadline checks responsive and avoids
+# WSAENOBUFS on Windows for huge single receives.
 _CHUNK = 8 * 1024 * 1024
+_KERNEL_TIMEOUTS = sys.platform != "win32" and hasattr(socket, "SO_RCVTIMEO")
 
 
 class PeerClosed(ConnectionError):
@@ -35,88 +49,186 @@ class IdleTimeout(TimeoutError):
     """No frame started within ``idle_timeout``."""
 
 
-def configure(sock: socket.socket) -> None:
-    """Low-latency settings for request/response traffic."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _timeval(seconds: float | None) -> bytes:
+    if seconds is None:
+        return struct.pack("ll", 0, 0)  # 0 = no timeout
+    seconds = max(seconds, 0.001)  # 0 would mean "forever"
+    sec = int(seconds)
+    return struct.pack("ll", sec, int((seconds - sec) * 1e6))
 
 
-def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None, *, first: bool = False) -> None:
-    got = 0
-    n = len(view)
-    while got < n:
+class Channel:
+    """One connected socket plus a receive buffer. Not thread-safe (one user at a time)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buf = bytearray(_BUF)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self._rcv: float | None | bool = False  # False = never set
+        if _KERNEL_TIMEOUTS:
+            sock.settimeout(None)
+
+    # ------------------------------------------------------------ timeouts
+    def _recv_timeout(self, seconds: float | None) -> None:
+        if _KERNEL_TIMEOUTS:
+            # Round so that a shrinking deadline does not cost a syscall per recv.
+            rounded = None if seconds is None else max(0.001, round(seconds, 2))
+            if rounded != self._rcv:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(rounded))
+                self._rcv = rounded
+        else:
+            self.sock.settimeout(seconds)
+
+    def _recv_into(self, view: memoryview) -> int:
+        try:
+            return self.sock.recv_into(view)
+        except (socket.timeout, BlockingIOError):
+            raise TimeoutError from None
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise TimeoutError from None
+            raise
+
+    # ------------------------------------------------------------ reading
+    def _fill(self, deadline: float | None) -> None:
+        """Receive at least one more byte into the buffer."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buf):
+            n = self._end - self._start
+            self._buf[:n] = self._buf[self._start:self._end]
+            self._start, self._end = 0, n
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise FrameTimeout(f"frame incomplete after timeout ({got}/{n} bytes of a part)")
-            sock.settimeout(remaining)
+                raise FrameTimeout("frame not complete before frame_timeout")
+            self._recv_timeout(remaining)
         try:
-            k = sock.recv_into(view[got:got + _CHUNK])
-        except socket.timeout:
-            raise FrameTimeout(f"frame incomplete after timeout ({got}/{n} bytes of a part)") from None
+            k = self._recv_into(self._view[self._end:])
+        except TimeoutError:
+            raise FrameTimeout("frame not complete before frame_timeout") from None
         if k == 0:
-            if first and got == 0:
+            raise ConnectionResetError("peer closed the connection mid-frame")
+        self._end += k
+
+    def _read_exact_into(self, view: memoryview, deadline: float | None) -> None:
+        n = len(view)
+        got = min(n, self._end - self._start)
+        if got:
+            view[:got] = self._view[self._start:self._start + got]
+            self._start += got
+        while got < n:
+            remaining_bytes = n - got
+            if remaining_bytes < _BUF // 2:
+                self._fill(deadline)
+                k = min(remaining_bytes, self._end - self._start)
+                view[got:got + k] = self._view[self._start:self._start + k]
+                self._start += k
+                got += k
+                continue
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise FrameTimeout(f"frame not complete before frame_timeout ({got}/{n} bytes)")
+                self._recv_timeout(left)
+            try:
+                k = self._recv_into(view[got:got + _CHUNK])
+            except TimeoutError:
+                raise FrameTimeout(f"frame not complete before frame_timeout ({got}/{n} bytes)") from None
+            if k == 0:
+                raise ConnectionResetError(f"peer closed the connection mid-frame ({got}/{n} bytes)")
+            got += k
+
+    def read_frame(self, limits: Limits, *, idle_timeout: float | None, frame_timeout: float | None) -> Frame:
+        """Read one complete frame. Raises PeerClosed, IdleTimeout, FrameTimeout,
+        ConnectionError, or LunaError for an invalid frame (before reading its body)."""
+        if self._start == self._end:
+            self._start = self._end = 0
+            self._recv_timeout(idle_timeout)
+            try:
+                k = self._recv_into(self._view)
+            except TimeoutError:
+                raise IdleTimeout("connection idle") from None
+            if k == 0:
                 raise PeerClosed("peer closed the connection")
-            raise ConnectionResetError(f"peer closed the connection mid-frame ({got}/{n} bytes)")
-        got += k
+            self._end = k
+        deadline = None if frame_timeout is None else time.monotonic() + frame_timeout
+        while self._end - self._start < protocol.PREFIX_SIZE:
+            self._fill(deadline)
+        pre = protocol.parse_prefix(self._view[self._start:self._start + protocol.PREFIX_SIZE], limits)
+        self._start += protocol.PREFIX_SIZE
+        header = bytearray(pre.header_len)
+        self._read_exact_into(memoryview(header), deadline)
+        body = bytearray(pre.body_len)
+        if pre.body_len:
+            self._read_exact_into(memoryview(body), deadline)
+        return protocol.decode_frame(pre, header, body)
 
+    def peer_gone(self) -> bool:
+        """Non-blocking check: has the peer closed its end? (Buffered data = still there.)"""
+        if self._end > self._start:
+            return False
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if not readable:
+                return False
+            # select said readable, so this recv cannot block.
+            return self.sock.recv(1, socket.MSG_PEEK) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
 
-def read_frame(
-    sock: socket.socket,
-    limits: Limits,
-    *,
-    idle_timeout: float | None,
-    frame_timeout: float | None,
-) -> Frame:
-    """Read one complete frame. Raises PeerClosed, IdleTimeout, FrameTimeout,
-    ConnectionError or ProtocolError (the latter before reading an invalid frame's body).
-    """
-    prefix = bytearray(protocol.PREFIX_SIZE)
-    view = memoryview(prefix)
-    # Wait for the first byte under the idle clock...
-    sock.settimeout(idle_timeout)
-    try:
-        k = sock.recv_into(view[:1])
-    except socket.timeout:
-        raise IdleTimeout("connection idle") from None
-    if k == 0:
-        raise PeerClosed("peer closed the connection")
-    # ...then the whole frame under the frame clock.
-    deadline = None if frame_timeout is None else time.monotonic() + frame_timeout
-    _recv_into(sock, view[1:], deadline)
-    pre = protocol.parse_prefix(prefix, limits)
-    header = bytearray(pre.header_len)
-    _recv_into(sock, memoryview(header), deadline)
-    body = bytearray(pre.body_len)
-    if pre.body_len:
-        _recv_into(sock, memoryview(body), deadline)
-    return protocol.decode_frame(pre, header, body)
+    # ------------------------------------------------------------ writing
+    def send(self, buffers: Iterable, timeout: float | None) -> None:
+        """Send every buffer in order; big tensor buffers are not copied.
 
+        Small frames go out with one non-blocking ``send`` (they fit the socket buffer
+        unless the peer stopped reading). Everything else uses Python's poll-based
+        timeout for the duration of the send. Measured: a kernel ``SO_SNDTIMEO`` triples
+        the loopback round trip, so it is deliberately not used.
+        """
+        views = [m for m in (memoryview(b).cast("B") for b in buffers) if m.nbytes]
+        total = sum(v.nbytes for v in views)
+        if _KERNEL_TIMEOUTS and total <= _BUF:
+            data = b"".join(views) if len(views) > 1 else views[0]
+            try:
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            if sent == total:
+                return
+            views = [memoryview(data)[sent:]]
+        self.sock.settimeout(timeout)
+        try:
+            if len(views) == 1 or not hasattr(self.sock, "sendmsg"):
+                for v in views:
+                    self.sock.sendall(v)
+                return
+            while views:
+                sent = self.sock.sendmsg(views[:512])
+                while sent and views:
+                    if sent >= views[0].nbytes:
+                        sent -= views[0].nbytes
+                        views.pop(0)
+                    else:
+                        views[0] = views[0][sent:]
+                        sent = 0
+        finally:
+            if _KERNEL_TIMEOUTS:
+                self.sock.settimeout(None)  # back to blocking mode for kernel-timeout recv
 
-def send_buffers(sock: socket.socket, buffers: Iterable, timeout: float | None) -> None:
-    """Send every buffer in order. Big tensor buffers are sent without copying."""
-    sock.settimeout(timeout)
-    bufs = list(buffers)
-    if hasattr(sock, "sendmsg") and sys.platform != "win32":
-        # One syscall for header + small pads + tensors where possible; loop on partial sends.
-        views = [memoryview(b).cast("B") for b in bufs if len(memoryview(b))]
-        while views:
-            sent = sock.sendmsg(views[:512])
-            while sent and views:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
-        return
-    for b in bufs:
-        sock.sendall(b)
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
-
-def error_to_frame(req_id: object, exc: ProtocolError) -> list:
-    return protocol.error_response(req_id, exc.code, exc.message)
-
-
-__all__ = [
-    "ErrorCode", "FrameTimeout", "IdleTimeout", "PeerClosed", "configure", "read_frame", "send_buffers", "error_to_frame",
-]
+    def shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -26,14 +26,14 @@ def _raw_call(sock: socket.socket, op: str, args=None, token=None):
     sock.sendall(b"".join(bytes(b) for b in buffers))
     from luna_daemon import transport
 
-    frame = transport.read_frame(sock, protocol.Limits(), idle_timeout=10, frame_timeout=10)
+    frame = transport.Channel(sock).read_frame(protocol.Limits(), idle_timeout=10, frame_timeout=10)
     return protocol.parse_response(frame)
 
 
 def _read_error(sock: socket.socket) -> tuple[str, str]:
     from luna_daemon import transport
 
-    frame = transport.read_frame(sock, protocol.Limits(), idle_timeout=10, frame_timeout=10)
+    frame = transport.Channel(sock).read_frame(protocol.Limits(), idle_timeout=10, frame_timeout=10)
     _, ok, payload = protocol.parse_response(frame)
     assert not ok
     return payload

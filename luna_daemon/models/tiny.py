@@ -24,12 +24,13 @@ Weights are seeded, so the same arguments always give the same files.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -74,7 +75,7 @@ def _byte_to_unicode() -> dict[int, str]:
 def _apply_bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Standard BPE: repeatedly merge every occurrence of the lowest-ranked adjacent pair."""
     while len(symbols) > 1:
-        best = min(((ranks.get(pair, math.inf), pair) for pair in zip(symbols, symbols[1:])), key=lambda t: t[0])
+        best = min(((ranks.get(pair, math.inf), pair) for pair in itertools.pairwise(symbols)), key=lambda t: t[0])
         if best[0] == math.inf:
             break
         first, second = best[1]
@@ -218,20 +219,41 @@ def make_tiny_vae(
     return path
 
 
-def big_vae_channels(target_bytes: int, *, bytes_per_param: int = 4) -> tuple[int, ...]:
-    """``block_out_channels`` of an SD-shaped VAE (ratios 1:2:4:4) of about ``target_bytes``."""
+def _vae_param_count(channels: Sequence[int], layers_per_block: int) -> int:
     from diffusers import AutoencoderKL
 
-    def size(base: int) -> int:
-        # Built on the meta device: counting parameters costs no memory and no init time.
-        with torch.device("meta"):
-            module = AutoencoderKL(**_vae_config((base, base * 2, base * 4, base * 4), 4, 2, 32))
-        return sum(p.numel() for p in module.parameters()) * bytes_per_param
+    # Built on the meta device: counting parameters costs no memory and no init time.
+    with torch.device("meta"):
+        module = AutoencoderKL(**_vae_config(channels, 4, layers_per_block, 32))
+    return sum(p.numel() for p in module.parameters())
 
-    base = 32
-    while size(base + 32) <= target_bytes:
-        base += 32
-    return (base, base * 2, base * 4, base * 4)
+
+def big_vae_shape(target_bytes: int, *, bytes_per_param: int = 4) -> tuple[tuple[int, ...], int]:
+    """``(block_out_channels, layers_per_block)`` of the largest SD-shaped VAE (channel ratios
+    1:2:4:4, base a multiple of 32, 1-3 layers per block) not above ``target_bytes``."""
+    candidates: list[tuple[int, tuple[int, ...], int]] = []
+    for layers in (1, 2, 3):
+        # Every weight scales with base^2, every bias/norm with base: the parameter count is
+        # an exact quadratic in the base width, so three small probes determine it.
+        p32, p64, p96 = (_vae_param_count((b, 2 * b, 4 * b, 4 * b), layers) for b in (32, 64, 96))
+        quad = (p96 - 2 * p64 + p32) / (2 * 32 * 32)
+        lin = (p64 - p32) / 32 - quad * (64 + 32)
+        const = p32 - quad * 32 * 32 - lin * 32
+        base = 32
+        while True:
+            size = round(quad * base * base + lin * base + const) * bytes_per_param
+            candidates.append((size, (base, 2 * base, 4 * base, 4 * base), layers))
+            if size > target_bytes:
+                break
+            base += 32
+    fitting = [c for c in candidates if c[0] <= target_bytes]
+    _, channels, layers = max(fitting) if fitting else min(candidates)
+    return channels, layers
+
+
+def big_vae_channels(target_bytes: int, *, bytes_per_param: int = 4) -> tuple[int, ...]:
+    """``block_out_channels`` part of ``big_vae_shape``."""
+    return big_vae_shape(target_bytes, bytes_per_param=bytes_per_param)[0]
 
 
 def make_big_vae(
@@ -243,17 +265,18 @@ def make_big_vae(
 ) -> Path:
     """Write an SD-shaped random ``AutoencoderKL`` of roughly ``target_bytes`` fp32 weights.
 
-    Channels are scaled in steps of 32 (the real SD VAE, 128/256/512/512, is ~335 MB), so the
-    result is the largest such model not above the target (at least 32/64/128/128). Returns
-    the path to load, as ``make_tiny_vae`` does (file stem ``big_vae``).
+    Channels are scaled in steps of 32 and 1-3 layers per block (the real SD VAE,
+    128/256/512/512 with 2 layers, is ~335 MB); the result is the largest such model not
+    above the target (at least 32/64/128/128 with 1 layer). Returns the path to load, as
+    ``make_tiny_vae`` does (file stem ``big_vae``).
     """
     from diffusers import AutoencoderKL
 
-    channels = big_vae_channels(target_bytes)
+    channels, layers = big_vae_shape(target_bytes)
     with _seeded(seed):
-        module = AutoencoderKL(**_vae_config(channels, 4, 2, 32)).eval()
+        module = AutoencoderKL(**_vae_config(channels, 4, layers, 32)).eval()
     path = _write_vae(module, Path(dir), layout, "big_vae")
-    logger.info("big VAE %s (%d params) written to %s", channels,
+    logger.info("big VAE %s x%d layers (%d params) written to %s", channels, layers,
                 sum(p.numel() for p in module.parameters()), path)
     return path
 

@@ -51,8 +51,9 @@ import logging
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -348,6 +349,9 @@ def _load_autoencoder(path: Path) -> tuple[nn.Module, str]:
     from diffusers import AutoencoderKL
 
     what = f"VAE {path.name}"
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        # A whole diffusers pipeline folder: its VAE lives in vae/.
+        path = path / "vae"
     if path.is_dir():
         config_path = path / "config.json"
         if not config_path.is_file():
@@ -737,7 +741,8 @@ class _TextEncoder:
         self.tokenizer = tokenizer
         self.source = source
         self.projected = isinstance(module, CLIPTextModelWithProjection)
-        self.text = module.text_model if self.projected else module
+        # transformers 4 nests CLIPTextModel's layers under .text_model, 5 does not.
+        self.text = getattr(module, "text_model", module)
         cfg = module.config
         self.num_layers = int(cfg.num_hidden_layers)
         self.hidden_size = int(cfg.hidden_size)
@@ -1075,7 +1080,7 @@ class StandaloneClip(ClipModel):
 
     def _resolve_target(self, encoders: Mapping[str, _TextEncoder], target: str) -> tuple[str, str] | None:
         if self.clip_type == "sd1":
-            name = target[2:] if target.startswith("l:") else target
+            name = target.removeprefix("l:")
             live = encoders["l"].patchable.get(name)
             return ("l", live) if live else None
         key, sep, name = target.partition(":")

@@ -25,7 +25,7 @@ What a caller can rely on:
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -80,7 +80,7 @@ def _ramp(size: int, feather: int, ramp_start: bool, ramp_end: bool) -> torch.Te
 
 
 def _scaled(value: int, scale: float) -> int:
-    return int(round(value * scale))
+    return round(value * scale)
 
 
 def tiled_map(

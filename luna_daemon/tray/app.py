@@ -1,0 +1,625 @@
+"""The system-tray app: one icon whose colour tells the truth about the daemon.
+
+Entry point :func:`main` (``python luna_daemon/tray_app.py``, ``luna-daemon tray``, the
+launchers). What a caller can rely on:
+
+* The single-instance lock is taken first (:meth:`Host.acquire`). A second launch writes
+  ``Luna Daemon is already running!`` to stdout, logs it, asks the running instance to
+  show its status (it answers with a notification) and returns 1.
+* Without a display, or without a usable tray backend, the reason is logged and the
+  daemon runs headless under the same lock, monitor included -- like ``luna-daemon serve``.
+* Exit (menu, SIGTERM, SIGINT) stops the daemon cleanly within ``stop_timeout``, stops
+  the monitor, releases the lock, and :func:`main` returns 0; all three ports are free.
+
+Threads: pystray's loop owns the main thread. Menu callbacks only hand work to the
+``luna-tray-actions`` worker (or a short-lived thread for "open" actions), so the UI never
+waits on a stop. ``luna-tray-health`` pings the daemon every ``health_interval`` and on
+every menu open. All icon / title / menu changes go through :meth:`TrayApp._update`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from luna_daemon.host import AlreadyRunning, Host
+from luna_daemon.instance import ALREADY_RUNNING
+from luna_daemon.settings import Settings, SettingsError
+from luna_daemon.tray import autostart
+from luna_daemon.tray.icons import disc
+from luna_daemon.tray.menu import FAILING, HEALTHY, UNKNOWN, TrayState, View, build_view, status_summary
+from luna_daemon.tray.notify import Notifier
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+ICON_SIZE = 64
+_WM_RBUTTONUP = 0x0205  # win32: the right-button release that opens pystray's menu
+
+
+# ----------------------------------------------------------------------------- entry point
+def main(config: str | None = None) -> int:
+    """Run the tray (or headless daemon) until Exit. Returns the process exit code."""
+    try:
+        settings = Settings.load(config)
+    except SettingsError as exc:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        log.error("invalid setting: %s", exc)
+        return EXIT_USAGE
+    # pythonw (Windows, no console) has sys.stderr None: log to the file only.
+    host = Host(settings, log_to_stderr=sys.stderr is not None)
+    try:
+        host.acquire()
+    except AlreadyRunning:
+        # The one message that must reach a person at a terminal (Host already logged it).
+        if sys.stdout is not None:
+            sys.stdout.write(ALREADY_RUNNING + "\n")
+            sys.stdout.flush()
+        return EXIT_FAIL
+    try:
+        host.start_monitor()
+        reason = tray_unavailable_reason()
+        pystray = None
+        if reason is None:
+            try:
+                pystray = _import_pystray()
+            except Exception as exc:  # ImportError, Xlib DisplayNameError, gi errors...
+                reason = f"no usable system-tray backend ({type(exc).__name__}: {exc})"
+        if pystray is None:
+            log.warning("%s: running the daemon headless (like 'luna-daemon serve'); log file %s", reason, settings.log_file)
+            return run_headless(host)
+        try:
+            app = TrayApp(host, pystray, config=config)
+        except Exception as exc:  # e.g. the backend cannot create its icon object
+            log.warning("the system tray could not be created (%s: %s): running the daemon headless",
+                        type(exc).__name__, exc)
+            return run_headless(host)
+        code = app.run()
+        if code is None:  # the tray failed to come up: keep serving without it
+            return run_headless(host)
+        return code
+    finally:
+        host.close(settings.stop_timeout)
+
+
+def tray_unavailable_reason(env: dict | None = None, platform: str | None = None) -> str | None:
+    """Why no tray can be shown here (None if one may be): no display, dummy backend."""
+    env = os.environ if env is None else env
+    platform = platform or sys.platform
+    if env.get("PYSTRAY_BACKEND") == "dummy":
+        return "PYSTRAY_BACKEND=dummy has no event loop"
+    if platform in ("win32", "darwin"):
+        return None
+    if not env.get("DISPLAY") and not env.get("WAYLAND_DISPLAY"):
+        return "no display (DISPLAY and WAYLAND_DISPLAY are unset)"
+    return None
+
+
+def _import_pystray() -> Any:
+    # Imported lazily: at import time pystray picks a backend and connects to the display.
+    import pystray
+
+    return pystray
+
+
+def run_headless(host: Host) -> int:
+    """Serve until SIGINT / SIGTERM / a protocol ``shutdown`` -- ``luna-daemon serve``'s loop."""
+    from luna_daemon.daemon import DaemonStartError
+
+    stop = threading.Event()
+    _install_signal_handlers(lambda: stop.set())
+    unsubscribe = host.events.subscribe(
+        lambda e: stop.set() if e.type == "state" and e.data.get("state") == "stopped" else None)
+    try:
+        try:
+            host.daemon.start()
+        except DaemonStartError as exc:
+            log.error("Luna Daemon failed to start: %s", exc)
+            return EXIT_FAIL
+        log.info("Luna Daemon running headless on %s:%d (log file: %s)", host.settings.host,
+                 host.daemon.snapshot()["port"], host.settings.log_file)
+        while not stop.wait(0.5):
+            pass
+        return EXIT_OK if host.close() else EXIT_FAIL
+    finally:
+        unsubscribe()
+
+
+def _install_signal_handlers(fn: Callable[[], None]) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("signal %d: exiting", signum)
+        fn()
+
+    signal.signal(signal.SIGINT, handler)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, handler)
+
+
+def open_target(target: str) -> None:
+    """Open a file or URL with the OS default application. Raises OSError on failure."""
+    if sys.platform == "win32":
+        os.startfile(target)  # type: ignore[attr-defined]
+        return
+    opener = "open" if sys.platform == "darwin" else "xdg-open"
+    # Detached and silent: the opener may outlive us, and must not write into our terminal.
+    subprocess.Popen([opener, target], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+
+
+# ----------------------------------------------------------------------------- icon class
+def _icon_class(base: type) -> type:
+    """pystray's backend Icon plus two hooks pystray lacks: menu-open and a GTK tooltip."""
+
+    class LunaIcon(base):  # type: ignore[misc, valid-type]
+        on_menu_open: Callable[[], None] | None = None
+
+        def _create_menu(self, *args: Any, **kwargs: Any) -> Any:
+            menu = super()._create_menu(*args, **kwargs)
+            # GTK / AppIndicator: a Gtk.Menu emits "show" each time it pops up.
+            if menu is not None and hasattr(menu, "connect") and hasattr(menu, "popup"):
+                menu.connect("show", lambda *_: self._menu_opened())
+            return menu
+
+        def _menu_opened(self) -> None:
+            if self.on_menu_open is not None:
+                try:
+                    self.on_menu_open()
+                except Exception:
+                    log.exception("menu-open hook failed")
+
+        if hasattr(base, "_on_notify"):  # win32: the menu opens on right-button release
+            def _on_notify(self, wparam: Any, lparam: Any) -> Any:
+                if lparam == _WM_RBUTTONUP:
+                    self._menu_opened()
+                return super()._on_notify(wparam, lparam)
+
+        def _update_title(self) -> None:
+            super()._update_title()
+            # Gtk.StatusIcon shows its tooltip, not its title, on hover; pystray sets only
+            # the title. Both run on the GTK loop (pystray marshals via idle_add).
+            status_icon = getattr(self, "_status_icon", None)
+            if status_icon is not None:
+                from gi.repository import GLib
+
+                title = self.title
+                GLib.idle_add(lambda: status_icon.set_tooltip_text(title) and False)
+
+        def _show(self) -> None:
+            super()._show()
+            # pystray's GTK backend applies the title only on change, never on show.
+            self._update_title()
+
+        def is_embedded(self) -> bool | None:
+            status_icon = getattr(self, "_status_icon", None)
+            return None if status_icon is None else bool(status_icon.is_embedded())
+
+    LunaIcon.__name__ = f"LunaIcon[{base.__module__}]"
+    return LunaIcon
+
+
+# ----------------------------------------------------------------------------- the app
+class TrayApp:
+    """The tray face of a :class:`Host`. ``run()`` blocks on the main thread until Exit."""
+
+    def __init__(self, host: Host, pystray: Any, *, config: str | None = None):
+        self.host = host
+        self.settings = host.settings
+        self.config = config
+        self._pystray = pystray
+        self._lock = threading.RLock()  # guards _state, _view and the push to the icon
+        self._state = TrayState(
+            port=self.settings.port,
+            dashboard=host.monitor is not None,
+            autostart=autostart.is_enabled(),
+        )
+        self._view: View = build_view(self._state)
+        self._pushed: View | None = None
+        self._generation = 0  # bumped on every daemon state change; stale probes are dropped
+        self._quit = threading.Event()
+        self._probe_wanted = threading.Event()
+        self._status_wanted = True  # next probe also asks for status (counts, memory)
+        self._actions: queue.Queue[str | None] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._tray_failed = False
+        self._exit_requested = threading.Event()
+        self._unsubscribe: Callable[[], None] | None = None
+
+        self.icon = _icon_class(pystray.Icon)(
+            "luna-daemon", icon=disc(self._view.colour, ICON_SIZE), title=self._view.title, menu=self._build_menu())
+        self.icon.on_menu_open = self._on_menu_open
+        self.notifier = Notifier(self.icon, enabled=lambda: self.settings.notifications)
+
+    # ------------------------------------------------------------ menu (pystray objects)
+    def _build_menu(self) -> Any:
+        P = self._pystray
+        entries = []
+        for spec in self._view.items:
+            if spec.separator:
+                entries.append(P.Menu.SEPARATOR)
+                continue
+            key = spec.key
+            kwargs: dict[str, Any] = {
+                "enabled": functools.partial(self._enabled, key),
+                "default": key == "check",  # left click on the icon = Check Status (GTK, Windows)
+            }
+            if spec.checked is not None:
+                kwargs["checked"] = functools.partial(self._checked, key)
+            # functools.partial has no __code__, so pystray calls it as action(icon, item).
+            entries.append(P.MenuItem(functools.partial(self._label, key), functools.partial(self._clicked, key), **kwargs))
+        return P.Menu(*entries)
+
+    def _label(self, key: str, _item: Any) -> str:
+        return self._view.item(key).label
+
+    def _enabled(self, key: str, _item: Any) -> bool:
+        return self._view.item(key).enabled
+
+    def _checked(self, key: str, _item: Any) -> bool:
+        return bool(self._view.item(key).checked)
+
+    # ------------------------------------------------------------ the one place that draws
+    def _update(self, **changes: Any) -> None:
+        """Apply state changes and push what changed to the icon. Any thread; quick."""
+        with self._lock:
+            new = self._state.with_(**changes)
+            self._state = new
+            view = build_view(new)
+            self._view = view
+            old = self._pushed
+            if old == view:
+                return
+            self._pushed = view
+            icon = self.icon
+            if old is None or old.colour != view.colour:
+                icon.icon = disc(view.colour, ICON_SIZE)
+                log.info("tray icon %s: %s", view.colour, view.title)
+            if old is None or old.title != view.title:
+                icon.title = view.title
+            if old is None or old.items != view.items:
+                try:
+                    icon.update_menu()
+                except NotImplementedError:  # backends without menus (xorg)
+                    pass
+
+    @property
+    def state(self) -> TrayState:
+        with self._lock:
+            return self._state
+
+    @property
+    def view(self) -> View:
+        with self._lock:
+            return self._view
+
+    # ------------------------------------------------------------ events from the daemon
+    def _on_event(self, e: Any) -> None:
+        # Runs on the emitting daemon thread: record and hand off, never block.
+        if e.type == "state":
+            st, detail = e.data.get("state", ""), e.data.get("detail", "")
+            with self._lock:
+                self._generation += 1
+                changes: dict[str, Any] = {"daemon": st, "detail": detail, "health": UNKNOWN, "health_detail": ""}
+                if st != "running":
+                    changes.update(models=0, clients=0, memory_bytes=0)
+                self._update(**changes)
+            if st == "running":
+                self._want_probe(status=True)  # green only after our own ping succeeds
+            elif st == "error":
+                self.notifier.alert(f"Daemon error: {detail or 'unknown'}")
+            elif st == "stopped" and detail:
+                log.warning("daemon stopped: %s", detail)
+        elif e.type == "warning":
+            msg = str(e.data.get("message") or "warning")
+            # Start failures come as state=error too; notify once, not twice.
+            if not msg.startswith("daemon failed to start"):
+                self.notifier.alert(msg, title="Luna Daemon warning")
+        elif e.type in ("model_loaded", "model_unloaded"):
+            self._want_probe(status=True)  # refresh models / memory in the status line
+        elif e.type in ("client_connected", "client_disconnected"):
+            clients = e.data.get("clients")
+            if isinstance(clients, int):
+                self._update(clients=clients)
+
+    def _on_lock_message(self, msg: str) -> None:
+        if msg == "show":
+            self._enqueue("show")
+
+    def _on_menu_open(self) -> None:
+        # GTK thread: only cheap work here. The probe runs on the health thread.
+        self._want_probe(status=True)
+        threading.Thread(target=self._refresh_autostart, name="luna-tray-autostart-check", daemon=True).start()
+
+    def _refresh_autostart(self) -> None:
+        self._update(autostart=autostart.is_enabled())
+
+    # ------------------------------------------------------------ clicks
+    def _clicked(self, key: str, _icon: Any = None, _item: Any = None) -> None:
+        log.info("menu: %s", key)
+        if key in ("logs", "dashboard", "settings", "autostart"):
+            # Not queued behind a long Stop: these never touch the daemon's lifecycle.
+            threading.Thread(target=self._run_action, args=(key,), name=f"luna-tray-{key}", daemon=True).start()
+        elif key == "exit":
+            self.request_exit()
+        else:
+            self._enqueue(key)
+
+    def click(self, key: str) -> None:
+        """Activate a menu item by key, as a user would (used by tests and the lock message)."""
+        self._clicked(key)
+
+    def request_exit(self) -> None:
+        """Begin a clean exit (any thread, idempotent)."""
+        if self._exit_requested.is_set():
+            return
+        self._exit_requested.set()
+        self._update(busy="exiting")
+        self._enqueue("exit")
+
+    def _enqueue(self, key: str) -> None:
+        self._actions.put(key)
+
+    def _action_loop(self) -> None:
+        while True:
+            key = self._actions.get()
+            if key is None:
+                return
+            self._run_action(key)
+            if key == "exit":
+                return
+
+    def _run_action(self, key: str) -> None:
+        try:
+            getattr(self, f"_do_{key}")()
+        except Exception as exc:
+            log.exception("tray action %s failed", key)
+            self.notifier.alert(f"{key} failed: {exc}")
+
+    def _do_start(self) -> None:
+        from luna_daemon.daemon import DaemonStartError
+
+        if self._exit_requested.is_set():
+            return
+        try:
+            self.host.daemon.start()
+        except DaemonStartError as exc:
+            log.error("start failed: %s", exc)  # state=error already notified
+
+    def _do_stop(self) -> None:
+        clean = self.host.daemon.stop(self.settings.stop_timeout)
+        if not clean:
+            self.notifier.alert(f"Stop deadline of {self.settings.stop_timeout:.0f}s exceeded; unfinished requests were cut off")
+
+    def _do_check(self, prefix: str = "") -> None:
+        st = self.host.daemon.snapshot()
+        if st["state"] != "running":
+            self.notifier.reply(prefix + self.view.status, title="Luna Daemon status")
+            return
+        ok, result = self._probe(st, with_status=True)
+        if ok:
+            self.notifier.reply(prefix + status_summary(result), title="Luna Daemon status")
+        else:
+            self.notifier.reply(prefix + f"Not responding: {result}", title="Luna Daemon status")
+
+    def _do_show(self) -> None:
+        self._do_check(prefix="Already running. ")
+
+    def _do_unload(self) -> None:
+        from luna_daemon.client import DaemonClient
+
+        st = self.host.daemon.snapshot()
+        if st["state"] != "running":
+            return
+        with DaemonClient(self.settings.host, st["port"], token=self.host.daemon.token, timeout=self.settings.stop_timeout) as c:
+            done = c.unload(all=True)
+        self.notifier.reply(f"Unloaded {len(done)} model(s)", title="Luna Daemon")
+        self._want_probe(status=True)
+
+    def _do_logs(self) -> None:
+        url = self.host.dashboard_url("logs")
+        self._open(url or str(self.settings.log_file), "the log viewer" if url else "the log file")
+
+    def _do_dashboard(self) -> None:
+        self._open_dashboard("status")
+
+    def _do_settings(self) -> None:
+        self._open_dashboard("settings")
+
+    def _open_dashboard(self, page: str) -> None:
+        url = self.host.dashboard_url(page)
+        if url is None:
+            self.notifier.reply("The dashboard is not running; see the log file: " + str(self.settings.log_file))
+            return
+        self._open(url, f"the dashboard ({page})")
+
+    def _open(self, target: str, what: str) -> None:
+        log.info("opening %s: %s", what, target.split("#", 1)[0].split("?", 1)[0])
+        try:
+            open_target(target)
+        except OSError as exc:
+            self.notifier.reply(f"Could not open {what} ({exc}). Log file: {self.settings.log_file}")
+
+    def _do_autostart(self) -> None:
+        want = not autostart.is_enabled()
+        try:
+            if want:
+                path = autostart.enable(config=self.config)
+                log.info("start at login enabled: %s", path)
+            else:
+                autostart.disable()
+                log.info("start at login disabled")
+        except autostart.AutostartError as exc:
+            self.notifier.reply(f"Start at Login: {exc}")
+        self._refresh_autostart()
+
+    def _do_exit(self) -> None:
+        self._update(busy="exiting")
+        clean = self.host.close(self.settings.stop_timeout)
+        if not clean:
+            log.warning("exit: stop deadline of %.0fs exceeded", self.settings.stop_timeout)
+        self._quit.set()
+        self._probe_wanted.set()
+        try:
+            self.icon.stop()
+        except Exception:
+            log.exception("stopping the tray icon failed")
+
+    # ------------------------------------------------------------ health
+    def _want_probe(self, *, status: bool = False) -> None:
+        with self._lock:
+            self._status_wanted = self._status_wanted or status
+        self._probe_wanted.set()
+
+    def _health_loop(self) -> None:
+        # Periodic ticks only ping (cheap, the health criterion); a status call -- counts
+        # and memory for the status line -- is added when something may have changed.
+        interval = max(0.2, float(self.settings.health_interval))
+        while True:
+            self._probe_wanted.wait(interval)
+            self._probe_wanted.clear()
+            if self._quit.is_set():
+                return
+            with self._lock:
+                with_status, self._status_wanted = self._status_wanted, False
+            st = self.host.daemon.snapshot()
+            if st["state"] == "running":
+                self._probe(st, with_status=with_status)
+
+    def _probe(self, snapshot: dict, *, with_status: bool) -> tuple[bool, Any]:
+        """A real ping (and status) over the socket; updates colour. -> (ok, status|reason)."""
+        from luna_daemon.client import DaemonClient, DaemonError, DaemonUnavailable
+
+        with self._lock:
+            generation = self._generation
+        timeout = min(10.0, max(2.0, float(self.settings.health_interval)))
+        status: dict = {}
+        try:
+            with DaemonClient(self.settings.host, snapshot["port"], token=self.host.daemon.token,
+                              timeout=timeout, connect_timeout=timeout) as c:
+                c.ping()
+                if with_status:
+                    try:
+                        status = c.status()
+                    except DaemonError as exc:  # ping is the health criterion; status is detail
+                        log.debug("status after a good ping failed: %s", exc)
+        except (DaemonUnavailable, DaemonError, OSError) as exc:
+            reason = getattr(exc, "message", None) or str(exc)
+            self._health_result(generation, False, reason, {})
+            return False, reason
+        if status:
+            # The status answer counts our own probe connection as a client.
+            status = {**status, "clients": max(0, int(status.get("clients") or 0) - 1)}
+        self._health_result(generation, True, "", status)
+        return True, status or {"state": "running", "port": snapshot["port"]}
+
+    def _health_result(self, generation: int, ok: bool, reason: str, status: dict) -> None:
+        with self._lock:
+            if generation != self._generation or self._state.daemon != "running":
+                return  # the daemon changed state while we probed: this answer is stale
+            was = self._state.health
+            changes: dict[str, Any] = {"health": HEALTHY if ok else FAILING, "health_detail": reason}
+            if status:
+                mem = sum(int((d or {}).get("models_bytes") or 0) for d in (status.get("devices") or {}).values())
+                changes.update(models=int(status.get("models") or 0), clients=int(status.get("clients") or 0), memory_bytes=mem)
+            self._update(**changes)
+        if ok and was == FAILING:
+            log.info("daemon answers ping again")
+        elif not ok and was != FAILING:
+            log.error("daemon is not responding: %s", reason)
+            self.notifier.alert(f"Daemon is not responding: {reason}")
+
+    # ------------------------------------------------------------ lifecycle
+    def _setup(self, icon: Any) -> None:
+        # pystray's setup thread: must return quickly (pystray joins it on stop()).
+        if self._tray_failed:
+            return
+        icon.visible = True
+        self._update()
+        for name, target in (("luna-tray-actions", self._action_loop), ("luna-tray-health", self._health_loop)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        if self.settings.autostart_daemon:
+            t = threading.Thread(target=self._autostart, name="luna-tray-autostart", daemon=True)
+            t.start()
+        threading.Thread(target=self._check_embedded, name="luna-tray-embed-check", daemon=True).start()
+        self._glib_signals()
+        log.info("tray icon shown (backend %s)", type(icon).__mro__[1].__module__)
+
+    def _glib_signals(self) -> None:
+        # pystray's GTK backends reset SIGINT to SIG_DFL when their loop starts ("do not
+        # inhibit Ctrl+C"), which would kill us without a clean stop. GLib's own handler,
+        # installed after that, runs on the loop and turns SIGINT/SIGTERM into Exit.
+        glib = sys.modules.get("gi.repository.GLib")
+        if glib is None or not hasattr(glib, "unix_signal_add") or sys.platform == "win32":
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            def on_signal(signum: int = signum) -> bool:
+                log.info("signal %d: exiting", signum)
+                self.request_exit()
+                return True  # keep the source: a second signal must not kill us mid-stop
+            glib.unix_signal_add(glib.PRIORITY_DEFAULT, signum, on_signal)
+
+    def _autostart(self) -> None:
+        if not self._quit.wait(max(0.0, float(self.settings.autostart_delay))) and not self._exit_requested.is_set():
+            self._enqueue("start")
+
+    def _check_embedded(self) -> None:
+        if self._quit.wait(10.0):
+            return
+        try:
+            embedded = self.icon.is_embedded()
+        except Exception:
+            return
+        if embedded is False:
+            log.warning("the tray icon is not embedded: is a system tray (notification area) running? "
+                        "The daemon keeps running; use the dashboard or 'luna-daemon status'.")
+
+    def run(self) -> int | None:
+        """Block until Exit; returns 0, or None if the tray could not be shown at all."""
+        self._unsubscribe = self.host.events.subscribe(self._on_event)
+        self.host.on_lock_message(self._on_lock_message)
+        _install_signal_handlers(self.request_exit)
+        try:
+            self.icon.run(setup=self._setup)
+        except Exception as exc:
+            if self._quit.is_set():
+                # e.g. GTK closing its notification without a notification service: harmless now.
+                log.debug("tray loop ended with %s after exit", exc)
+            else:
+                log.error("the system tray failed (%s: %s)", type(exc).__name__, exc)
+                self._fail_tray()
+                return None
+        finally:
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+        if not self._quit.is_set():
+            # The loop ended without Exit (backend quit on its own): still stop cleanly.
+            log.warning("tray loop ended unexpectedly; stopping")
+            self._do_exit()
+        for t in self._threads:
+            t.join(timeout=5.0)
+        log.info("tray exited")
+        return EXIT_OK
+
+    def _fail_tray(self) -> None:
+        self._tray_failed = True
+        self._quit.set()
+        self._probe_wanted.set()
+        self._actions.put(None)
+        # pystray's setup thread is a non-daemon thread blocked until the backend reports
+        # ready; a backend that failed before that would keep the process alive forever.
+        try:
+            self.icon._mark_ready()
+        except Exception:
+            pass

@@ -1,0 +1,148 @@
+"""Who may talk to the monitor, and who may change things.
+
+Three independent checks, all pure (no sockets), all thread-safe:
+
+* **Host header** (DNS rebinding): a request is served only when its ``Host`` names this
+  server by loopback address or ``localhost`` with the monitor's real port (plus the hosts
+  of ``allowed_origins``). A rebinding page at ``http://evil.example:19285`` sends
+  ``Host: evil.example:19285`` and gets 403.
+* **Origin** (cross-site WebSocket hijacking): a browser always sends ``Origin`` on a
+  WebSocket handshake; only this server's own origins and ``allowed_origins`` pass. No
+  ``Origin`` at all means a non-browser client (scripts, tests) -- those cannot be
+  steered by a web page, and they still need the token to change anything.
+* **Authority to change state**: the per-install token. The browser never sees it. The
+  tray mints a one-time, short-lived *login secret* (:meth:`Gate.mint_login`) and puts it
+  in the URL fragment (never sent to any server, never in a Referer). The page redeems it
+  over the origin-checked WebSocket for a *session* id (:meth:`Gate.redeem_login`), kept
+  in the tab's ``sessionStorage`` so a reload stays logged in.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import secrets
+import threading
+import time
+from typing import Iterable
+from urllib.parse import urlsplit
+
+LOGIN_TTL = 120.0        # seconds a login link stays valid (the browser may start slowly)
+SESSION_TTL = 12 * 3600.0  # sliding: every use extends it
+MAX_LOGINS = 16           # outstanding login secrets; the oldest is dropped beyond this
+MAX_SESSIONS = 64
+
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+_WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+def _norm_origin(origin: str) -> str:
+    return origin.strip().rstrip("/").lower()
+
+
+class Gate:
+    """Host/Origin allow-lists, login secrets and sessions for one monitor port."""
+
+    def __init__(self, bind_host: str, port: int, allowed_origins: Iterable[str] = (), *,
+                 login_ttl: float = LOGIN_TTL, session_ttl: float = SESSION_TTL):
+        self.port = port
+        self.login_ttl = login_ttl
+        self.session_ttl = session_ttl
+        names = list(_LOOPBACK_NAMES)
+        if bind_host.lower() not in _WILDCARDS and bind_host.lower() not in names:
+            names.append(bind_host.lower())
+        self.hosts = {f"{n}:{port}" for n in names}
+        self.origins = {f"http://{h}" for h in self.hosts}
+        for origin in allowed_origins:
+            o = _norm_origin(origin)
+            if not o:
+                continue
+            self.origins.add(o)
+            netloc = urlsplit(o).netloc
+            if netloc:
+                # A configured origin is also a configured name for this server (e.g. a
+                # reverse proxy or a hosts-file alias), so its Host must pass too.
+                self.hosts.add(netloc)
+        self._lock = threading.Lock()
+        self._logins: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._sessions: collections.OrderedDict[str, float] = collections.OrderedDict()
+
+    # ------------------------------------------------------------ request checks
+    def host_allowed(self, host_header: str | None) -> bool:
+        """True when ``Host`` names this server (loopback/localhost + real port)."""
+        return bool(host_header) and host_header.strip().lower() in self.hosts
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """True for no Origin (non-browser client) or one of this server's origins."""
+        if origin is None:
+            return True
+        return _norm_origin(origin) in self.origins
+
+    # ------------------------------------------------------------ login secrets
+    def mint_login(self) -> str:
+        """A new one-time login secret, valid for ``login_ttl`` seconds."""
+        secret = secrets.token_urlsafe(24)
+        now = time.monotonic()
+        with self._lock:
+            self._purge(now)
+            self._logins[secret] = now + self.login_ttl
+            while len(self._logins) > MAX_LOGINS:
+                self._logins.popitem(last=False)
+        return secret
+
+    def redeem_login(self, secret: object) -> str | None:
+        """Consume a login secret; returns a new session id, or None if the secret is
+        unknown, expired or already used."""
+        if not isinstance(secret, str) or not secret:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            self._purge(now)
+            # Constant-time comparison over the outstanding secrets (a handful at most).
+            match = next((s for s in self._logins if hmac.compare_digest(s.encode(), secret.encode())), None)
+            if match is None:
+                return None
+            del self._logins[match]
+            return self._new_session(now)
+
+    # ------------------------------------------------------------ sessions
+    def _new_session(self, now: float) -> str:
+        sid = secrets.token_urlsafe(32)
+        self._sessions[sid] = now + self.session_ttl
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        return sid
+
+    def session_for_token(self) -> str:
+        """A session for a caller that already proved it holds the token."""
+        with self._lock:
+            return self._new_session(time.monotonic())
+
+    def check_session(self, sid: object) -> bool:
+        """True if ``sid`` is a live session (and extends it)."""
+        if not isinstance(sid, str) or not sid:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            self._purge(now)
+            match = next((s for s in self._sessions if hmac.compare_digest(s.encode(), sid.encode())), None)
+            if match is None:
+                return False
+            self._sessions[match] = now + self.session_ttl
+            self._sessions.move_to_end(match)
+            return True
+
+    def revoke_all(self) -> None:
+        with self._lock:
+            self._logins.clear()
+            self._sessions.clear()
+
+    def _purge(self, now: float) -> None:
+        for table in (self._logins, self._sessions):
+            for key in [k for k, exp in table.items() if exp <= now]:
+                del table[key]
+
+
+def token_matches(given: object, token: str) -> bool:
+    """Constant-time check of a presented per-install token."""
+    return isinstance(given, str) and bool(given) and bool(token) and hmac.compare_digest(given.encode(), token.encode())

@@ -1,0 +1,479 @@
+// Luna Daemon dashboard. Plain JS, no build step, no third-party code.
+// Protocol (see docs/monitor.md): the server sends a "snapshot" on connect, then
+// "event" messages with a gap-free "seq"; on a gap we ask for a new snapshot. "status"
+// messages refresh the numbers every few seconds. Actions need a login: the tray opens
+// this page with a one-time secret in the URL fragment, which we trade for a session.
+"use strict";
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const PAGES = ["status", "models", "logs", "settings"];
+  const RANK = { DEBUG: 10, INFO: 20, REQUEST: 20, EVENT: 20, WARNING: 30, ERROR: 40, CRITICAL: 50 };
+  const COLOURS = { stopped: "gray", starting: "yellow", running: "green", stopping: "yellow", error: "red" };
+  const MAX_LINES = 5000;
+  const SESSION_KEY = "luna-daemon-session";
+
+  const st = {
+    ws: null, lastSeq: null, awaitingSnapshot: true, authed: false, authError: "",
+    status: null, models: [], loading: new Map(), logs: [], lastLogSeq: 0,
+    paused: false, unseen: 0, settings: null, original: {}, nextId: 1, pending: new Map(),
+    retry: 500, warnings: [], loginSecret: null, snapshots: 0,
+  };
+  window.lunaDashboard = st; // for debugging (and the browser tests) only
+
+  // ------------------------------------------------------------------ formatting
+  const pad = (n, w = 2) => String(n).padStart(w, "0");
+  function fmtTime(t) {
+    const d = new Date(t * 1000);
+    return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+  }
+  function fmtBytes(n) {
+    if (n === null || n === undefined) return "—";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0; let v = n;
+    while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+    return `${v.toFixed(i === 0 ? 0 : 1)} ${units[i]}`;
+  }
+  function fmtDuration(s) {
+    if (s === null || s === undefined || !isFinite(s)) return "—";
+    s = Math.max(0, Math.round(s));
+    const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24, m = Math.floor(s / 60) % 60, sec = s % 60;
+    if (d) return `${d}d ${h}h`;
+    if (h) return `${h}h ${m}m`;
+    if (m) return `${m}m ${sec}s`;
+    return `${sec}s`;
+  }
+  const now = () => Date.now() / 1000;
+  function el(tag, props = {}, ...children) {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(props)) {
+      if (k === "class") e.className = v;
+      else if (k === "dataset") Object.assign(e.dataset, v);
+      else if (k in e) e[k] = v;
+      else e.setAttribute(k, v);
+    }
+    for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    return e;
+  }
+  function showMsg(id, text, kind = "") {
+    const m = $(id);
+    m.textContent = text;
+    m.className = "msg" + (kind ? " " + kind : "");
+  }
+
+  // ------------------------------------------------------------------ pages
+  function parseHash() {
+    const raw = location.hash.replace(/^#/, "");
+    const p = new URLSearchParams(raw);
+    let page = p.get("page") || raw;
+    if (!PAGES.includes(page)) page = "status";
+    return { page, login: p.get("login") };
+  }
+  function showPage(page) {
+    for (const p of PAGES) $("page-" + p).hidden = p !== page;
+    for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.page === page);
+    if (page === "logs") { const v = $("log-view"); v.scrollTop = v.scrollHeight; }
+  }
+
+  // ------------------------------------------------------------------ connection
+  function setConn(text, cls) { const b = $("conn-label"); b.textContent = text; b.className = "badge " + cls; }
+  function send(obj) { if (st.ws && st.ws.readyState === WebSocket.OPEN) st.ws.send(JSON.stringify(obj)); }
+  function request(msg) {
+    return new Promise((resolve) => {
+      if (!st.ws || st.ws.readyState !== WebSocket.OPEN) {
+        resolve({ ok: false, error: { code: "offline", message: "not connected to the dashboard server" } });
+        return;
+      }
+      const id = st.nextId++;
+      st.pending.set(id, resolve);
+      send({ ...msg, id });
+    });
+  }
+  function connect() {
+    const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws");
+    st.ws = ws; st.awaitingSnapshot = true; st.lastSeq = null;
+    setConn("connecting…", "warn");
+    ws.onopen = () => { st.retry = 500; setConn("live", "ok"); login(); };
+    ws.onmessage = (ev) => {
+      let m;
+      try { m = JSON.parse(ev.data); } catch (e) { return; }
+      handle(m);
+    };
+    ws.onclose = () => {
+      if (st.ws !== ws) return;
+      st.ws = null; st.authed = false;
+      for (const resolve of st.pending.values()) resolve({ ok: false, error: { code: "offline", message: "connection lost" } });
+      st.pending.clear();
+      setConn("offline — retrying", "bad");
+      renderAuth(); renderStatus();
+      setTimeout(connect, st.retry);
+      st.retry = Math.min(st.retry * 2, 5000);
+    };
+  }
+  function login() {
+    if (st.loginSecret) {
+      send({ type: "login", secret: st.loginSecret });
+      st.loginSecret = null; // one-time: a reconnect uses the session instead
+      return;
+    }
+    const session = sessionStorage.getItem(SESSION_KEY);
+    if (session) send({ type: "login", session });
+    else { st.authError = ""; renderAuth(); }
+  }
+
+  function handle(m) {
+    switch (m.type) {
+      case "snapshot": applySnapshot(m); break;
+      case "event":
+        if (st.awaitingSnapshot || st.lastSeq === null || m.seq <= st.lastSeq) return;
+        if (m.seq !== st.lastSeq + 1) {
+          // Missed events: our picture may be wrong. Ask for a full one, ignore the rest until then.
+          st.awaitingSnapshot = true;
+          send({ type: "snapshot" });
+          return;
+        }
+        st.lastSeq = m.seq;
+        applyEvent(m);
+        break;
+      case "status":
+        st.status = m.status; st.models = m.models || [];
+        renderStatus(); renderModels();
+        break;
+      case "auth":
+        st.authed = !!m.ok;
+        if (m.ok) { sessionStorage.setItem(SESSION_KEY, m.session); st.authError = ""; }
+        else { sessionStorage.removeItem(SESSION_KEY); st.authError = m.error || ""; }
+        renderAuth(); renderStatus(); renderModels();
+        break;
+      case "reply": {
+        const resolve = st.pending.get(m.id);
+        if (resolve) { st.pending.delete(m.id); resolve(m); }
+        break;
+      }
+      default: break;
+    }
+  }
+
+  function applySnapshot(m) {
+    st.lastSeq = m.seq; st.awaitingSnapshot = false; st.snapshots++;
+    st.status = m.status; st.models = m.models || [];
+    st.loading.clear();
+    st.logs = []; st.lastLogSeq = 0;
+    for (const line of m.logs || []) pushLog(fromLogRecord(line));
+    renderStatus(); renderModels(); renderLoading(); renderLogs();
+    applySettings(m.settings);
+  }
+
+  function applyEvent(m) {
+    const d = m.data || {};
+    switch (m.name) {
+      case "log": addLine(fromLogRecord(d.line)); break;
+      case "state":
+        if (st.status) { st.status.state = d.state; st.status.detail = d.detail || ""; st.status.colour = COLOURS[d.state]; renderStatus(); }
+        break;
+      case "model_loading":
+        st.loading.set(d.model, { ...d, since: m.time });
+        renderLoading();
+        break;
+      case "model_loaded":
+      case "model_unloaded":
+        st.loading.delete(d.model);
+        renderLoading();
+        break;
+      case "request":
+        addLine({ level: "REQUEST", activity: true, time: m.time, logger: "request",
+          message: `${d.op} from ${d.client} ok in ${Number(d.ms).toFixed(1)} ms` });
+        break;
+      case "request_failed":
+        addLine({ level: "WARNING", time: m.time, logger: "request",
+          message: `${d.op} from ${d.client} failed: ${d.code} (${Number(d.ms).toFixed(1)} ms)` });
+        break;
+      case "client_connected":
+      case "client_disconnected":
+        addLine({ level: "EVENT", activity: true, time: m.time, logger: "clients",
+          message: `${d.client} ${m.name === "client_connected" ? "connected" : "disconnected"} (${d.clients} open)` });
+        if (st.status && typeof d.clients === "number") { st.status.clients = d.clients; renderStatus(); }
+        break;
+      case "warning":
+        st.warnings.unshift({ time: m.time, message: d.message || JSON.stringify(d), level: d.level || "warning" });
+        st.warnings.length = Math.min(st.warnings.length, 20);
+        renderWarnings();
+        break;
+      default: break;
+    }
+  }
+
+  // ------------------------------------------------------------------ auth
+  function renderAuth() {
+    const b = $("auth-badge");
+    const banner = $("banner");
+    if (st.authed) {
+      b.textContent = "logged in"; b.className = "badge ok";
+      b.title = "this page may start, stop and unload";
+      banner.hidden = true;
+    } else {
+      b.textContent = "read-only"; b.className = "badge warn";
+      b.title = "open the dashboard from the tray menu to control the daemon";
+      banner.hidden = false;
+      banner.className = "banner";
+      banner.textContent = (st.authError ? st.authError + ". " : "") +
+        "Read-only view: use Open Dashboard in the Luna Daemon tray menu to get a page that can start, stop, unload and save settings.";
+    }
+    for (const id of ["settings-save", "settings-restart", "btn-unload-all"]) $(id).disabled = !st.authed;
+  }
+
+  // ------------------------------------------------------------------ status page
+  function setDot(id, colour) { $(id).className = $(id).className.replace(/\b(gray|yellow|green|red)\b/g, "").trim() + " " + colour; }
+  function renderStatus() {
+    const s = st.status;
+    if (!s) return;
+    const colour = COLOURS[s.state] || "gray";
+    setDot("state-dot", colour); setDot("status-dot", colour);
+    $("state-label").textContent = s.state;
+    $("status-state").textContent = s.state;
+    $("status-detail").textContent = s.detail || "";
+    document.title = `Luna Daemon — ${s.state}`;
+    $("st-uptime").textContent = s.state === "running" ? fmtDuration(s.uptime) : "—";
+    $("st-engine").textContent = s.engine || `${s.engine_setting} (not started)`;
+    $("st-address").textContent = `${s.host}:${s.port}`;
+    $("st-version").textContent = s.version;
+    $("st-models").textContent = s.models;
+    $("st-clients").textContent = s.clients;
+    $("st-queue").textContent = s.queue;
+    $("st-inflight").textContent = s.in_flight;
+    const r = s.requests || {};
+    $("st-rpm").textContent = r.per_minute ?? 0;
+    $("st-total").textContent = `${r.total ?? 0} (${r.errors ?? 0})`;
+    $("st-lora").textContent = s.lora_cache ? `${fmtBytes(s.lora_cache.bytes)}, ${s.lora_cache.hits} hits, ${s.lora_cache.misses} misses` : "—";
+    const rows = (s.devices || []).map((d) => {
+      const meter = el("meter", { min: 0, max: d.total || 1, value: d.used || 0 });
+      const mem = d.total ? `${fmtBytes(d.used)} / ${fmtBytes(d.total)}` : "not in use yet";
+      return el("tr", {}, el("td", {}, d.name), el("td", { class: "num" }, mem), el("td", {}, d.total ? meter : ""),
+        el("td", { class: "num" }, fmtBytes(d.models_bytes)));
+    });
+    $("devices-body").replaceChildren(...rows);
+    const offline = !st.ws;
+    const why = st.authed ? "" : "read-only: open the dashboard from the tray menu";
+    const set = (id, enabled) => { const b = $(id); b.disabled = offline || !st.authed || !enabled; b.title = why; };
+    set("btn-start", s.state === "stopped" || s.state === "error");
+    set("btn-stop", s.state === "running" || s.state === "starting");
+    set("btn-restart", s.state === "running");
+  }
+  function renderWarnings() {
+    const items = st.warnings.map((w) => el("li", {}, `${fmtTime(w.time)} ${w.message}`));
+    $("warnings").replaceChildren(...(items.length ? items : [el("li", { class: "muted" }, "none")]));
+  }
+  async function control(kind) {
+    showMsg("control-msg", `${kind}…`);
+    const r = await request({ type: kind });
+    if (r.ok) showMsg("control-msg", `${kind}: done (${r.result.state})`, "ok");
+    else showMsg("control-msg", `${kind} failed: ${r.error.message}`, "error");
+    return r;
+  }
+
+  // ------------------------------------------------------------------ models page
+  function renderModels() {
+    const t = now();
+    const rows = st.models.map((m) => {
+      const btn = el("button", { type: "button", class: "danger", textContent: "Unload", disabled: !st.authed,
+        dataset: { model: m.id, testid: "unload" } });
+      btn.addEventListener("click", () => unload(m.id, btn));
+      const expires = m.expires_at ? (m.expires_at > t ? `in ${fmtDuration(m.expires_at - t)}` : "now") : "never";
+      return el("tr", { dataset: { model: m.id } },
+        el("td", {}, m.kind), el("td", { title: (m.paths || []).join("\n") }, m.file),
+        el("td", {}, m.device), el("td", {}, m.dtype), el("td", { class: "num" }, fmtBytes(m.bytes)),
+        el("td", {}, `${fmtDuration(t - m.last_used)} ago`), el("td", {}, expires),
+        el("td", { class: "num" }, m.users), el("td", {}, btn));
+    });
+    $("models-body").replaceChildren(...rows);
+    $("models-empty").hidden = st.models.length > 0 || st.loading.size > 0;
+  }
+  function renderLoading() {
+    const rows = [...st.loading.values()].map((d) => {
+      const bar = el("progress", { max: 1 });
+      if (d.progress > 0) bar.value = d.progress; // no value = indeterminate
+      const file = (d.paths && d.paths[0] || "").split(/[\\/]/).pop();
+      return el("tr", { class: "loading", dataset: { loading: d.model } },
+        el("td", {}, d.kind || ""), el("td", {}, file), el("td", { colSpan: 5 }, bar, " loading…"), el("td", {}), el("td", {}));
+    });
+    $("loading-body").replaceChildren(...rows);
+    $("models-empty").hidden = st.models.length > 0 || st.loading.size > 0;
+  }
+  async function unload(id, btn) {
+    if (btn) btn.disabled = true;
+    showMsg("models-msg", "unloading…");
+    const r = await request({ type: "unload", model: id });
+    if (r.ok) showMsg("models-msg", `unloaded ${r.result.unloaded.map((u) => u.paths[0].split(/[\\/]/).pop()).join(", ")}`, "ok");
+    else { showMsg("models-msg", `unload failed: ${r.error.message}`, "error"); if (btn) btn.disabled = false; }
+  }
+
+  // ------------------------------------------------------------------ logs page
+  function fromLogRecord(line) {
+    return { level: line.level, time: line.time, logger: line.logger, message: line.message, seq: line.seq };
+  }
+  function formatLine(l) { return `${fmtTime(l.time)} ${l.level.padEnd(7)} ${l.logger}: ${l.message}`; }
+  function pushLog(l) {
+    if (l.seq) {
+      if (l.seq <= st.lastLogSeq) return false; // already shown via the snapshot
+      st.lastLogSeq = l.seq;
+    }
+    l.text = formatLine(l);
+    st.logs.push(l);
+    if (st.logs.length > MAX_LINES) st.logs.splice(0, st.logs.length - MAX_LINES);
+    return true;
+  }
+  function visible(l) {
+    if (l.activity && !$("log-activity").checked) return false;
+    if ((RANK[l.level] || 20) < RANK[$("log-level").value]) return false;
+    const q = $("log-search").value.trim().toLowerCase();
+    return !q || l.text.toLowerCase().includes(q);
+  }
+  function lineEl(l) { return el("div", { class: "log-line " + l.level }, l.text); }
+  function addLine(l) {
+    if (!pushLog(l)) return;
+    if (st.paused) { st.unseen++; renderPause(); return; }
+    if (!visible(l)) return;
+    const view = $("log-view");
+    const atBottom = view.scrollTop + view.clientHeight >= view.scrollHeight - 30;
+    view.append(lineEl(l));
+    while (view.childElementCount > MAX_LINES) view.firstElementChild.remove();
+    if (atBottom) view.scrollTop = view.scrollHeight;
+    renderCount();
+  }
+  function renderLogs() {
+    if (st.paused) return;
+    const view = $("log-view");
+    view.replaceChildren(...st.logs.filter(visible).map(lineEl));
+    view.scrollTop = view.scrollHeight;
+    renderCount();
+  }
+  function renderCount() { $("log-count").textContent = `${$("log-view").childElementCount} of ${st.logs.length} lines shown`; }
+  function renderPause() { $("log-pause").textContent = st.paused ? `Resume${st.unseen ? ` (${st.unseen} new)` : ""}` : "Pause"; }
+
+  // ------------------------------------------------------------------ settings page
+  const fieldEls = () => [...$("settings-form").querySelectorAll("[name]")];
+  const valueOf = (e) => (e.type === "checkbox" ? e.checked : e.value);
+  function changed() {
+    const out = {};
+    for (const e of fieldEls()) if (e.name in st.original && valueOf(e) !== st.original[e.name]) out[e.name] = valueOf(e);
+    return out;
+  }
+  function applySettings(desc) {
+    if (!desc) return;
+    st.settings = desc;
+    $("settings-file").textContent = desc.file;
+    const dirty = changed();
+    for (const [key, f] of Object.entries(desc.fields)) {
+      const e = $("f-" + key);
+      if (!e) continue;
+      const field = e.closest(".field");
+      const src = field.querySelector(".src");
+      if (f.overridden) {
+        src.textContent = f.source === "env" ? `overridden by LUNA_${key.toUpperCase()}` : "overridden by a command-line flag";
+        src.className = "src override";
+        src.title = "that value wins over the file; a saved value applies once the override is removed";
+      } else {
+        src.textContent = f.source === "default" ? "default" : `from ${f.source}`;
+        src.className = "src";
+        src.title = "";
+      }
+      if (key in dirty) continue; // keep what the user is typing
+      if (e.tagName === "SELECT") {
+        const opts = [...(desc.choices[e.dataset.kind] || [])];
+        const cur = String(f.value);
+        const options = opts.map((o) => el("option", { value: o }, o));
+        if (!opts.includes(cur)) options.push(el("option", { value: cur }, `${cur} (not available here)`));
+        e.replaceChildren(...options);
+        e.value = cur;
+      } else if (e.type === "checkbox") {
+        e.checked = !!f.value;
+      } else {
+        e.value = f.value === null || f.value === undefined ? "" : String(f.value);
+      }
+      st.original[key] = valueOf(e);
+      field.classList.remove("dirty", "invalid");
+      field.querySelector(".err").textContent = "";
+    }
+  }
+  function markDirty(e) {
+    const field = e.target.closest(".field");
+    if (field) field.classList.toggle("dirty", valueOf(e.target) !== st.original[e.target.name]);
+  }
+  async function saveSettings(ev) {
+    ev.preventDefault();
+    const values = changed();
+    for (const f of document.querySelectorAll(".field")) { f.classList.remove("invalid"); f.querySelector(".err").textContent = ""; }
+    if (!Object.keys(values).length) { showMsg("settings-msg", "Nothing changed."); return; }
+    showMsg("settings-msg", "saving…");
+    const r = await request({ type: "save_settings", values });
+    if (!r.ok) {
+      const errors = (r.result && r.result.errors) || {};
+      for (const [key, msg] of Object.entries(errors)) {
+        const e = $("f-" + key);
+        if (e) { const f = e.closest(".field"); f.classList.add("invalid"); f.querySelector(".err").textContent = msg; }
+      }
+      const general = errors._ || (Object.keys(errors).length ? "Not saved: fix the highlighted fields." : r.error.message);
+      showMsg("settings-msg", general, "error");
+      return;
+    }
+    const res = r.result;
+    for (const key of res.saved) {
+      const e = $("f-" + key);
+      if (e) { st.original[key] = valueOf(e); e.closest(".field").classList.remove("dirty"); }
+    }
+    showMsg("settings-msg", `Saved to ${res.file}.`, "ok");
+    const parts = [];
+    const running = st.status && st.status.state === "running";
+    if (res.restart.length) {
+      parts.push(running
+        ? `Restart needed: ${res.restart.join(", ")} take effect after the daemon restarts.`
+        : `${res.restart.join(", ")} take effect when the daemon starts.`);
+    }
+    if (res.app_restart.length) parts.push(`${res.app_restart.join(", ")} takes effect after Luna Daemon (the tray app) is restarted.`);
+    if (res.overridden.length) parts.push(`${res.overridden.join(", ")} saved, but an environment variable or command-line flag overrides it until removed.`);
+    $("settings-notice-text").textContent = parts.join(" ");
+    $("settings-restart").hidden = !(res.restart.length && running);
+    $("settings-notice").hidden = parts.length === 0;
+  }
+
+  // ------------------------------------------------------------------ wiring
+  function init() {
+    const { page, login } = parseHash();
+    if (login) {
+      st.loginSecret = login;
+      // Take the secret out of the address bar and history; it is single-use anyway.
+      history.replaceState(null, "", location.pathname + "#page=" + page);
+    }
+    showPage(page);
+    window.addEventListener("hashchange", () => showPage(parseHash().page));
+    $("btn-start").addEventListener("click", () => control("start"));
+    $("btn-stop").addEventListener("click", () => control("stop"));
+    $("btn-restart").addEventListener("click", () => control("restart"));
+    $("btn-unload-all").addEventListener("click", async () => {
+      showMsg("models-msg", "unloading all…");
+      const r = await request({ type: "unload", all: true });
+      showMsg("models-msg", r.ok ? `unloaded ${r.result.unloaded.length} model(s)` : `unload failed: ${r.error.message}`, r.ok ? "ok" : "error");
+    });
+    for (const id of ["log-level", "log-activity"]) $(id).addEventListener("change", renderLogs);
+    $("log-search").addEventListener("input", renderLogs);
+    $("log-pause").addEventListener("click", () => {
+      st.paused = !st.paused;
+      if (!st.paused) { st.unseen = 0; renderLogs(); }
+      renderPause();
+    });
+    $("log-clear").addEventListener("click", () => { $("log-view").replaceChildren(); renderCount(); });
+    $("settings-form").addEventListener("submit", saveSettings);
+    $("settings-form").addEventListener("input", markDirty);
+    $("settings-form").addEventListener("change", markDirty);
+    $("settings-revert").addEventListener("click", () => { st.original = {}; for (const f of document.querySelectorAll(".field")) f.classList.remove("dirty"); applySettings(st.settings); showMsg("settings-msg", ""); });
+    $("settings-restart").addEventListener("click", async () => {
+      $("settings-restart").disabled = true;
+      const r = await control("restart");
+      $("settings-restart").disabled = !st.authed;
+      if (r.ok) { $("settings-notice-text").textContent = "Daemon restarted with the new settings."; $("settings-restart").hidden = true; }
+      else $("settings-notice-text").textContent = `Restart failed: ${r.error.message}`;
+    });
+    renderAuth();
+    connect();
+  }
+  init();
+})();
