@@ -204,9 +204,24 @@ class DaemonClient:
     def lora_has(self, sha256: str) -> bool:
         return bool(self.call("lora_has", {"sha256": sha256})["present"])
 
-    def lora_put(self, data: bytes | bytearray | memoryview, sha256: str | None = None) -> dict:
+    def lora_put(self, data: bytes | bytearray | memoryview, sha256: str | None = None, name: str | None = None) -> dict:
+        """Upload a LoRA file's bytes (use when the daemon cannot read the client's file)."""
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
-        return self.call("lora_put", _drop_none(data=buf, sha256=sha256))
+        return self.call("lora_put", _drop_none(data=buf, sha256=sha256, name=name))
+
+    def lora_ensure(self, path: str) -> str:
+        """Make the daemon hold the LoRA at ``path`` (a local file); returns its SHA-256.
+
+        Asks ``lora_has`` first and uploads only when the daemon lacks it.
+        """
+        import hashlib
+        from pathlib import Path
+
+        data = Path(path).read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        if not self.lora_has(sha):
+            self.lora_put(data, sha, Path(path).name)
+        return sha
 
     def lora_load(self, path: str) -> dict:
         return self.call("lora_load", {"path": path})

@@ -407,9 +407,13 @@ def _clip_encode(svc: Service, args: dict, ctx: Context) -> dict:
     layer = _arg(args, "layer", int, None)
     if layer is not None and layer >= 0:
         raise LunaError(ErrorCode.BAD_ARGS, "layer counts from the end like CLIPSetLastLayer: -1 = last, -2 = penultimate ...")
-    loras = svc.lora_cache.resolve_stack(args.get("loras") or []) if svc.lora_cache is not None and args.get("loras") else []
-    if args.get("loras") and svc.lora_cache is None:
-        raise LunaError(ErrorCode.BAD_ARGS, "this daemon has no LoRA support")
+    stack = args.get("loras") or []
+    loras = []
+    if stack:
+        if svc.lora_cache is None:
+            raise LunaError(ErrorCode.BAD_ARGS, "this daemon has no LoRA support")
+        model = svc.registry.get(model_id).model
+        loras = svc.lora_cache.resolve_stack(stack, model.patchable_keys() if model is not None else [])
     if "tokens" in args:
         tokens = _check_tokens(args["tokens"])
 
@@ -423,3 +427,38 @@ def _clip_encode(svc: Service, args: dict, ctx: Context) -> dict:
 
     out = dict(svc.run(ctx, model_id, call))
     return {"cond": out.pop("cond"), "pooled_output": out.pop("pooled_output", None), "extras": out}
+
+
+def _lora_cache(svc: Service):
+    if svc.lora_cache is None:
+        raise LunaError(ErrorCode.BAD_ARGS, "this daemon has no LoRA support")
+    return svc.lora_cache
+
+
+@op("lora_has", service="full clip")
+def _lora_has(svc: Service, args: dict, ctx: Context) -> dict:
+    sha = _arg(args, "sha256", str).lower()
+    return {"sha256": sha, "present": _lora_cache(svc).has(sha)}
+
+
+@op("lora_put", service="full clip")
+def _lora_put(svc: Service, args: dict, ctx: Context) -> dict:
+    data = _arg(args, "data", torch.Tensor)
+    if data.dtype != torch.uint8 or data.ndim != 1:
+        raise LunaError(ErrorCode.BAD_ARGS, "data must be the LoRA file's bytes as a 1-D uint8 tensor")
+    sha = _arg(args, "sha256", str, None)
+    return _lora_cache(svc).put(memoryview(data.numpy()), sha, _arg(args, "name", str, ""))
+
+
+@op("lora_load", service="full clip")
+def _lora_load(svc: Service, args: dict, ctx: Context) -> dict:
+    path = svc.registry.resolve_path(_arg(args, "path", str))
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        raise LunaError(ErrorCode.BAD_ARGS, f"{path.name}: only .safetensors LoRA files are accepted (pickle-based formats are never loaded)")
+    return _lora_cache(svc).load_path(path)
+
+
+@op("lora_list", service="full clip")
+def _lora_list(svc: Service, args: dict, ctx: Context) -> dict:
+    cache = _lora_cache(svc)
+    return {"loras": cache.list(), "stats": cache.stats()}

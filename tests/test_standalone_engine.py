@@ -505,8 +505,8 @@ def test_lora_strength_zero_and_merged_reference(clip, clip_paths):
         for name, param in ref.named_parameters():
             target = name if name.startswith("text_model.") else "text_model." + name
             if target in spec.weights:
-                up, down, scale = spec.weights[target]
-                param += up @ down * scale * strength
+                up, down, alpha = spec.weights[target]
+                param += up @ down * (alpha / down.shape[0]) * strength
         expected = ref(ids_of(tokens))
     assert torch.allclose(patched["cond"], expected.last_hidden_state, atol=1e-5)
     assert torch.allclose(patched["pooled_output"], expected.pooler_output, atol=1e-5)

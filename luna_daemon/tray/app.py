@@ -400,19 +400,18 @@ class TrayApp:
         if not clean:
             self.notifier.alert(f"Stop deadline of {self.settings.stop_timeout:.0f}s exceeded; unfinished requests were cut off")
 
-    def _do_check(self, prefix: str = "") -> None:
+    def _do_check(self, title: str = "Luna Daemon status") -> None:
+        """A real ``status`` call; the answer as a notification, the colour updated."""
         st = self.host.daemon.snapshot()
         if st["state"] != "running":
-            self.notifier.reply(prefix + self.view.status, title="Luna Daemon status")
+            self.notifier.reply(self.view.status, title=title)
             return
         ok, result = self._probe(st, with_status=True)
-        if ok:
-            self.notifier.reply(prefix + status_summary(result), title="Luna Daemon status")
-        else:
-            self.notifier.reply(prefix + f"Not responding: {result}", title="Luna Daemon status")
+        self.notifier.reply(status_summary(result) if ok else f"Not responding: {result}", title=title)
 
     def _do_show(self) -> None:
-        self._do_check(prefix="Already running. ")
+        # Another launch was refused: tell the user where the running one is.
+        self._do_check(title="Luna Daemon is already running")
 
     def _do_unload(self) -> None:
         from luna_daemon.client import DaemonClient

@@ -197,7 +197,7 @@ def status_summary(status: dict) -> str:
     req = status.get("requests") or {}
     mem = sum(int((d or {}).get("models_bytes") or 0) for d in (status.get("devices") or {}).values())
     parts = [
-        f"{status.get('state', 'running')} on port {status.get('port', '?')}",
+        f"{str(status.get('state') or 'running').capitalize()} on port {status.get('port', '?')}",
         f"{_plural(int(status.get('models') or 0), 'model')} ({format_bytes(mem)})",
         _plural(int(status.get("clients") or 0), "client"),
         f"{int(req.get('total') or 0)} requests ({int(req.get('errors') or 0)} failed)",

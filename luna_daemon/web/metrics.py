@@ -30,7 +30,20 @@ _STATES = ("stopped", "starting", "running", "stopping", "error")
 
 
 def _bucket_label(edge: float) -> str:
-    return repr(float(edge))
+    return "+Inf" if edge == float("inf") else repr(float(edge))
+
+
+def _cumulative(stats: Any, op: str) -> list[tuple[float, int]]:
+    """(upper bound, cumulative count) pairs ending with +Inf, from the daemon's Stats."""
+    if hasattr(stats, "cumulative_buckets"):
+        return list(stats.cumulative_buckets(op))
+    # Older Stats kept cumulative counts per LATENCY_BUCKETS edge and no +Inf bucket.
+    from luna_daemon.service import LATENCY_BUCKETS
+
+    with stats.lock:
+        counts = list(stats.latency_buckets.get(op, []))
+        total = stats.latency_count.get(op, 0)
+    return [*zip(LATENCY_BUCKETS, counts), (float("inf"), total)]
 
 
 class DaemonCollector:
@@ -72,18 +85,12 @@ class DaemonCollector:
         if stats is not None:
             with stats.lock:
                 counts = dict(stats.requests)
-                buckets = {op: list(b) for op, b in stats.latency_buckets.items()}
                 sums = dict(stats.latency_sum)
-                totals = dict(stats.latency_count)
-            from luna_daemon.service import LATENCY_BUCKETS
-
+                ops = sorted(stats.latency_buckets)
             for (op, outcome), n in sorted(counts.items()):
                 requests.add_metric([op, outcome], float(n))
-            for op in sorted(buckets):
-                # Stats.record() increments every bucket whose edge >= the duration, so
-                # these counts are already cumulative as Prometheus expects.
-                b = [(_bucket_label(edge), float(c)) for edge, c in zip(LATENCY_BUCKETS, buckets[op])]
-                b.append(("+Inf", float(totals.get(op, 0))))
+            for op in ops:
+                b = [(_bucket_label(edge), float(c)) for edge, c in _cumulative(stats, op)]
                 hist.add_metric([op], b, sum_value=float(sums.get(op, 0.0)))
         yield requests
         yield hist

@@ -77,6 +77,27 @@ _SECURITY_HEADERS = {
 }
 
 
+class _Throttle:
+    """Log a kind of refusal at most once per ``interval`` seconds (with a count of the
+    suppressed ones), so a hostile page retrying in a loop cannot flood the log file."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, kind: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(kind, -1e9) < self.interval:
+                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+                return
+            self._last[kind] = now
+            n = self._suppressed.pop(kind, 0)
+        log.warning(msg + (f" ({n} more like this suppressed)" if n else ""), *args)
+
+
 class MonitorError(OSError):
     """The monitor could not start; the message names the port and what to do."""
 
@@ -156,6 +177,7 @@ class Monitor:
         self._unsubscribe: Callable[[], None] | None = None
         self._port: int | None = None
         self._static = self._index_static()
+        self._refusals = _Throttle()
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -328,12 +350,13 @@ class Monitor:
         host_header = request.headers.get("Host")
         if not gate.host_allowed(host_header):
             # DNS rebinding: a foreign name that resolves to 127.0.0.1 gets nothing.
-            log.warning("refused request for %s with Host %r (only %s)", path, host_header, ", ".join(sorted(gate.hosts)))
+            self._refusals.warning("host", "refused request for %s with Host %r (allowed: %s)", path, host_header,
+                                   ", ".join(sorted(gate.hosts)))
             return self._respond(403, "Forbidden: unexpected Host header. Open the dashboard at "
                                       f"http://127.0.0.1:{self._port}/ (from the tray menu).\n")
         origin = request.headers.get("Origin")
         if not gate.origin_allowed(origin):
-            log.warning("refused %s from foreign origin %r", path, origin)
+            self._refusals.warning("origin", "refused %s from foreign origin %r", path, origin)
             return self._respond(403, f"Forbidden: origin {origin} may not use this dashboard "
                                       "(add it to allowed_origins in the config file to allow it).\n")
         if path == "/ws":
@@ -397,7 +420,8 @@ class Monitor:
             ctype += "; charset=utf-8"
         extra = {}
         if name == "index.html":
-            hosts = " ".join(f"ws://{h}" for h in sorted(self.gate.hosts)) if self.gate else ""
+            # CSP host-sources cannot express IPv6 literals; [::1] is covered by 'self'.
+            hosts = " ".join(f"ws://{h}" for h in sorted(self.gate.hosts) if "[" not in h) if self.gate else ""
             extra["Content-Security-Policy"] = (
                 "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                 f"connect-src 'self' {hosts}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -418,9 +442,9 @@ class Monitor:
     def _status(self) -> dict[str, Any]:
         return views.status(self.host, monitor_clients=len(self._clients))
 
-    def _snapshot(self, seq: int, reason: str, client: _Client) -> dict[str, Any]:
+    def _snapshot(self, seq: int, reason: str, client: _Client, dropped: int = 0) -> dict[str, Any]:
         return {
-            "type": "snapshot", "seq": seq, "reason": reason, "dropped": client.dropped,
+            "type": "snapshot", "seq": seq, "reason": reason, "dropped": dropped,
             "authenticated": client.authed,
             "status": self._status(),
             "models": views.models(self.host),
@@ -468,16 +492,17 @@ class Monitor:
                 with self._lock:
                     c.wake_pending = False
                     reason, c.snapshot_reason = c.snapshot_reason, None
+                    dropped = 0
                     if reason is not None:
                         c.queue.clear()
+                        dropped, c.dropped = c.dropped, 0
                     seq = self._seq
                     items = list(c.queue)
                     c.queue.clear()
                 if reason is not None:
                     # Built after the lock: it may already show effects of events with a
                     # higher seq; those still arrive and are idempotent on the page.
-                    await c.ws.send(json.dumps(self._snapshot(seq, reason, c), default=str))
-                    c.dropped = 0
+                    await c.ws.send(json.dumps(self._snapshot(seq, reason, c, dropped), default=str))
                     last_status = loop.time()
                 refresh = False
                 for name, text in items:
@@ -523,7 +548,7 @@ class Monitor:
             await self._send(c, {"type": "pong", "id": mid, "time": time.time()})
         elif kind in CONTROL:
             if not (c.authed or token_matches(msg.get("token"), self.host.daemon.token)):
-                log.warning("dashboard %s refused: not logged in", kind)
+                self._refusals.warning("auth", "refused dashboard %s: not logged in", kind)
                 await self._send(c, _reply(mid, error=("unauthorized",
                     "not logged in: open the dashboard from the tray menu (Open Dashboard) to get a login link")))
                 return

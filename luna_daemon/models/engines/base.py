@@ -49,14 +49,15 @@ class TiledArgs:
 class LoraSpec:
     """One entry of a LoRA stack: resolved LoRA weights plus strength.
 
-    ``weights`` maps a *target parameter name of the text encoder* (as in the model's own
-    ``state_dict`` key space, see ``ClipModel.patchable_keys``) to a low-rank pair
-    ``(up [out, r], down [r, in], scale)`` -- delta = up @ down * scale * strength.
+    ``weights`` maps a key from ``ClipModel.patchable_keys()`` (an engine-defined key
+    space) to a low-rank triple ``(up [out, r], down [r, in], alpha | None)``. The delta
+    is ``strength * (alpha / r) * (up @ down)``, with ``alpha / r`` taken as 1.0 when
+    alpha is None -- the same rule as ComfyUI's LoRA adapter.
     """
 
     sha256: str
     strength: float
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor, float | None]] = field(default_factory=dict)
 
 
 class LoadedModel(abc.ABC):

@@ -1099,7 +1099,7 @@ class StandaloneClip(ClipModel):
 
     def _build_patch(self, encoders: Mapping[str, _TextEncoder], specs: Sequence[LoraSpec]
                      ) -> dict[str, dict[str, torch.Tensor]]:
-        """Sum every spec's ``up @ down * scale * strength`` onto the base weights (float32
+        """Sum every spec's ``strength * (alpha / rank) * (up @ down)`` onto the base weights (float32
         maths, cast back to the weight dtype, as ComfyUI does) into new tensors."""
         sums: dict[tuple[str, str], torch.Tensor] = {}
         for spec in specs:
@@ -1111,9 +1111,10 @@ class StandaloneClip(ClipModel):
                     unknown.append(target)
                     continue
                 try:
-                    up, down, scale = triple
+                    up, down, alpha = triple
                 except (TypeError, ValueError):
-                    raise EngineError("bad_args", f"LoRA {spec.sha256[:12]} {target}: expected (up, down, scale)") from None
+                    raise EngineError("bad_args", f"LoRA {spec.sha256[:12]} {target}: expected (up, down, alpha)") from None
+                scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
                 base = encoders[resolved[0]].params[resolved[1]]
                 up2 = up.reshape(up.shape[0], -1).to(device=base.device, dtype=torch.float32)
                 down2 = down.reshape(down.shape[0], -1).to(device=base.device, dtype=torch.float32)

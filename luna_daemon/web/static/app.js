@@ -425,11 +425,11 @@
     const running = st.status && st.status.state === "running";
     if (res.restart.length) {
       parts.push(running
-        ? `Restart needed: ${res.restart.join(", ")} take effect after the daemon restarts.`
-        : `${res.restart.join(", ")} take effect when the daemon starts.`);
+        ? `Restart needed: changes to ${res.restart.join(", ")} take effect after the daemon restarts.`
+        : `Changes to ${res.restart.join(", ")} take effect when the daemon starts.`);
     }
-    if (res.app_restart.length) parts.push(`${res.app_restart.join(", ")} takes effect after Luna Daemon (the tray app) is restarted.`);
-    if (res.overridden.length) parts.push(`${res.overridden.join(", ")} saved, but an environment variable or command-line flag overrides it until removed.`);
+    if (res.app_restart.length) parts.push(`Changes to ${res.app_restart.join(", ")} take effect after Luna Daemon (the tray app) is restarted.`);
+    if (res.overridden.length) parts.push(`Saved ${res.overridden.join(", ")}, but an environment variable or command-line flag overrides the file until it is removed.`);
     $("settings-notice-text").textContent = parts.join(" ");
     $("settings-restart").hidden = !(res.restart.length && running);
     $("settings-notice").hidden = parts.length === 0;

@@ -1,0 +1,205 @@
+"""The tray's view model, icons and notification policy -- pure, no screen, no pystray."""
+
+from __future__ import annotations
+
+import pytest
+
+from luna_daemon.tray import icons
+from luna_daemon.tray.app import tray_unavailable_reason
+from luna_daemon.tray.menu import (
+    FAILING, HEALTHY, MENU_KEYS, TITLE_MAX, UNKNOWN, TrayState, build_view, colour_for, format_bytes, status_summary,
+)
+from luna_daemon.tray.notify import Notifier
+
+# (state, expected colour, enabled keys among the actionable items)
+ALWAYS = {"check", "logs", "autostart", "exit"}
+CASES = [
+    (TrayState(daemon="stopped"), "gray", ALWAYS | {"start"}),
+    (TrayState(daemon="starting"), "yellow", ALWAYS),
+    (TrayState(daemon="running", health=UNKNOWN), "yellow", ALWAYS | {"stop"}),
+    (TrayState(daemon="running", health=HEALTHY), "green", ALWAYS | {"stop"}),
+    (TrayState(daemon="running", health=HEALTHY, models=2), "green", ALWAYS | {"stop", "unload"}),
+    (TrayState(daemon="running", health=FAILING, health_detail="timeout"), "red", ALWAYS | {"stop"}),
+    (TrayState(daemon="stopping"), "yellow", ALWAYS),
+    (TrayState(daemon="error", detail="port 19283 in use"), "red", ALWAYS | {"start"}),
+    (TrayState(daemon="running", health=HEALTHY, busy="exiting"), "yellow", set()),
+]
+
+
+@pytest.mark.parametrize("state,colour,enabled", CASES, ids=[f"{c[0].daemon}-{c[0].health}-{c[0].busy or 'idle'}-{c[0].models}" for c in CASES])
+def test_every_state_has_a_colour_and_the_right_items(state, colour, enabled):
+    view = build_view(state)
+    assert colour_for(state) == colour == view.colour
+    keys = [it.key for it in view.items if not it.separator]
+    assert tuple(keys) == MENU_KEYS
+    assert {it.key for it in view.items if not it.separator and it.enabled} == enabled
+    assert view.item("status").enabled is False
+    assert view.item("autostart").checked is False
+    assert all(it.checked is None for it in view.items if it.key != "autostart")
+    assert len(view.title) <= TITLE_MAX
+
+
+@pytest.mark.parametrize("dashboard", [True, False])
+def test_dashboard_items_follow_the_monitor(dashboard):
+    view = build_view(TrayState(daemon="running", health=HEALTHY, dashboard=dashboard))
+    assert view.item("dashboard").enabled is dashboard
+    assert view.item("settings").enabled is dashboard
+    assert view.item("logs").enabled  # the log file works without the monitor
+
+
+def test_start_at_login_checkbox_is_the_state_given():
+    assert build_view(TrayState(autostart=True)).item("autostart").checked is True
+    assert build_view(TrayState(autostart=False)).item("autostart").checked is False
+    assert not build_view(TrayState(autostart_supported=False)).item("autostart").enabled
+
+
+def test_labels_are_live():
+    v = build_view(TrayState(daemon="running", health=HEALTHY, models=1, clients=3, memory_bytes=1_500_000_000, port=4321))
+    assert v.status == "Running · 1 model · 3 clients · 1.5 GB"
+    assert v.item("status").label == v.status
+    assert v.title == "Luna Daemon — Running · 1 model · 3 clients · 1.5 GB · port 4321"
+    v2 = build_view(TrayState(daemon="running", health=HEALTHY, models=2, clients=1, memory_bytes=0))
+    assert v2.status == "Running · 2 models · 1 client · 0 MB"
+    assert build_view(TrayState(daemon="starting")).status == "Starting…"
+    assert build_view(TrayState(daemon="stopping")).status == "Stopping…"
+    assert build_view(TrayState(daemon="stopped")).status == "Stopped"
+    assert "deadline" in build_view(TrayState(daemon="stopped", detail="stop deadline of 30s exceeded")).status
+
+
+def test_red_titles_carry_the_reason():
+    err = build_view(TrayState(daemon="error", detail="port 19283 on 127.0.0.1 is already in use"))
+    assert err.title == "Luna Daemon — Error: port 19283 on 127.0.0.1 is already in use"
+    hung = build_view(TrayState(daemon="running", health=FAILING, health_detail="no answer to 'ping' within 5s"))
+    assert hung.title == "Luna Daemon — Not responding: no answer to 'ping' within 5s"
+    assert hung.status.startswith("Not responding")
+    long = build_view(TrayState(daemon="error", detail="x" * 500 + "\nsecond line"))
+    assert len(long.title) == TITLE_MAX and long.title.endswith("…") and "\n" not in long.title
+
+
+def test_green_needs_a_successful_probe():
+    # the daemon saying "running" is not enough: the tray's own ping decides
+    assert colour_for(TrayState(daemon="running")) == "yellow"
+    assert colour_for(TrayState(daemon="running", health=HEALTHY)) == "green"
+    # a stale healthy probe never makes a stopped or failed daemon green
+    assert colour_for(TrayState(daemon="stopped", health=HEALTHY)) == "gray"
+    assert colour_for(TrayState(daemon="error", health=HEALTHY)) == "red"
+
+
+def test_equal_states_give_equal_views():
+    a = TrayState(daemon="running", health=HEALTHY, models=1)
+    assert build_view(a) == build_view(a.with_())
+    assert build_view(a) != build_view(a.with_(models=2))
+    # while still checking, counts are not shown yet, so nothing needs redrawing
+    assert build_view(a.with_(health=UNKNOWN)) == build_view(a.with_(health=UNKNOWN, models=2))
+
+
+def test_format_bytes_and_summary():
+    assert format_bytes(0) == "0 MB"
+    assert format_bytes(2_500_000) == "2 MB"
+    assert format_bytes(3_210_000_000) == "3.2 GB"
+    text = status_summary({
+        "state": "running", "port": 19283, "models": 2, "clients": 1, "engine": "standalone", "uptime": 3725,
+        "requests": {"total": 10, "errors": 1}, "devices": {"cpu": {"models_bytes": 2_000_000}, "cuda:0": {"models_bytes": 1_000_000_000}},
+    })
+    assert text == "Running on port 19283 · 2 models (1.0 GB) · 1 client · 10 requests (1 failed) · engine standalone · up 1h 02m"
+
+
+# ----------------------------------------------------------------------------- icons
+@pytest.mark.parametrize("colour", ["gray", "yellow", "green", "red"])
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_icons_render_with_the_right_dominant_colour(colour, size):
+    img = icons.disc(colour, size)
+    assert img.size == (size, size) and img.mode == "RGBA"
+    assert icons.dominant_colour(img, min_pixels=size * size // 4) == colour
+    # transparent corners, opaque centre in the exact palette colour
+    assert img.getpixel((0, 0))[3] == 0 and img.getpixel((size - 1, size - 1))[3] == 0
+    centre = img.getpixel((size // 2, size // 2))
+    assert centre[3] == 255 and icons.classify(centre[:3], tolerance=10) == colour
+
+
+def test_icons_have_a_dark_outline_at_16px():
+    img = icons.disc("yellow", 16)
+    row = [img.getpixel((x, 8)) for x in range(16)]
+    opaque = [p for p in row if p[3] > 200]
+    assert any(sum(p[:3]) < 200 for p in opaque), "no dark outline pixel on the middle row"
+
+
+def test_icon_colours_are_distinct_and_unknown_colours_rejected():
+    centres = {c: icons.disc(c, 16).getpixel((8, 8))[:3] for c in ("gray", "yellow", "green", "red")}
+    assert len(set(centres.values())) == 4
+    for c, rgb in centres.items():
+        assert icons.classify(rgb) == c
+    with pytest.raises(ValueError):
+        icons.disc("blue")
+
+
+# ----------------------------------------------------------------------------- notifications
+class RecordingBackend:
+    """Stands in for a pystray icon's notify(): the class attribute pystray defines per backend."""
+
+    HAS_NOTIFICATION = True
+
+    def __init__(self, fail: bool = False):
+        self.shown: list[tuple[str, str]] = []
+        self.fail = fail
+
+    def notify(self, message, title=None):
+        if self.fail:
+            raise RuntimeError("org.freedesktop.Notifications was not provided by any .service files")
+        self.shown.append((title, message))
+
+
+class NoNotifications(RecordingBackend):
+    HAS_NOTIFICATION = False
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_alerts_are_rate_limited_per_text_and_overall():
+    backend, clock = RecordingBackend(), Clock()
+    n = Notifier(backend, repeat_after=60, burst=3, window=60, clock=clock)
+    assert n.alert("port in use") is True
+    assert n.alert("port in use") is False  # same text within a minute
+    clock.t += 61
+    assert n.alert("port in use") is True
+    assert n.alert("model failed to load: a") is True
+    assert n.alert("model failed to load: b") is True
+    assert n.alert("model failed to load: c") is False  # burst of 3 per window reached
+    clock.t += 61
+    assert n.alert("model failed to load: c") is True
+    assert [m for _t, m in backend.shown] == [
+        "port in use", "port in use", "model failed to load: a", "model failed to load: b", "model failed to load: c"]
+    assert n.suppressed == 2
+
+
+def test_alerts_obey_the_setting_replies_do_not():
+    backend = RecordingBackend()
+    on = {"v": False}
+    n = Notifier(backend, enabled=lambda: on["v"])
+    assert n.alert("daemon failed") is False and backend.shown == []
+    assert n.reply("Running on port 1") is True  # the user asked (Check Status)
+    on["v"] = True
+    assert n.alert("daemon failed") is True
+
+
+def test_backends_without_notifications_are_skipped_silently():
+    assert Notifier(NoNotifications()).alert("x") is False
+    assert Notifier(NoNotifications()).reply("x") is False
+    assert Notifier(None).reply("x") is False
+    assert Notifier(RecordingBackend(fail=True)).alert("x") is False  # no notification service
+
+
+# ----------------------------------------------------------------------------- headless decision
+def test_tray_needs_a_display_on_linux():
+    assert "no display" in tray_unavailable_reason({}, "linux")
+    assert tray_unavailable_reason({"DISPLAY": ":0"}, "linux") is None
+    assert tray_unavailable_reason({"WAYLAND_DISPLAY": "wayland-0"}, "linux") is None
+    assert tray_unavailable_reason({}, "win32") is None
+    assert tray_unavailable_reason({}, "darwin") is None
+    assert "dummy" in tray_unavailable_reason({"DISPLAY": ":0", "PYSTRAY_BACKEND": "dummy"}, "linux")

@@ -1,0 +1,551 @@
+"""The web monitor at the protocol level: real server, real sockets, real daemon.
+
+HTTP through http.client (so the Host header is ours to choose), WebSockets through the
+websockets sync client, daemon requests through DaemonClient, models from models/tiny.py.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import re
+import socket
+import threading
+import time
+import tomllib
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from luna_daemon.client import DaemonClient, DaemonError
+from luna_daemon.host import Host
+from luna_daemon.models.registry import available_devices
+from luna_daemon.web import settings_io
+from luna_daemon.web.monitor import MAX_MESSAGE, Monitor, MonitorError
+
+WAIT = 15.0
+
+
+# ----------------------------------------------------------------------------- helpers
+@pytest.fixture
+def host(make_settings):
+    """A host with its monitor up and the daemon stopped."""
+    h = Host(make_settings(), log_to_stderr=False)
+    h.start_monitor()
+    assert h.monitor is not None, "monitor did not start"
+    yield h
+    h.close(10)
+
+
+@pytest.fixture
+def running(host):
+    host.daemon.start()
+    return host
+
+
+@pytest.fixture
+def dclient(running):
+    c = DaemonClient(*running.daemon.address, token=running.daemon.token, timeout=60)
+    yield c
+    c.close()
+
+
+def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+    try:
+        hdrs = {"Host": f"127.0.0.1:{port}", **(headers or {})}
+        conn.request("GET", path, headers=hdrs)
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    finally:
+        conn.close()
+
+
+def ws_connect(port: int, **kw):
+    return connect(f"ws://127.0.0.1:{port}/ws", open_timeout=WAIT, **kw)
+
+
+def recv_json(ws, timeout: float = WAIT) -> dict:
+    return json.loads(ws.recv(timeout=timeout))
+
+
+def recv_until(ws, pred, timeout: float = WAIT) -> tuple[dict, list[dict]]:
+    """Messages until one satisfies ``pred``; returns it and everything before it."""
+    seen: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no matching message within {timeout}s; saw {[m.get('type') + ':' + str(m.get('name', '')) for m in seen]}")
+        m = recv_json(ws, left)
+        if pred(m):
+            return m, seen
+        seen.append(m)
+
+
+def request(ws, msg: dict, msg_id: int = 1) -> dict:
+    ws.send(json.dumps({**msg, "id": msg_id}))
+    reply, _ = recv_until(ws, lambda m: m.get("type") == "reply" and m.get("id") == msg_id)
+    return reply
+
+
+def login(ws, **cred) -> dict:
+    ws.send(json.dumps({"type": "login", **cred}))
+    msg, _ = recv_until(ws, lambda m: m.get("type") == "auth")
+    return msg
+
+
+def secret_of(url: str) -> str:
+    m = re.search(r"[#&]login=([A-Za-z0-9_\-]+)", url)
+    assert m, url
+    return m.group(1)
+
+
+def metric_samples(port: int) -> dict[tuple[str, tuple], float]:
+    status, headers, body = http_get(port, "/metrics")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+# ----------------------------------------------------------------------------- health
+def test_healthz_follows_daemon_state(host):
+    port = host.monitor.port
+    status, _, body = http_get(port, "/healthz")
+    assert (status, body) == (503, b"stopped\n")
+    host.daemon.start()
+    status, headers, body = http_get(port, "/healthz")
+    assert (status, body) == (200, b"ok\n")
+    assert headers["content-type"].startswith("text/plain")
+    host.daemon.stop(10)
+    assert http_get(port, "/healthz")[:3:2] == (503, b"stopped\n")
+
+
+def test_healthz_shows_error_and_monitor_outlives_failed_daemon(make_settings):
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    taken = blocker.getsockname()[1]
+    h = Host(make_settings(port=taken), log_to_stderr=False)
+    h.start_monitor()
+    try:
+        with pytest.raises(Exception):
+            h.daemon.start()
+        status, _, body = http_get(h.monitor.port, "/healthz")
+        assert status == 503
+        assert body.startswith(b"error: ") and str(taken).encode() in body
+        # The dashboard and the logs are still served: that is when they matter most.
+        status, _, body = http_get(h.monitor.port, "/api/status")
+        assert status == 200 and json.loads(body)["state"] == "error"
+        status, _, body = http_get(h.monitor.port, "/api/logs?since=0")
+        assert any("failed" in line["message"] or "in use" in line["message"] for line in json.loads(body)["lines"])
+        with ws_connect(h.monitor.port) as ws:
+            snap = recv_json(ws)
+            assert snap["type"] == "snapshot" and snap["status"]["state"] == "error" and snap["status"]["colour"] == "red"
+    finally:
+        h.close(5)
+        blocker.close()
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_metrics_parse_and_counters_move(running, dclient, model_dir):
+    port = running.monitor.port
+    before = metric_samples(port)
+    assert before[("luna_daemon_up", ())] == 1.0
+    assert before[("luna_daemon_state", (("state", "running"),))] == 1.0
+    assert before[("luna_daemon_state", (("state", "stopped"),))] == 0.0
+    assert before[("luna_daemon_uptime_seconds", ())] >= 0.0
+    ping_ok = before.get(("luna_daemon_requests_total", (("op", "ping"), ("outcome", "ok"))), 0.0)
+    ping_n = before.get(("luna_daemon_request_duration_seconds_count", (("op", "ping"),)), 0.0)
+
+    for _ in range(3):
+        dclient.ping()
+    with pytest.raises(DaemonError):
+        dclient.unload("vae-doesnotexist")
+    info = dclient.vae_load(str(model_dir / "vae_folder"))
+
+    after = metric_samples(port)
+    assert after[("luna_daemon_requests_total", (("op", "ping"), ("outcome", "ok")))] >= ping_ok + 3
+    assert after[("luna_daemon_requests_total", (("op", "unload"), ("outcome", "not_found")))] == 1.0
+    assert after[("luna_daemon_requests_total", (("op", "vae_load"), ("outcome", "ok")))] == 1.0
+    count = after[("luna_daemon_request_duration_seconds_count", (("op", "ping"),))]
+    assert count >= ping_n + 3
+    assert after[("luna_daemon_request_duration_seconds_bucket", (("le", "+Inf"), ("op", "ping")))] == count
+    assert after[("luna_daemon_request_duration_seconds_sum", (("op", "ping"),))] > 0
+    buckets = sorted((float(dict(k[1])["le"]), v) for k, v in after.items()
+                     if k[0] == "luna_daemon_request_duration_seconds_bucket" and dict(k[1])["op"] == "vae_load")
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets), "histogram buckets must be cumulative"
+    assert after[("luna_daemon_models_loaded", (("kind", "vae"),))] == 1.0
+    assert after[("luna_daemon_model_bytes", (("device", "cpu"),))] == info["bytes"] > 0
+    assert after[("luna_daemon_connected_clients", ())] >= 1
+    assert ("luna_daemon_queue_depth", ()) in after
+    assert ("luna_daemon_lora_cache_bytes", ()) in after
+    assert ("luna_daemon_lora_cache_hits_total", ()) in after
+    assert ("luna_daemon_lora_cache_misses_total", ()) in after
+
+    running.daemon.stop(10)
+    stopped = metric_samples(port)
+    assert stopped[("luna_daemon_up", ())] == 0.0
+    assert stopped[("luna_daemon_state", (("state", "stopped"),))] == 1.0
+    # Counters stay visible while stopped (they reset only when a new daemon starts).
+    assert stopped[("luna_daemon_requests_total", (("op", "vae_load"), ("outcome", "ok")))] == 1.0
+    assert stopped[("luna_daemon_models_loaded", (("kind", "vae"),))] == 0.0
+
+
+# ----------------------------------------------------------------------------- origin / host
+def test_websocket_from_foreign_origin_is_refused(host):
+    port = host.monitor.port
+    for origin in ("http://evil.example", f"http://evil.example:{port}", f"http://127.0.0.1:{port + 1 if port < 65535 else 1}", "null"):
+        with pytest.raises(InvalidStatus) as exc:
+            ws_connect(port, origin=origin)
+        assert exc.value.response.status_code == 403, origin
+    # Its own origins (the page served by this port) are accepted.
+    for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}"):
+        with ws_connect(port, origin=origin) as ws:
+            assert recv_json(ws)["type"] == "snapshot"
+
+
+def test_configured_allowed_origin_is_accepted(make_settings):
+    h = Host(make_settings(allowed_origins=["http://tools.example:8080"]), log_to_stderr=False)
+    h.start_monitor()
+    try:
+        with ws_connect(h.monitor.port, origin="http://tools.example:8080") as ws:
+            assert recv_json(ws)["type"] == "snapshot"
+        with pytest.raises(InvalidStatus):
+            ws_connect(h.monitor.port, origin="http://tools.example:8081")
+    finally:
+        h.close(5)
+
+
+def test_dns_rebinding_host_header_is_refused(host):
+    port = host.monitor.port
+    for path in ("/", "/api/status", "/api/logs", "/metrics", "/healthz"):
+        status, _, body = http_get(port, path, {"Host": f"evil.example:{port}"})
+        assert status == 403, path
+        assert b"Host" in body
+    assert http_get(port, "/api/status", {"Host": f"localhost:{port}"})[0] == 200
+    assert http_get(port, "/api/status", {"Host": f"127.0.0.1:{port + 1 if port < 65535 else 1}"})[0] == 403
+    # A WebSocket whose Host names another site (a rebinding page) is refused too.
+    sock = socket.create_connection(("127.0.0.1", port))
+    with pytest.raises(InvalidStatus) as exc:
+        connect(f"ws://evil.example:{port}/ws", sock=sock, open_timeout=WAIT)
+    assert exc.value.response.status_code == 403
+
+
+def test_cross_site_fetch_of_api_is_refused(host):
+    port = host.monitor.port
+    assert http_get(port, "/api/status", {"Origin": "http://evil.example"})[0] == 403
+    assert http_get(port, "/api/logs", {"Sec-Fetch-Site": "cross-site"})[0] == 403
+    assert http_get(port, "/api/logs", {"Sec-Fetch-Site": "same-site"})[0] == 403
+    assert http_get(port, "/api/logs", {"Sec-Fetch-Site": "same-origin"})[0] == 200
+
+
+# ----------------------------------------------------------------------------- authority
+def test_state_changing_messages_need_the_token(running, tmp_path):
+    port = running.monitor.port
+    d = running.daemon
+    config = running.settings.config_file
+    with ws_connect(port, origin=f"http://127.0.0.1:{port}") as ws:
+        snap = recv_json(ws)
+        assert snap["type"] == "snapshot" and snap["authenticated"] is False
+        for i, msg in enumerate([{"type": "stop"}, {"type": "restart"}, {"type": "unload", "all": True},
+                                 {"type": "save_settings", "values": {"vae_dtype": "fp16"}},
+                                 {"type": "stop", "token": "not-the-token"}], start=1):
+            reply = request(ws, msg, i)
+            assert reply["ok"] is False and reply["error"]["code"] == "unauthorized", msg
+        assert d.state == "running"
+        assert not __import__("os").path.exists(config)
+        # Wrong credentials get nothing.
+        assert login(ws, secret="made-up")["ok"] is False
+        assert login(ws, token="wrong")["ok"] is False
+        assert login(ws, session="made-up")["ok"] is False
+        assert request(ws, {"type": "stop"}, 10)["error"]["code"] == "unauthorized"
+
+    # The tray's login link: one use only, then a session.
+    url = running.dashboard_url("status")
+    secret = secret_of(url)
+    with ws_connect(port, origin=f"http://127.0.0.1:{port}") as ws:
+        recv_json(ws)
+        auth = login(ws, secret=secret)
+        assert auth["ok"] is True and auth["session"]
+        session = auth["session"]
+        assert d.token not in json.dumps(auth), "the page must never receive the token"
+    with ws_connect(port, origin=f"http://127.0.0.1:{port}") as ws:
+        recv_json(ws)
+        assert login(ws, secret=secret)["ok"] is False, "a login secret works once"
+        assert login(ws, session=session)["ok"] is True
+        reply = request(ws, {"type": "stop"}, 1)
+        assert reply["ok"] is True and reply["result"]["state"] == "stopped"
+        assert d.state == "stopped"
+    # A non-browser client holding the token may act per message.
+    with ws_connect(port) as ws:
+        recv_json(ws)
+        reply = request(ws, {"type": "start", "token": d.token}, 1)
+        assert reply["ok"] is True and d.state == "running"
+
+
+def test_login_secret_expires(make_settings):
+    h = Host(make_settings(), log_to_stderr=False)
+    mon = Monitor(h, login_ttl=0.3)
+    mon.start()
+    try:
+        url = mon.url_for("logs")
+        assert re.fullmatch(rf"http://127\.0\.0\.1:{mon.port}/#page=logs&login=[A-Za-z0-9_\-]{{20,}}", url)
+        time.sleep(0.6)
+        with ws_connect(mon.port) as ws:
+            recv_json(ws)
+            auth = login(ws, secret=secret_of(url))
+            assert auth["ok"] is False and "expired" in auth["error"]
+    finally:
+        mon.stop()
+        h.close(5)
+
+
+def test_url_for_pages(host):
+    urls = {host.monitor.url_for(p) for p in ("status", "models", "logs", "settings")}
+    assert len({secret_of(u) for u in urls}) == 4, "every link has its own secret"
+    assert host.dashboard_url("settings").startswith(f"http://127.0.0.1:{host.monitor.port}/#page=settings&login=")
+    with pytest.raises(ValueError):
+        host.monitor.url_for("admin")
+
+
+# ----------------------------------------------------------------------------- events
+def test_snapshot_on_connect_then_events_follow_a_model_load(running, dclient, model_dir):
+    port = running.monitor.port
+    with ws_connect(port) as ws:
+        snap = recv_json(ws)
+        assert snap["type"] == "snapshot" and snap["reason"] == "connect"
+        assert snap["status"]["state"] == "running" and snap["status"]["colour"] == "green"
+        assert snap["models"] == []
+        assert isinstance(snap["logs"], list) and snap["logs"], "the snapshot carries the recent log"
+        assert snap["settings"]["file"] == running.settings.config_file
+        last = snap["seq"]
+
+        info = dclient.vae_load(str(model_dir / "vae_folder"))
+        loaded, before = recv_until(ws, lambda m: m.get("type") == "event" and m["name"] == "model_loaded")
+        events = [m for m in before if m["type"] == "event"] + [loaded]
+        assert [e["seq"] for e in events] == list(range(last + 1, last + 1 + len(events))), "gap-free sequence"
+        loading = [e for e in events if e["name"] == "model_loading"]
+        assert loading and loading[0]["data"]["model"] == info["model"] and "progress" in loading[0]["data"]
+        assert loaded["data"]["model"] == info["model"] and loaded["data"]["device"] == "cpu"
+        # The models view follows without asking.
+        status, _ = recv_until(ws, lambda m: m.get("type") == "status" and m["models"])
+        assert status["models"][0]["id"] == info["model"] and status["models"][0]["file"] == "vae_folder"
+        last = loaded["seq"]
+
+        # A request by a client shows up as an event for the live log.
+        dclient.vae_decode(info["model"], __import__("torch").zeros(1, 4, 8, 8))
+        req, _ = recv_until(ws, lambda m: m.get("type") == "event" and m["name"] == "request"
+                            and m["data"]["op"] == "vae_decode")
+        assert req["seq"] > last and req["data"]["ms"] > 0
+
+        # A gap on the page's side: it asks, it gets a fresh snapshot with a current seq.
+        ws.send(json.dumps({"type": "snapshot"}))
+        again, _ = recv_until(ws, lambda m: m.get("type") == "snapshot")
+        assert again["reason"] == "requested" and again["seq"] >= req["seq"]
+        assert [m["id"] for m in again["models"]] == [info["model"]]
+
+    status, _, body = http_get(port, "/api/models")
+    assert status == 200 and [m["id"] for m in json.loads(body)["models"]] == [info["model"]]
+
+
+def test_unload_over_websocket_emits_model_unloaded(running, dclient, model_dir):
+    info = dclient.vae_load(str(model_dir / "vae_file" / "tiny_vae.safetensors"))
+    with ws_connect(running.monitor.port) as ws:
+        recv_json(ws)
+        assert login(ws, token=running.daemon.token)["ok"]
+        reply = request(ws, {"type": "unload", "model": "vae-nope"}, 1)
+        assert reply["ok"] is False and reply["error"]["code"] == "not_found"
+        ws.send(json.dumps({"type": "unload", "model": info["model"], "id": 2}))
+        got: dict[str, dict] = {}
+
+        def both(m):
+            if m.get("type") == "reply" and m.get("id") == 2:
+                got["reply"] = m
+            elif m.get("type") == "event" and m["name"] == "model_unloaded":
+                got["event"] = m
+            return len(got) == 2
+
+        recv_until(ws, both)
+        assert got["reply"]["ok"] is True and got["reply"]["result"]["unloaded"][0]["id"] == info["model"]
+        assert got["event"]["data"]["model"] == info["model"]
+    assert dclient.ps() == []
+
+
+def test_slow_client_is_resynced_and_never_slows_the_emitter(make_settings):
+    h = Host(make_settings(), log_to_stderr=False)
+    mon = Monitor(h, queue_limit=50)
+    mon.start()
+    try:
+        # max_queue=1: the client stops reading its socket after one frame, so the
+        # server's writes back up like a stalled browser tab.
+        with connect(f"ws://127.0.0.1:{mon.port}/ws", max_queue=1, open_timeout=WAIT) as ws:
+            assert recv_json(ws)["type"] == "snapshot"
+            payload = "x" * 4000
+            done = threading.Event()
+
+            def flood():
+                for i in range(12000):  # ~48 MB: far more than any socket buffer
+                    h.events.emit("warning", message=payload, i=i)
+                done.set()
+
+            t = threading.Thread(target=flood, daemon=True)
+            t.start()
+            # Would hang forever if the subscriber waited for the stalled client.
+            assert done.wait(60), "emitting events blocked on a slow WebSocket client"
+            snap, skipped = recv_until(ws, lambda m: m.get("type") == "snapshot", timeout=60)
+            assert snap["reason"] == "overflow" and snap["dropped"] > 0
+            assert len(skipped) < 12000
+            # After the resync the stream continues gap-free from the snapshot's seq.
+            h.events.emit("warning", message="after")
+            ev, _ = recv_until(ws, lambda m: m.get("type") == "event" and m["data"].get("message") == "after", timeout=30)
+            assert ev["seq"] > snap["seq"]
+    finally:
+        mon.stop()
+        h.close(5)
+
+
+def test_bad_messages_get_errors_and_size_is_limited(host):
+    with ws_connect(host.monitor.port) as ws:
+        recv_json(ws)
+        ws.send(b"\x00\x01")
+        assert recv_until(ws, lambda m: m.get("type") == "error")[0]["error"]["code"] == "bad_message"
+        ws.send("{not json")
+        assert recv_until(ws, lambda m: m.get("type") == "error")[0]["error"]["code"] == "bad_message"
+        reply = request(ws, {"type": "launch_missiles"}, 7)
+        assert reply["ok"] is False and reply["error"]["code"] == "unknown_type"
+        ws.send(json.dumps({"type": "ping", "pad": "y" * (MAX_MESSAGE + 10)}))
+        with pytest.raises(ConnectionClosed) as exc:
+            for _ in range(100):
+                ws.recv(timeout=WAIT)
+        assert exc.value.rcvd is not None and exc.value.rcvd.code == 1009  # message too big
+
+
+# ----------------------------------------------------------------------------- HTTP routes
+def test_logs_api_since(host):
+    logging.getLogger("luna_daemon.tests").warning("marker-%s", "7731")
+    status, _, body = http_get(host.monitor.port, "/api/logs?since=0")
+    data = json.loads(body)
+    assert status == 200
+    hit = [line for line in data["lines"] if line["message"] == "marker-7731"]
+    assert hit and hit[0]["level"] == "WARNING" and data["last"] >= hit[0]["seq"]
+    status, _, body = http_get(host.monitor.port, f"/api/logs?since={data['last']}")
+    assert json.loads(body)["lines"] == [] or all(l["seq"] > data["last"] for l in json.loads(body)["lines"])
+    status, headers, body = http_get(host.monitor.port, "/api/logfile")
+    assert status == 200 and b"marker-7731" in body
+    assert "attachment" in headers["content-disposition"]
+
+
+def test_dashboard_static_files_and_headers(host):
+    port = host.monitor.port
+    status, headers, body = http_get(port, "/")
+    assert status == 200 and headers["content-type"].startswith("text/html") and b"<title>Luna Daemon" in body
+    csp = headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and f"ws://127.0.0.1:{port}" in csp
+    assert headers["x-frame-options"] == "DENY" and headers["cache-control"] == "no-store"
+    for asset in ("app.js", "style.css", "favicon.svg"):
+        assert http_get(port, f"/static/{asset}")[0] == 200, asset
+    for bad in ("/static/../monitor.py", "/static/%2e%2e/monitor.py", "/static/", "/nope", "/api/nope"):
+        assert http_get(port, bad)[0] == 404, bad
+    assert b"cdn" not in http_get(port, "/static/app.js")[2].lower() and b"http" not in body.replace(b"http-equiv", b"")
+
+
+# ----------------------------------------------------------------------------- lifecycle
+def test_port_in_use_is_named_and_stop_frees_the_port(make_settings):
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    taken = blocker.getsockname()[1]
+    h = Host(make_settings(monitor_port=taken), log_to_stderr=False)
+    try:
+        with pytest.raises(MonitorError) as exc:
+            Monitor(h).start()
+        assert str(taken) in str(exc.value) and "monitor_port" in str(exc.value)
+        warnings = []
+        h.events.subscribe(lambda e: warnings.append(e) if e.type == "warning" else None)
+        h.start_monitor()  # the host logs and carries on without a dashboard
+        assert h.monitor is None and warnings and str(taken) in warnings[0].data["message"]
+    finally:
+        blocker.close()
+        h.close(5)
+
+    h = Host(make_settings(), log_to_stderr=False)
+    mon = Monitor(h)
+    mon.start()
+    port = mon.port
+    with ws_connect(port) as ws:
+        recv_json(ws)
+        mon.stop()
+        with pytest.raises(ConnectionClosed):
+            for _ in range(100):
+                ws.recv(timeout=WAIT)
+    mon.stop()  # idempotent
+    assert mon.port is None
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))  # the port is free again
+    s.close()
+    h.close(5)
+
+
+# ----------------------------------------------------------------------------- settings
+def test_settings_save_validates_and_keeps_user_keys(make_settings, tmp_path):
+    config = tmp_path / "home" / "config" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text('# mine\nstop_timeout = "20s"\nlog_level = "DEBUG"\nvae_dtype = "fp32"\n', encoding="utf-8")
+    h = Host(make_settings(), log_to_stderr=False)
+    h.start_monitor()
+    try:
+        assert h.settings.config_file == str(config)
+        with ws_connect(h.monitor.port) as ws:
+            snap = recv_json(ws)
+            desc = snap["settings"]
+            assert desc["choices"]["device"] == settings_io.device_choices(available_devices())
+            assert desc["fields"]["vae_dtype"] == {"value": "fp32", "source": "file", "overridden": False, "restart": "daemon"}
+            assert desc["fields"]["engine"]["overridden"] is True  # set by a flag in this test
+            assert login(ws, token=h.daemon.token)["ok"]
+
+            bad = request(ws, {"type": "save_settings", "values": {
+                "vae_dtype": "fp64", "clip_device": "cuda:7", "port": "abc", "keep_alive": "soon",
+                "model_roots": str(tmp_path / "missing"), "token": "x"}}, 1)
+            assert bad["ok"] is False
+            errors = bad["result"]["errors"]
+            assert "fp16" in errors["vae_dtype"] and "fp64" in errors["vae_dtype"]
+            assert "cuda:7" in errors["clip_device"] and "not a device" in errors["clip_device"]
+            assert "port" in errors["port"] and "keep_alive" not in errors["keep_alive"] and "duration" in errors["keep_alive"]
+            assert "does not exist" in errors["model_roots"]
+            assert "cannot be changed" in errors["token"]
+            assert config.read_text(encoding="utf-8").startswith("# mine"), "nothing written on error"
+
+            ok = request(ws, {"type": "save_settings", "values": {
+                "vae_dtype": "fp16", "keep_alive": "30m", "notifications": False, "max_model_bytes": "cpu=2GiB",
+                "engine": "auto", "monitor_port": "19999"}}, 2)
+            assert ok["ok"] is True, ok
+            res = ok["result"]
+            assert set(res["restart"]) == {"vae_dtype", "keep_alive"}
+            assert res["app_restart"] == [] and res["overridden"] == ["engine", "monitor_port"]  # both set by flags here
+            snap2, _ = recv_until(ws, lambda m: m.get("type") == "snapshot")
+            assert snap2["settings"]["fields"]["vae_dtype"]["value"] == "fp16"
+
+        data = tomllib.loads(config.read_text(encoding="utf-8"))
+        assert data["vae_dtype"] == "fp16" and data["keep_alive"] == "30m" and data["notifications"] is False
+        assert data["max_model_bytes"] == {"cpu": "2GiB"} and data["monitor_port"] == 19999
+        assert data["stop_timeout"] == "20s" and data["log_level"] == "DEBUG", "the user's keys are kept"
+        assert (config.parent / "config.toml.bak").read_text(encoding="utf-8").startswith("# mine")
+        # Applied to the live settings the daemon starts from, except flag/env overrides.
+        assert h.settings.vae_dtype == "fp16" and h.settings.keep_alive == 1800.0
+        assert h.settings.max_model_bytes == {"cpu": 2 * 1024**3} and h.settings.notifications is False
+        assert h.settings.engine == "standalone"
+        # And the file loads cleanly through the normal loader.
+        from luna_daemon.settings import Settings
+
+        assert Settings.load(config, env={"LUNA_HOME": str(tmp_path / "home")}).vae_dtype == "fp16"
+    finally:
+        h.close(5)

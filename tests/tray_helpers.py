@@ -1,0 +1,210 @@
+"""Helpers shared by the tray tests: ports, bounded waits, a headless pystray backend.
+
+``headless_pystray()`` returns a stand-in for the ``pystray`` module whose ``Icon`` is a
+minimal subclass of ``pystray._base.Icon`` -- the base every real backend extends -- that
+records what it would draw (colours, notifications) instead of talking to a desktop.
+Only the drawing is replaced; TrayApp, pystray's Menu/MenuItem machinery, the Host, the
+daemon and every ping are real.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def port_free(port: int) -> bool:
+    """Nobody listens on ``port``: connecting is refused and a listener can bind it again."""
+    if listening(port):
+        return False
+    with socket.socket() as s:
+        # SO_REUSEADDR skips TIME_WAIT leftovers of closed connections; a live listener
+        # would still make bind fail on Linux.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen(1)
+        except OSError:
+            return False
+    return True
+
+
+def wait_until(pred, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``pred`` until truthy (returned); AssertionError naming ``what`` on timeout."""
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def luna_env(home: Path, **luna: object) -> dict:
+    """os.environ without a display, with LUNA_HOME=home and LUNA_<KEY>=value."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUNA_")}
+    for k in ("DISPLAY", "WAYLAND_DISPLAY", "PYSTRAY_BACKEND"):
+        env.pop(k, None)
+    env.update(LUNA_HOME=str(home), HF_HUB_OFFLINE="1", LUNA_ENGINE="standalone", PYTHONUNBUFFERED="1")
+    for k, v in luna.items():
+        env[f"LUNA_{k.upper()}"] = str(v)
+    return env
+
+
+def spawn(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+    out = open(log, "wb")
+    try:
+        return subprocess.Popen(argv, env=env, cwd=str(ROOT), stdout=out, stderr=subprocess.STDOUT)
+    finally:
+        out.close()
+
+
+def stop_process(p: subprocess.Popen, timeout: float = 60) -> int:
+    if p.poll() is None:
+        p.terminate()
+        try:
+            return p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+            raise AssertionError(f"process {p.args} ignored SIGTERM for {timeout}s")
+    return p.returncode
+
+
+def tray_script() -> list[str]:
+    return [sys.executable, str(ROOT / "luna_daemon" / "tray_app.py")]
+
+
+_pystray_cache: dict = {}
+
+
+def import_pystray_base():
+    """(pystray, pystray._base) importable without a display (dummy backend at import)."""
+    if not _pystray_cache:
+        old = os.environ.get("PYSTRAY_BACKEND")
+        if "pystray" not in sys.modules:
+            os.environ["PYSTRAY_BACKEND"] = "dummy"
+        try:
+            import pystray
+            from pystray import _base
+        finally:
+            if old is None:
+                os.environ.pop("PYSTRAY_BACKEND", None)
+            else:
+                os.environ["PYSTRAY_BACKEND"] = old
+        _pystray_cache.update(pystray=pystray, base=_base)
+    return _pystray_cache["pystray"], _pystray_cache["base"]
+
+
+def headless_pystray() -> types.SimpleNamespace:
+    from luna_daemon.tray.icons import dominant_colour
+
+    pystray, _base = import_pystray_base()
+
+    class HeadlessIcon(_base.Icon):
+        """pystray Icon whose 'screen' is a list: the colours shown and notifications."""
+
+        HAS_NOTIFICATION = True
+
+        def __init__(self, *a, **kw):
+            self.colours: list[str | None] = []
+            self.notes: list[tuple[str, str]] = []
+            self.menu_updates = 0
+            self._stopped = threading.Event()
+            super().__init__(*a, **kw)
+
+        def _show(self):
+            pass
+
+        def _hide(self):
+            pass
+
+        def _update_icon(self):
+            self.colours.append(dominant_colour(self.icon))
+            self._icon_valid = True
+
+        def _update_title(self):
+            pass
+
+        def _update_menu(self):
+            self.menu_updates += 1
+
+        def _run(self):
+            self._mark_ready()
+            self._stopped.wait()
+
+        def _run_detached(self):
+            self._mark_ready()
+
+        def _stop(self):
+            self._stopped.set()
+
+        def _notify(self, message, title=None):
+            self.notes.append((title or self.title, message))
+
+        def _remove_notification(self):
+            pass
+
+        def activate(self, label: str) -> None:
+            """What a user does: pick an enabled item by its label (through pystray's MenuItem)."""
+            for item in self.menu.items:
+                if item.text == label:
+                    assert item.enabled, f"{label!r} is disabled"
+                    item(self)
+                    self.update_menu()
+                    return
+            raise AssertionError(f"no menu item {label!r}: {[i.text for i in self.menu.items]}")
+
+    return types.SimpleNamespace(Icon=HeadlessIcon, Menu=pystray.Menu, MenuItem=pystray.MenuItem)
+
+
+def start_tray_app(tmp_path: Path, **overrides):
+    """A TrayApp (headless backend) around a real Host on free ports, run() on a thread.
+
+    Returns (app, host, thread, result); ``result["code"]`` is run()'s return value.
+    """
+    from luna_daemon.host import Host
+    from luna_daemon.settings import Settings
+    from luna_daemon.tray.app import TrayApp
+
+    base = dict(port=free_port(), monitor_port=free_port(), lock_port=0, engine="standalone",
+                autostart_delay=0.3, health_interval=0.3, stop_timeout=10.0)
+    base.update(overrides)
+    settings = Settings.load(env={"LUNA_HOME": str(tmp_path / "luna")}, overrides=base)
+    host = Host(settings, log_to_stderr=False)
+    host.acquire()
+    app = TrayApp(host, headless_pystray())
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.setdefault("code", app.run()), name="test-tray-run")
+    t.start()
+    return app, host, t, result
+
+
+def finish_tray_app(app, host, thread) -> None:
+    if thread.is_alive():
+        app.request_exit()
+        thread.join(30)
+    host.close(5)
