@@ -25,7 +25,7 @@ from typing import Any
 from luna_daemon import protocol, transport
 from luna_daemon.events import EventBus
 from luna_daemon.protocol import ErrorCode, Limits, LunaError
-from luna_daemon.service import Service
+from luna_daemon.service import ClientGone, Service
 from luna_daemon.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,15 +80,11 @@ class _Conn:
                 pass
             if self.channel.peer_gone():
                 fut.cancel()  # only succeeds if still queued; running work finishes
-                raise _ClientGone()
+                raise ClientGone()
 
     @property
     def client(self) -> str:
         return self.peer
-
-
-class _ClientGone(Exception):
-    pass
 
 
 class Server:
@@ -245,7 +241,7 @@ class Server:
             try:
                 result = self.service.handle(req, conn)
                 buffers = protocol.ok_response(req.id, result)
-            except _ClientGone:
+            except ClientGone:
                 log.info("client %s went away; its queued work was cancelled", conn.peer)
                 return False
             except LunaError as exc:

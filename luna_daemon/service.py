@@ -39,6 +39,12 @@ VAE_DECODE_TILE = TiledArgs(64, 64, 16)   # latent pixels (ComfyUI's VAEDecodeTi
 VAE_ENCODE_TILE = TiledArgs(512, 512, 64)  # image pixels
 
 
+class ClientGone(Exception):
+    """Raised by ``Context.wait`` when the client disconnected while its work waited.
+
+    Not an error of the op: the server drops the connection without answering."""
+
+
 class Context(Protocol):
     """What the server provides to an op while it runs."""
 
@@ -218,6 +224,9 @@ class Service:
         except LunaError as exc:
             outcome = exc.code
             raise
+        except ClientGone:
+            outcome = "cancelled"
+            raise
         except Exception as exc:
             outcome = ErrorCode.INTERNAL.value
             log.exception("op %s failed unexpectedly", req.op)
@@ -225,7 +234,9 @@ class Service:
         finally:
             dt = time.perf_counter() - t0
             self.stats.record(req.op, outcome, dt)
-            if outcome != "ok":
+            if outcome == "cancelled":
+                log.info("%s from %s cancelled: the client disconnected", req.op, ctx.client)
+            elif outcome != "ok":
                 self.events.emit("request_failed", op=req.op, code=outcome, client=ctx.client, ms=dt * 1000)
             elif req.op not in ("ping", "hello", "status", "ps"):
                 self.events.emit("request", op=req.op, client=ctx.client, ms=dt * 1000)
@@ -237,7 +248,7 @@ class Service:
             return ctx.wait(fut)
         except cf.CancelledError:
             raise LunaError(ErrorCode.STOPPING, "request cancelled") from None
-        except LunaError:
+        except (LunaError, ClientGone):
             raise
         except Exception as exc:
             if _is_oom(exc):

@@ -406,3 +406,29 @@ def test_token_file_mode(daemon):
     if os.name == "posix":
         assert mode == 0o600
     assert len(daemon.token) >= 32
+
+
+def test_disconnect_cancels_queued_work(daemon, model_dir):
+    c = DaemonClient(*daemon.address, token=daemon.token)
+    m = c.vae_load(str(model_dir / "vae_file" / "tiny_vae.safetensors"))["model"]
+    busy = threading.Thread(target=lambda: DaemonClient(*daemon.address, token=daemon.token).vae_decode(m, torch.zeros(1, 4, 96, 96)))
+    busy.start()
+    deadline = time.time() + 10
+    while c.ps()[0]["users"] == 0 and time.time() < deadline:
+        time.sleep(0.005)
+    # Queue a request behind the busy one, then vanish without reading the answer.
+    s = socket.create_connection(daemon.address)
+    buffers, _ = protocol.request(5, "vae_decode", {"model": m, "latent": torch.zeros(1, 4, 8, 8)}, daemon.token)
+    s.sendall(b"".join(bytes(b) for b in buffers))
+    while c.ps()[0]["users"] < 2 and time.time() < deadline:
+        time.sleep(0.005)
+    assert c.ps()[0]["users"] == 2
+    s.close()
+    busy.join(120)
+    deadline = time.time() + 10
+    while c.ps()[0]["cancelled"] == 0 and time.time() < deadline:
+        time.sleep(0.02)
+    entry = c.ps()[0]
+    assert entry["cancelled"] == 1 and entry["calls"] == 1 and entry["users"] == 0  # the queued call never ran
+    assert c.status()["requests"]["by_op"]["vae_decode"].get("cancelled") == 1
+    c.close()

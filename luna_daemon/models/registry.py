@@ -141,6 +141,8 @@ class ModelExecutor:
         self._thread = threading.Thread(target=self._run, name=f"luna-exec-{name}", daemon=True)
         self._thread.start()
         self.running = 0
+        self.completed = 0  # calls that ran (ok or failed)
+        self.cancelled = 0  # calls skipped because their client went away
 
     def submit(self, fn: Callable[[], Any]) -> cf.Future:
         fut: cf.Future = cf.Future()
@@ -161,7 +163,8 @@ class ModelExecutor:
                 return
             fut, fn = item
             if not fut.set_running_or_notify_cancel():
-                continue  # cancelled while queued: the client went away
+                self.cancelled += 1  # cancelled while queued: the client went away
+                continue
             self.running = 1
             try:
                 with torch.inference_mode():
@@ -172,6 +175,7 @@ class ModelExecutor:
                 fut.set_result(result)
             finally:
                 self.running = 0
+                self.completed += 1
                 del item, fut, fn  # drop references to tensors before waiting again
 
     def shutdown(self, timeout: float | None = None) -> bool:
@@ -216,7 +220,8 @@ class ModelEntry:
             "id": self.id, "kind": self.kind, "paths": self.paths, "device": self.device, "dtype": self.dtype,
             "bytes": self.nbytes, "loaded_at": self.loaded_at, "last_used": self.last_used,
             "expires_at": self.expires_at, "keep_alive": self.keep_alive, "users": self.users,
-            "queue": self.executor.depth, "info": info, "options": self.options,
+            "queue": self.executor.depth, "calls": self.executor.completed, "cancelled": self.executor.cancelled,
+            "info": info, "options": self.options,
         }
 
 
