@@ -14,16 +14,15 @@ every socket and joins the threads. All three are idempotent and thread-safe.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import errno
 import logging
 import socket
-import sys
 import threading
 import time
 from typing import Any
 
 from luna_daemon import protocol, transport
 from luna_daemon.events import EventBus
+from luna_daemon.netutil import PortInUse, bind_listener as bind_listener_
 from luna_daemon.protocol import ErrorCode, Limits, LunaError
 from luna_daemon.service import ClientGone, Service
 from luna_daemon.settings import Settings
@@ -31,35 +30,10 @@ from luna_daemon.settings import Settings
 log = logging.getLogger(__name__)
 
 
-class PortInUse(OSError):
-    """The daemon port is taken. The message names the port and what to do."""
-
-
-def bind_listener(host: str, port: int, backlog: int = 128) -> socket.socket:
-    """Bind a listening socket; raise PortInUse with a helpful message if taken."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if sys.platform == "win32":
-        # On Windows SO_REUSEADDR lets a second process steal a bound port;
-        # SO_EXCLUSIVEADDRUSE is the safe equivalent of the POSIX default.
-        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_EXCLUSIVEADDRUSE", -5), 1)
-    else:
-        # POSIX SO_REUSEADDR only skips TIME_WAIT (quick restart); it never allows two
-        # live listeners on one port.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1), errno.EACCES):
-            raise PortInUse(
-                exc.errno,
-                f"port {port} on {host} is already in use (another Luna Daemon or another program is listening). "
-                f"Stop that program ('luna-daemon stop' stops a daemon), or choose another port with "
-                f"'port' in the config file / LUNA_PORT / --port.",
-            ) from None
-        raise
-    return sock
+def bind_listener(host: str, port: int) -> socket.socket:
+    """Bind the daemon port; PortInUse names the port and what to do."""
+    return bind_listener_(host, port, what="daemon", setting="port",
+                          hint="Stop that program ('luna-daemon stop' stops a daemon).")
 
 
 class _Conn:

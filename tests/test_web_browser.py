@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import re
 import threading
 import tomllib
 import urllib.request
@@ -162,13 +161,13 @@ def test_without_a_login_link_the_page_is_read_only(page, browser, running):
 
 def test_page_resyncs_after_a_gap_in_events(page, running):
     open_dashboard(page, running, "status")
-    page.wait_for_function("window.lunaDashboard.lastSeq !== null", timeout=WAIT_MS)
+    page.wait_for_function("() => window.lunaDashboard.lastSeq !== null", timeout=WAIT_MS)
     before = page.evaluate("window.lunaDashboard.snapshots")
     # Pretend two events never arrived: the next one shows a gap and the page must ask
     # the server for a fresh snapshot instead of trusting its picture.
     page.evaluate("window.lunaDashboard.lastSeq -= 2")
     running.events.emit("warning", message="after the gap")
-    page.wait_for_function(f"window.lunaDashboard.snapshots > {before}", timeout=WAIT_MS)
+    page.wait_for_function(f"() => window.lunaDashboard.snapshots > {before}", timeout=WAIT_MS)
     running.events.emit("warning", message="stream resumed")
     expect(page.locator("#warnings")).to_contain_text("stream resumed", timeout=WAIT_MS)
 

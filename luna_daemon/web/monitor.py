@@ -41,6 +41,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from luna_daemon.netutil import PortInUse, bind_listener
 from luna_daemon.web import settings_io, views
 from luna_daemon.web.auth import LOGIN_TTL, Gate, token_matches
 from luna_daemon.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -67,6 +68,17 @@ REFRESH_MIN_INTERVAL = 0.25  # at most this often an event-triggered status push
 # Events after which the status/models views have changed.
 _REFRESH_ON = frozenset({"state", "model_loaded", "model_unloaded", "client_connected", "client_disconnected"})
 CONTROL = frozenset({"start", "stop", "restart", "unload", "save_settings"})
+
+# Fixed types for our own assets: mimetypes reads the Windows registry, which often maps
+# .js to text/plain -- and with nosniff the browser would then refuse to run the script.
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml; charset=utf-8",
+    ".png": "image/png",
+    ".json": "application/json",
+}
 
 _SECURITY_HEADERS = {
     "Cache-Control": "no-store",
@@ -103,24 +115,11 @@ class MonitorError(OSError):
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    if sys.platform == "win32":
-        # SO_REUSEADDR on Windows lets another process steal the port; exclusive use instead.
-        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_EXCLUSIVEADDRUSE", -5), 1)
-    else:
-        # POSIX SO_REUSEADDR only skips TIME_WAIT after a quick restart.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
-        sock.listen(64)
+        sock = bind_listener(host, port, what="monitor", setting="monitor_port", backlog=64)
+    except PortInUse as exc:
+        raise MonitorError(exc.errno, str(exc)) from None
     except OSError as exc:
-        sock.close()
-        if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1), errno.EACCES):
-            raise MonitorError(
-                exc.errno,
-                f"monitor port {port} on {host} is already in use (another Luna Daemon or another program). "
-                f"Close it, or set monitor_port in the config file / LUNA_MONITOR_PORT to a free port.",
-            ) from None
         raise MonitorError(exc.errno, f"cannot listen on {host}:{port} for the monitor: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
@@ -279,6 +278,12 @@ class Monitor:
         finally:
             server.close()
             await server.wait_closed()
+            # Actions still waiting on a worker thread (a long daemon stop): nobody is
+            # left to answer, so cancel them rather than leave pending tasks behind.
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
 
     # ------------------------------------------------------------ URLs
     def _display_host(self) -> str:
@@ -415,9 +420,7 @@ class Monitor:
         p = self._static.get(name)
         if p is None:
             return self._respond(404, "not found\n")
-        ctype = mimetypes.guess_type(p.name)[0] or "application/octet-stream"
-        if ctype.startswith("text/") or ctype in ("application/javascript", "image/svg+xml"):
-            ctype += "; charset=utf-8"
+        ctype = _CONTENT_TYPES.get(p.suffix.lower()) or mimetypes.guess_type(p.name)[0] or "application/octet-stream"
         extra = {}
         if name == "index.html":
             # CSP host-sources cannot express IPv6 literals; [::1] is covered by 'self'.
@@ -518,6 +521,11 @@ class Monitor:
                     last_status = now - TICK + REFRESH_MIN_INTERVAL
         except ConnectionClosed:
             pass
+        except Exception:
+            # A view that failed to build (e.g. mid daemon teardown): close this
+            # connection; the page reconnects and starts over from a fresh snapshot.
+            log.exception("dashboard sender failed; closing the connection")
+            await c.ws.close(1011, "internal error")
 
     async def _send(self, c: _Client, obj: dict[str, Any]) -> None:
         try:

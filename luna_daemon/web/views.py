@@ -48,7 +48,8 @@ def device_memory(dev: str) -> dict[str, int | None]:
 
 
 def lora_stats(lora_cache: Any) -> dict[str, int] | None:
-    """``{"bytes", "hits", "misses"}`` from a LoRA cache, or None if there is none."""
+    """``{"bytes", "hits", "misses"}`` (always) plus ``budget``/``entries``/``evictions``
+    when the cache reports them, or None when there is no cache."""
     if lora_cache is None:
         return None
     try:
@@ -57,7 +58,11 @@ def lora_stats(lora_cache: Any) -> dict[str, int] | None:
         return None
     if not isinstance(raw, dict):
         return None
-    return {k: int(raw.get(k) or 0) for k in ("bytes", "hits", "misses")}
+    out = {k: int(raw.get(k) or 0) for k in ("bytes", "hits", "misses")}
+    for k in ("budget", "entries", "evictions"):
+        if isinstance(raw.get(k), (int, float)) and not isinstance(raw.get(k), bool):
+            out[k] = int(raw[k])
+    return out
 
 
 def models(host: Any) -> list[dict[str, Any]]:

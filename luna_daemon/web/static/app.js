@@ -243,7 +243,10 @@
     const r = s.requests || {};
     $("st-rpm").textContent = r.per_minute ?? 0;
     $("st-total").textContent = `${r.total ?? 0} (${r.errors ?? 0})`;
-    $("st-lora").textContent = s.lora_cache ? `${fmtBytes(s.lora_cache.bytes)}, ${s.lora_cache.hits} hits, ${s.lora_cache.misses} misses` : "—";
+    const lc = s.lora_cache;
+    $("st-lora").textContent = lc
+      ? `${fmtBytes(lc.bytes)}${lc.budget ? " / " + fmtBytes(lc.budget) : ""}, ${lc.hits} hits, ${lc.misses} misses`
+      : "—";
     const rows = (s.devices || []).map((d) => {
       const meter = el("meter", { min: 0, max: d.total || 1, value: d.used || 0 });
       const mem = d.total ? `${fmtBytes(d.used)} / ${fmtBytes(d.total)}` : "not in use yet";
