@@ -293,7 +293,7 @@ class Service:
             clip_type=_arg(args, "clip_type", str, "sd1") if kind == "clip" else None,
             keep_alive=args.get("keep_alive"),
         )
-        return {"model": entry.id, **entry.describe()}
+        return {"model": entry.id, **entry.describe(full=True)}
 
 
 # ----------------------------------------------------------------------------- ops

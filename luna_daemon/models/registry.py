@@ -214,8 +214,12 @@ class ModelEntry:
             return None
         return self.last_used + self.keep_alive
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, full: bool = False) -> dict[str, Any]:
+        """JSON-safe facts for ``ps`` / load answers. ``full`` adds bulky info such as a
+        CLIP's state-dict key list (only the load answer needs it; ``ps`` polls do not)."""
         info = self.model.info() if self.model is not None else {}
+        if not full:
+            info = {k: v for k, v in info.items() if k != "state_dict"}
         return {
             "id": self.id, "kind": self.kind, "paths": self.paths, "device": self.device, "dtype": self.dtype,
             "bytes": self.nbytes, "loaded_at": self.loaded_at, "last_used": self.last_used,

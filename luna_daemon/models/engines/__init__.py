@@ -40,7 +40,18 @@ def select_engine(settings) -> Engine:
                 if choice == "comfy":
                     raise EngineError("model_error", f"engine=comfy but the ComfyUI engine is unavailable: {exc}") from None
             else:
-                return ComfyEngine(settings, root)
+                engine = ComfyEngine(settings, root)
+                if choice == "auto":
+                    # A detected ComfyUI may still not import here (e.g. its torchvision
+                    # against this torch): auto falls back; engine=comfy reports it.
+                    try:
+                        engine.prepare()
+                    except EngineError as exc:
+                        log.warning("ComfyUI at %s is not usable (%s); using the standalone engine", root, exc.message)
+                        from luna_daemon.models.engines.standalone import StandaloneEngine
+
+                        return StandaloneEngine()
+                return engine
         if choice == "comfy":
             raise EngineError("model_error", "engine=comfy but no ComfyUI was found: set comfyui_root or COMFYUI_PATH")
     from luna_daemon.models.engines.standalone import StandaloneEngine

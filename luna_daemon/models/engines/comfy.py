@@ -1,0 +1,851 @@
+"""The comfy engine: ComfyUI's own ``comfy`` package loads and runs the models.
+
+Results are those of the stock nodes, because the same code computes them: VAEs are
+``comfy.sd.VAE`` objects, CLIPs are ``comfy.sd.CLIP`` objects built by ``comfy.sd.load_clip``,
+and LoRAs are applied with ``CLIP.clone()`` + ``add_patches`` exactly as ``LoraLoader`` does.
+
+Importing ``comfy`` (done once per process, on first use or :meth:`ComfyEngine.prepare`):
+
+* ``<root>`` is put first on ``sys.path`` (once).
+* ``comfy.options.enable_args_parsing`` is never called, so ``comfy.cli_args`` parses an
+  empty argument list and the daemon's own ``sys.argv`` is never seen (if something else
+  already enabled parsing, ``sys.argv`` is swapped for ``[argv0]`` during the import).
+* Before ``comfy.model_management`` is imported (it picks the device at import time and
+  fails on a CPU-only torch without ``--cpu``): ``comfy.cli_args.args.cpu = True`` when torch
+  has no usable accelerator or ``vae_device`` / ``clip_device`` both say ``cpu``; when they
+  name one specific ``cuda:N``, ``torch.cuda.set_device(N)`` makes it comfy's main device
+  (``CUDA_VISIBLE_DEVICES`` is left alone: it would renumber the devices the daemon reports).
+* ``comfy`` logs through the root logger, and the module-level ``logging`` calls install a
+  stderr handler when the root has none. The root logger's handlers, level and filters are
+  restored after the import and after every engine call, so the host's logging set-up is
+  never changed.
+
+Concurrency: ``comfy`` keeps process-wide, unsynchronised state (``current_loaded_models``,
+the live patch set on each shared module, the clip-layer options). Every load, encode and
+decode holds one process-wide lock, which serialises per device and per base model too (a
+per-device lock would still let two devices edit the global loaded-model list at once).
+Tokenizing only reads the tokenizer and takes a per-CLIP lock instead. Every call runs inside
+``torch.inference_mode()``.
+
+LoRA: a ``LoraSpec`` stack is applied to a clone of the loaded CLIP: each spec's pairs are
+handed to ``comfy.lora.load_lora`` as ``<prefix>.lora_up.weight`` / ``.lora_down.weight`` /
+``.alpha`` tensors with a ``{prefix: target key}`` map, which rebuilds the
+``comfy.weight_adapter.LoRAAdapter`` patches ``LoraLoader`` would make, and the clone gets
+``add_patches(patches, strength)``, one call per spec in stack order (the patch lists a chain
+of LoraLoader nodes builds). Patched clones are cached per stack
+(``(sha256, strength)`` pairs, small LRU), so a repeated stack is not rebuilt and, while it
+stays the live patch set, not re-patched. ``patchable_keys()`` are the values of
+``comfy.lora.model_lora_keys_clip`` for the loaded text encoder, i.e. the
+``cond_stage_model`` state-dict keys a LoRA can target (``clip_l.transformer.text_model...``).
+
+Devices: a model's device must exist (else ``bad_args`` listing the devices); when comfy was
+set up CPU-only, accelerators are refused. Models on an accelerator are loaded there at once
+and pinned (``load_device == offload_device``), so comfy never moves them behind the
+registry's back; the registry owns residency.
+
+VAE configs: ComfyUI sizes a KL VAE from its keys assuming SD dimensions. For a smaller KL
+VAE the engine passes ``config=`` (the ``{"params": {"embed_dim", "ddconfig"}}`` form
+``comfy.sd.VAE`` takes): from a ``<stem>.json`` next to the file (that form, a bare
+``ddconfig``, or a diffusers ``AutoencoderKL`` config), else inferred from the weight shapes.
+SD-sized and non-KL VAEs are left to ComfyUI's own detection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import itertools
+import json
+import logging
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from .base import ClipModel, Engine, EngineError, LoraSpec, TiledArgs, VaeModel
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LORA_CACHE_ENTRIES = 4
+
+# Daemon clip_type names -> comfy.sd.CLIPType member names (anything else: NAME.upper()).
+_CLIP_TYPE_ALIASES = {
+    "sd1": "STABLE_DIFFUSION", "sd15": "STABLE_DIFFUSION", "sd1.5": "STABLE_DIFFUSION",
+    "sd2": "STABLE_DIFFUSION", "sd21": "STABLE_DIFFUSION", "stable_diffusion": "STABLE_DIFFUSION",
+    "sdxl": "STABLE_DIFFUSION", "sdxl_refiner": "STABLE_DIFFUSION", "sd35": "SD3", "sd3.5": "SD3",
+}
+# How many files a clip_type takes, where that is fixed.
+_CLIP_FILE_COUNTS = {"sd1": 1, "sd15": 1, "sd1.5": 1, "sd2": 1, "sd21": 1, "sdxl_refiner": 1, "sdxl": 2, "flux": 2}
+
+# comfy's hard-coded KL VAE size (SD1/SD2/SDXL/SD3/Flux): detection handles these itself.
+_SD_KL = {"ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "in_channels": 3, "out_ch": 3}
+
+# --------------------------------------------------------------------- process-wide state
+
+_IMPORT_LOCK = threading.Lock()
+# comfy's model-management state is module-global: one lock for every comfy call.
+_COMFY_LOCK = threading.RLock()
+_STATE: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def _keep_root_logging():
+    """Undo any change ``comfy`` makes to the root logger (handlers, level, filters)."""
+    root = logging.getLogger()
+    handlers, level, filters = list(root.handlers), root.level, list(root.filters)
+    try:
+        yield
+    finally:
+        if root.handlers != handlers:
+            for h in list(root.handlers):
+                if h not in handlers:
+                    root.removeHandler(h)
+            for h in handlers:
+                if h not in root.handlers:
+                    root.addHandler(h)
+        if root.level != level:
+            root.setLevel(level)
+        if root.filters != filters:
+            root.filters[:] = filters
+
+
+@contextlib.contextmanager
+def _argv_guard(options_module):
+    """Hide the daemon's argv from comfy.cli_args if argument parsing was enabled elsewhere."""
+    if getattr(options_module, "args_parsing", False) and "comfy.cli_args" not in sys.modules:
+        saved = sys.argv
+        sys.argv = saved[:1]
+        try:
+            yield
+        finally:
+            sys.argv = saved
+    else:
+        yield
+
+
+def _accelerator_available() -> bool:
+    if torch.cuda.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def _device_plan(settings) -> tuple[bool, int | None]:
+    """(cpu_only, cuda index to make current) from the settings' default devices."""
+    wanted = [str(getattr(settings, name, "auto") or "auto").strip().lower() for name in ("vae_device", "clip_device")]
+    cpu_only = not _accelerator_available() or all(w == "cpu" for w in wanted)
+    indices = {int(w.split(":", 1)[1]) for w in wanted if w.startswith("cuda:") and w.split(":", 1)[1].isdigit()}
+    index = next(iter(indices)) if len(indices) == 1 else None
+    return cpu_only, index
+
+
+def _import_comfy(root: Path | None, settings) -> SimpleNamespace:
+    """Import comfy once per process with the flags set first; return its modules."""
+    with _IMPORT_LOCK:
+        if "modules" in _STATE:
+            modules = _STATE["modules"]
+            if root is not None and Path(root).resolve() != modules.root:
+                logger.warning("comfy was already imported from %s in this process; ignoring ComfyUI root %s",
+                               modules.root, root)
+            return modules
+        if root is not None and str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        already = "comfy.model_management" in sys.modules
+        cpu_only, cuda_index = _device_plan(settings)
+        with _keep_root_logging():
+            try:
+                options = importlib.import_module("comfy.options")
+                with _argv_guard(options):
+                    cli_args = importlib.import_module("comfy.cli_args")
+                if already:
+                    cpu_only = bool(getattr(cli_args.args, "cpu", False)) or not _accelerator_available()
+                else:
+                    if cpu_only:
+                        cli_args.args.cpu = True
+                    elif cuda_index is not None and torch.cuda.is_available():
+                        if cuda_index >= torch.cuda.device_count():
+                            raise EngineError("bad_args", f"cuda:{cuda_index} is not available "
+                                                          f"({torch.cuda.device_count()} CUDA devices)")
+                        torch.cuda.set_device(cuda_index)
+                mm = importlib.import_module("comfy.model_management")
+                sd = importlib.import_module("comfy.sd")
+                utils = importlib.import_module("comfy.utils")
+                lora = importlib.import_module("comfy.lora")
+                weight_adapter = importlib.import_module("comfy.weight_adapter")
+            except EngineError:
+                raise
+            except (Exception, SystemExit) as exc:  # SystemExit: argparse rejecting an argument
+                where = f" from {root}" if root is not None else ""
+                raise EngineError("model_error", f"cannot import ComfyUI's comfy package{where}: "
+                                                 f"{type(exc).__name__}: {exc}") from exc
+            try:
+                folder_paths = importlib.import_module("folder_paths")
+            except Exception as exc:  # noqa: BLE001 - only used to find the embeddings folders
+                logger.warning("ComfyUI folder_paths unavailable (%s); using <root>/models/embeddings", exc)
+                folder_paths = None
+        location = Path(getattr(sys.modules["comfy"], "__file__", "") or ".").resolve().parent.parent
+        if root is not None and location != Path(root).resolve():
+            logger.warning("the comfy package in use comes from %s, not the configured ComfyUI root %s", location, root)
+        modules = SimpleNamespace(sd=sd, utils=utils, lora=lora, model_management=mm, weight_adapter=weight_adapter,
+                                  folder_paths=folder_paths, root=location, cpu_only=cpu_only)
+        _STATE["modules"] = modules
+        logger.info("ComfyUI comfy package imported from %s (%s)", location,
+                    "CPU only" if cpu_only else f"main device {mm.get_torch_device()}")
+        return modules
+
+
+@contextlib.contextmanager
+def _comfy_call(what: str):
+    """Hold the comfy lock, run in inference mode, keep logging, map OOM to ``oom``."""
+    with _COMFY_LOCK, torch.inference_mode(), _keep_root_logging():
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError as exc:
+            raise EngineError("oom", f"{what} ran out of memory: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_device(device: torch.device | str | None) -> torch.device:
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return dev
+
+
+def _paths(paths: Sequence[str] | str, what: str) -> list[Path]:
+    if isinstance(paths, (str, Path)):
+        paths = [str(paths)]
+    out = [Path(p) for p in paths]
+    if not out:
+        raise EngineError("bad_args", f"{what} needs at least one path")
+    for p in out:
+        if p.is_dir():
+            raise EngineError("bad_args", f"{what} {p} is a folder; the comfy engine loads single weight files, as "
+                                          f"ComfyUI's loaders do (point at the .safetensors file)")
+        if not p.is_file():
+            raise EngineError("not_found", f"{what} file not found: {p}")
+    return out
+
+
+def _module_nbytes(module: torch.nn.Module | None) -> int:
+    if module is None:
+        return 0
+    seen: set[int] = set()
+    total = 0
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _storage_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The floating dtype holding most of the weights (a few scalars may be fp32)."""
+    sizes: dict[torch.dtype, int] = {}
+    for p in module.parameters():
+        if p.is_floating_point():
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _jsonable_ratio(value: Any, formula: Any, direction: str) -> Any:
+    """int ratios stay ints; a video VAE's ``(lambda, s, s)`` becomes
+    ``[{"temporal": "encode"|"decode", "factor": k}, s, s]`` (k from the index formula)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, (tuple, list)):
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                out.append(item)
+            else:
+                factor = formula[i] if isinstance(formula, (tuple, list)) and i < len(formula) else None
+                out.append({"temporal": direction, "factor": factor})
+        return out
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return str(value)
+
+
+# -------------------------------------------------------------------- VAE configs
+
+
+def _ddconfig_from_diffusers(cfg: Mapping[str, Any], what: str) -> dict[str, Any]:
+    boc = [int(c) for c in cfg["block_out_channels"]]
+    ch = boc[0]
+    if any(c % ch for c in boc):
+        raise EngineError("model_error", f"{what}: block_out_channels {boc} are not multiples of {ch}")
+    if int(cfg.get("norm_num_groups", 32)) != 32:
+        raise EngineError("model_error", f"{what}: ComfyUI's VAE uses 32 norm groups, the config says "
+                                         f"{cfg.get('norm_num_groups')}")
+    if cfg.get("use_quant_conv", True) is False or cfg.get("use_post_quant_conv", True) is False:
+        raise EngineError("model_error", f"{what}: a KL VAE without quant convs cannot be given a config in ComfyUI")
+    z = int(cfg.get("latent_channels", 4))
+    if z != 4:
+        raise EngineError("model_error", f"{what}: ComfyUI's configured KL VAE has 4 latent channels, the config "
+                                         f"says {z}")
+    return {"embed_dim": z, "ddconfig": {
+        "double_z": True, "z_channels": z, "resolution": 256,
+        "in_channels": int(cfg.get("in_channels", 3)), "out_ch": int(cfg.get("out_channels", 3)), "ch": ch,
+        "ch_mult": [c // ch for c in boc], "num_res_blocks": int(cfg.get("layers_per_block", 2)),
+        "attn_resolutions": [], "dropout": 0.0}}
+
+
+def _sidecar_vae_config(path: Path) -> dict[str, Any] | None:
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        return None
+    what = f"VAE config {sidecar.name}"
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EngineError("model_error", f"{what}: cannot read: {exc}") from exc
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("params"), dict):
+        return data
+    if "ddconfig" in data:
+        return {"params": data}
+    if "block_out_channels" in data:
+        return {"params": _ddconfig_from_diffusers(data, what)}
+    return None  # e.g. the standalone engine's {"norm_num_groups": ...}: not a comfy config
+
+
+def _count(sd: Mapping[str, Any], fmt: str) -> int:
+    n = 0
+    while fmt.format(n) in sd:
+        n += 1
+    return n
+
+
+def _inferred_vae_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
+    """A ``config`` for a 4-channel KL VAE whose sizes differ from SD's, from weight shapes
+    (LDM or diffusers key layout); None where ComfyUI's own detection should run."""
+    need = ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_in.weight", "decoder.conv_out.weight",
+            "quant_conv.weight", "post_quant_conv.weight")
+    if any(k not in sd for k in need):
+        return None
+    if "encoder.down.0.block.0.conv1.weight" in sd:
+        level_fmt, block_fmt, attn = "encoder.down.{}.block.0.conv1.weight", "encoder.down.0.block.{}.conv1.weight", "encoder.mid.attn_1.q.weight"
+    elif "encoder.down_blocks.0.resnets.0.conv1.weight" in sd:
+        level_fmt, block_fmt = "encoder.down_blocks.{}.resnets.0.conv1.weight", "encoder.down_blocks.0.resnets.{}.conv1.weight"
+        attn = next((k for k in sd if k.startswith("encoder.mid_block.attentions.0.")), None)
+    else:
+        return None
+    if attn is None or attn not in sd:
+        return None  # ComfyUI's KL VAE always has the mid-block attention
+    ch = int(sd["encoder.conv_in.weight"].shape[0])
+    levels = _count(sd, level_fmt)
+    outs = [int(sd[level_fmt.format(i)].shape[0]) for i in range(levels)]
+    z = int(sd["decoder.conv_in.weight"].shape[1])
+    embed = int(sd["post_quant_conv.weight"].shape[1])
+    if not levels or any(c % ch for c in outs) or any(c % 32 for c in outs) or z != 4 or embed != 4:
+        return None
+    if int(sd["encoder.conv_out.weight"].shape[0]) != 2 * z:
+        return None
+    ddconfig = {"double_z": True, "z_channels": z, "resolution": 256,
+                "in_channels": int(sd["encoder.conv_in.weight"].shape[1]),
+                "out_ch": int(sd["decoder.conv_out.weight"].shape[0]), "ch": ch, "ch_mult": [c // ch for c in outs],
+                "num_res_blocks": _count(sd, block_fmt), "attn_resolutions": [], "dropout": 0.0}
+    if all(ddconfig[k] == v for k, v in _SD_KL.items()):
+        return None
+    return {"params": {"embed_dim": embed, "ddconfig": ddconfig}}
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+class ComfyVae(VaeModel):
+    """A ``comfy.sd.VAE`` behind the ``VaeModel`` interface."""
+
+    def __init__(self, vae: Any, *, source: str):
+        self._vae = vae
+        self.source = source
+        self.device = torch.device(vae.device)
+        self.dtype = vae.vae_dtype
+        self._nbytes = _module_nbytes(vae.first_stage_model)
+        self._info = self._build_info(vae)
+
+    @staticmethod
+    def _build_info(vae: Any) -> dict[str, Any]:
+        def call(name: str) -> Any:
+            fn = getattr(vae, name, None)
+            try:
+                return _jsonable(fn()) if callable(fn) else None
+            except Exception:  # noqa: BLE001 - an optional attribute of some comfy versions
+                return None
+
+        down_formula = getattr(vae, "downscale_index_formula", None)
+        up_formula = getattr(vae, "upscale_index_formula", None)
+        return {
+            "engine": "comfy",
+            "latent_channels": int(vae.latent_channels),
+            "downscale_ratio": _jsonable_ratio(vae.downscale_ratio, down_formula, "encode"),
+            "upscale_ratio": _jsonable_ratio(vae.upscale_ratio, up_formula, "decode"),
+            "latent_dim": int(getattr(vae, "latent_dim", 2)),
+            "output_channels": int(getattr(vae, "output_channels", 3)),
+            "downscale_index_formula": _jsonable(down_formula),
+            "upscale_index_formula": _jsonable(up_formula),
+            "spacial_compression_encode": call("spacial_compression_encode"),
+            "spacial_compression_decode": call("spacial_compression_decode"),
+            "temporal_compression_decode": call("temporal_compression_decode"),
+            "crop_input": bool(getattr(vae, "crop_input", True)),
+            "not_video": bool(getattr(vae, "not_video", False)),
+            "extra_1d_channel": _jsonable(getattr(vae, "extra_1d_channel", None)),
+            "working_dtypes": _jsonable(getattr(vae, "working_dtypes", None)),
+            "vae_dtype": _jsonable(vae.vae_dtype),
+        }
+
+    def nbytes(self) -> int:
+        return self._nbytes if self._vae is not None else 0
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    def release(self) -> None:
+        vae, self._vae = self._vae, None
+        if vae is None:
+            return
+        with _comfy_call("VAE release"):
+            del vae
+            _drop_dead_models()
+        self._nbytes = 0
+
+    def _require(self) -> Any:
+        vae = self._vae
+        if vae is None:
+            raise EngineError("model_error", f"VAE {self.source} has been released")
+        return vae
+
+    def encode(self, pixels: torch.Tensor, tiled: TiledArgs | None = None) -> torch.Tensor:
+        vae = self._require()
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim < 3 or not pixels.is_floating_point():
+            raise EngineError("bad_args", "VAE encode expects a float tensor [B, H, W, C]")
+        if int(getattr(vae, "latent_dim", 2)) == 2 and pixels.ndim == 4 and pixels.shape[-1] > vae.output_channels:
+            pixels = pixels[..., : vae.output_channels]  # what VAEEncode does (drops alpha)
+        with _comfy_call(f"VAE {Path(self.source).name} encode"):
+            if tiled is None:
+                out = vae.encode(pixels)
+            else:
+                out = vae.encode_tiled(pixels, tile_x=tiled.tile_x, tile_y=tiled.tile_y, overlap=tiled.overlap)
+            return out.float().cpu().contiguous()
+
+    def decode(self, latent: torch.Tensor, tiled: TiledArgs | None = None) -> torch.Tensor:
+        vae = self._require()
+        if not isinstance(latent, torch.Tensor) or latent.ndim < 3 or not latent.is_floating_point():
+            raise EngineError("bad_args", "VAE decode expects a float latent tensor [B, C, h, w]")
+        if latent.shape[1] != vae.latent_channels:
+            raise EngineError("bad_args", f"VAE decode expects {vae.latent_channels} latent channels, got {latent.shape[1]}")
+        with _comfy_call(f"VAE {Path(self.source).name} decode"):
+            if tiled is None:
+                out = vae.decode(latent)
+            else:
+                out = vae.decode_tiled(latent, tile_x=tiled.tile_x, tile_y=tiled.tile_y, overlap=tiled.overlap)
+            return out.float().cpu().contiguous()
+
+
+# ---------------------------------------------------------------------------- CLIP
+
+
+class ComfyClip(ClipModel):
+    """A ``comfy.sd.CLIP`` behind the ``ClipModel`` interface. Thread-safe."""
+
+    def __init__(self, comfy: SimpleNamespace, clip: Any, *, clip_type: str, comfy_clip_type: str, source: str,
+                 embedding_directories: list[str], lora_cache_entries: int = DEFAULT_LORA_CACHE_ENTRIES):
+        self._comfy = comfy
+        self._clip = clip
+        self.clip_type = clip_type
+        self.source = source
+        self.device = torch.device(clip.patcher.load_device)
+        self.dtype = _storage_dtype(clip.cond_stage_model)
+        self._lora_cache: OrderedDict[tuple, Any] = OrderedDict()
+        self._lora_cache_entries = max(0, int(lora_cache_entries))
+        self._tokenize_lock = threading.Lock()
+        state = clip.cond_stage_model.state_dict()
+        self._shapes = {k: tuple(v.shape) for k, v in state.items()}
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+        self._patchable = sorted({v for v in key_map.values() if isinstance(v, str) and v in self._shapes})
+        self._nbytes = _module_nbytes(clip.cond_stage_model)
+        with self._tokenize_lock, torch.inference_mode(), _keep_root_logging():
+            self._token_keys = list(clip.tokenize("").keys())
+        self._info = {
+            "engine": "comfy",
+            "clip_type": clip_type,
+            "comfy_clip_type": comfy_clip_type,
+            "model_class": type(clip.cond_stage_model).__name__,
+            "tokenizer_keys": list(self._token_keys),
+            "layer_idx": clip.layer_idx,
+            "embedding_directories": list(embedding_directories),
+            "state_dict": [[k, list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in state.items()],
+            "patchable_keys": len(self._patchable),
+        }
+
+    def nbytes(self) -> int:
+        return self._nbytes if self._clip is not None else 0
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    def release(self) -> None:
+        clip, self._clip = self._clip, None
+        if clip is None:
+            return
+        with _comfy_call("CLIP release"):
+            self._lora_cache.clear()
+            del clip
+            _drop_dead_models()
+        self._nbytes = 0
+
+    def _require(self) -> Any:
+        clip = self._clip
+        if clip is None:
+            raise EngineError("model_error", f"CLIP {self.source} has been released")
+        return clip
+
+    # -- ClipModel
+
+    def patchable_keys(self) -> list[str]:
+        self._require()
+        return list(self._patchable)
+
+    def tokenize(self, text: str, **options: Any) -> dict[str, list[list[tuple]]]:
+        """The CLIP's own ``tokenize`` (weights syntax, ``embedding:`` names, per-encoder keys)."""
+        clip = self._require()
+        if not isinstance(text, str):
+            raise EngineError("bad_args", f"tokenize expects a string, got {type(text).__name__}")
+        with self._tokenize_lock, torch.inference_mode(), _keep_root_logging():
+            try:
+                return clip.tokenize(text, **options)
+            except TypeError as exc:
+                raise EngineError("bad_args", f"tokenize: {exc}") from exc
+
+    def _check_tokens(self, tokens: Any) -> dict[str, list[list[tuple]]]:
+        if not isinstance(tokens, Mapping) or not tokens:
+            raise EngineError("bad_args", "tokens must be a non-empty dict {encoder_key: [chunk, ...]}")
+        missing = [k for k in self._token_keys if k not in tokens]
+        if missing:
+            raise EngineError("bad_args", f"tokens lack the {', '.join(map(repr, missing))} encoder's chunks "
+                                          f"(this CLIP uses {self._token_keys})")
+        out: dict[str, list[list[tuple]]] = {}
+        for key, chunks in tokens.items():
+            if not isinstance(chunks, (list, tuple)) or not chunks:
+                raise EngineError("bad_args", f"tokens[{key!r}] must be a non-empty list of chunks")
+            fixed = []
+            for chunk in chunks:
+                if not isinstance(chunk, (list, tuple)) or not chunk:
+                    raise EngineError("bad_args", f"tokens[{key!r}]: every chunk must be a non-empty list")
+                items = []
+                for item in chunk:
+                    if isinstance(item, Mapping):
+                        items.append(item)
+                        continue
+                    if not isinstance(item, (list, tuple)) or len(item) < 2:
+                        raise EngineError("bad_args", f"tokens[{key!r}]: expected (token, weight) items, got {item!r}")
+                    token, weight = item[0], item[1]
+                    if isinstance(token, bool) or not isinstance(token, (int, float, torch.Tensor)):
+                        raise EngineError("bad_args", f"tokens[{key!r}]: bad token {token!r}")
+                    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                        raise EngineError("bad_args", f"tokens[{key!r}]: weight {weight!r} is not a number")
+                    if isinstance(token, float):
+                        if not token.is_integer():
+                            raise EngineError("bad_args", f"tokens[{key!r}]: token id {token!r} is not an integer")
+                        token = int(token)
+                    items.append((token, float(weight), *item[2:]))
+                fixed.append(items)
+            out[key] = fixed
+        return out
+
+    def encode(self, tokens: dict[str, list[list[tuple]]], layer: int | None = None,
+               loras: Sequence[LoraSpec] = ()) -> dict[str, Any]:
+        """``encode_from_tokens(tokens, return_pooled=True, return_dict=True)`` on the loaded
+        CLIP, a clone with ``clip_layer(layer)`` when a layer is given, patched with ``loras``."""
+        clip = self._require()
+        tokens = self._check_tokens(tokens)
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+            raise EngineError("bad_args", f"layer must be an integer, got {layer!r}")
+        active = [spec for spec in loras if float(spec.strength) != 0.0 and spec.weights]
+        with _comfy_call(f"CLIP {Path(self.source).name} encode"):
+            target = self._lora_clip(clip, active) if active else clip
+            if layer is not None:
+                target = target.clone()
+                target.clip_layer(int(layer))
+            out = target.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+            result: dict[str, Any] = {}
+            for key, value in out.items():
+                if isinstance(value, torch.Tensor):
+                    value = value.float() if value.is_floating_point() else value
+                    value = value.cpu().contiguous()
+                result[key] = value
+        return result
+
+    # -- LoRA
+
+    def _lora_clip(self, clip: Any, specs: Sequence[LoraSpec]) -> Any:
+        """A clone of ``clip`` carrying ``specs`` (cached per stack). Caller holds the lock."""
+        key = tuple((str(spec.sha256), float(spec.strength)) for spec in specs)
+        cached = self._lora_cache.get(key)
+        if cached is not None:
+            self._lora_cache.move_to_end(key)
+            return cached
+        patched = clip.clone()
+        for spec in specs:
+            lora_sd: dict[str, torch.Tensor] = {}
+            to_load: dict[str, str] = {}
+            unknown = []
+            for i, (target, triple) in enumerate(spec.weights.items()):
+                shape = self._shapes.get(target)
+                if shape is None:
+                    unknown.append(target)
+                    continue
+                up, down, alpha = self._check_lora_pair(spec, target, triple, shape)
+                prefix = f"luna_lora_{i}"
+                to_load[prefix] = target
+                lora_sd[prefix + ".lora_up.weight"] = up
+                lora_sd[prefix + ".lora_down.weight"] = down
+                if alpha is not None:
+                    lora_sd[prefix + ".alpha"] = torch.tensor(alpha, dtype=torch.float64)  # .item() is exact
+            # ComfyUI's own loader turns the pairs into the LoRAAdapter patches LoraLoader makes.
+            patches = self._comfy.lora.load_lora(lora_sd, to_load)
+            accepted = set(patched.add_patches(patches, float(spec.strength)))
+            unknown += [k for k in to_load.values() if k not in accepted]
+            if unknown:
+                logger.warning("LoRA %s: %d of %d keys match no text-encoder weight and are ignored, e.g. %s",
+                               spec.sha256[:12], len(unknown), len(spec.weights), unknown[:3])
+        if self._lora_cache_entries:
+            self._lora_cache[key] = patched
+            while len(self._lora_cache) > self._lora_cache_entries:
+                self._lora_cache.popitem(last=False)
+        return patched
+
+    @staticmethod
+    def _check_lora_pair(spec: LoraSpec, target: str, triple: Any, shape: tuple[int, ...]
+                         ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        try:
+            up, down, alpha = triple
+        except (TypeError, ValueError):
+            raise EngineError("bad_args", f"LoRA {spec.sha256[:12]} {target}: expected (up, down, alpha)") from None
+        if not isinstance(up, torch.Tensor) or not isinstance(down, torch.Tensor) or up.ndim < 2 or down.ndim < 2:
+            raise EngineError("bad_args", f"LoRA {spec.sha256[:12]} {target}: up/down must be matrices")
+        rank = down.shape[0]
+        fan_in = 1
+        for d in shape[1:]:
+            fan_in *= d
+        if (up.shape[0] != shape[0] or up.reshape(up.shape[0], -1).shape[1] != rank
+                or down.reshape(rank, -1).shape[1] != fan_in):
+            raise EngineError("bad_args", f"LoRA {spec.sha256[:12]} {target}: up {tuple(up.shape)} @ down "
+                                          f"{tuple(down.shape)} does not match the weight's shape {shape}")
+        return up, down, None if alpha is None else float(alpha)
+
+    def lora_weights_from_state_dict(self, lora: Mapping[str, torch.Tensor]
+                                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
+        """A LoRA file's state dict -> ``LoraSpec.weights`` for this CLIP, using ComfyUI's own key
+        map and ``comfy.lora.load_lora``. Only plain LoRA pairs are kept (LoHa/LoKr/diff/
+        DoRA/LoCon-mid patches are skipped with a warning)."""
+        clip = self._require()
+        comfy = self._comfy
+        with _keep_root_logging():
+            key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+            loaded = comfy.lora.load_lora(dict(lora), key_map)
+        out: dict[str, tuple[torch.Tensor, torch.Tensor, float | None]] = {}
+        skipped = []
+        for key, patch in loaded.items():
+            weights = getattr(patch, "weights", None)
+            if (isinstance(patch, comfy.weight_adapter.LoRAAdapter) and isinstance(key, str)
+                    and all(w is None for w in weights[3:])):
+                up, down, alpha = weights[0], weights[1], weights[2]
+                out[key] = (up, down, None if alpha is None else float(alpha))
+            else:
+                skipped.append(key)
+        if skipped:
+            logger.warning("LoRA: %d patches are not plain LoRA pairs and are skipped, e.g. %s", len(skipped), skipped[:3])
+        return out
+
+
+def _drop_dead_models() -> None:
+    """Let comfy forget loaded-model entries whose patchers are gone (caller holds the lock)."""
+    modules = _STATE.get("modules")
+    if modules is None:
+        return
+    mm = modules.model_management
+    for name in ("cleanup_models", "soft_empty_cache"):
+        fn = getattr(mm, name, None)
+        if callable(fn):
+            try:
+                fn()
+            except Exception:  # best effort: memory is also reclaimed by the registry's gc
+                logger.debug("comfy %s failed", name, exc_info=True)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class ComfyEngine(Engine):
+    """Loads models with ComfyUI's ``comfy`` package from the ComfyUI install at ``root``."""
+
+    name = "comfy"
+
+    def __init__(self, settings, root: str | Path | None, *, lora_cache_entries: int = DEFAULT_LORA_CACHE_ENTRIES):
+        self.settings = settings
+        self.root = Path(root).expanduser().resolve() if root else None
+        self.lora_cache_entries = lora_cache_entries
+        if self.root is None:
+            self._require_importable()
+
+    @staticmethod
+    def _require_importable() -> None:
+        """Without a root, comfy must already be importable (e.g. running inside ComfyUI)."""
+        if "comfy" not in sys.modules and importlib.util.find_spec("comfy") is None:
+            raise EngineError("model_error", "engine=comfy but no ComfyUI was found: set comfyui_root or COMFYUI_PATH")
+
+    # -- import
+
+    def prepare(self) -> SimpleNamespace:
+        """Import comfy now (idempotent, process-wide). Returns its modules."""
+        if self.root is None:
+            self._require_importable()
+        return _import_comfy(self.root, self.settings)
+
+    def _check_device(self, device: torch.device, comfy: SimpleNamespace | None) -> None:
+        from luna_daemon.models.registry import available_devices
+
+        devices = available_devices()
+        name = str(device)
+        if name not in devices:
+            raise EngineError("bad_args", f"device {name!r} is not available; devices on this machine: {', '.join(devices)}")
+        if comfy is not None and comfy.cpu_only and device.type != "cpu":
+            raise EngineError("bad_args", f"device {name!r} cannot be used: the comfy engine was set up CPU-only "
+                                          f"(vae_device and clip_device are 'cpu'); devices it can use: cpu")
+
+    def _embedding_directories(self, comfy: SimpleNamespace) -> list[str]:
+        dirs: list[str] = []
+        if comfy.folder_paths is not None:
+            try:
+                dirs += list(comfy.folder_paths.get_folder_paths("embeddings"))
+            except Exception:
+                logger.debug("folder_paths.get_folder_paths('embeddings') failed", exc_info=True)
+        elif self.root is not None:
+            dirs.append(str(self.root / "models" / "embeddings"))
+        resolve_roots = getattr(self.settings, "resolved_model_roots", None)
+        roots = resolve_roots() if callable(resolve_roots) else []
+        for root in roots:
+            candidate = Path(root) / "embeddings"
+            if candidate.is_dir() and str(candidate) not in dirs:
+                dirs.append(str(candidate))
+        return dirs
+
+    # -- Engine
+
+    def load_vae(self, paths: Sequence[str], device: torch.device, dtype: torch.dtype | None) -> ComfyVae:
+        path_list = _paths(paths, "VAE")
+        if len(path_list) != 1:
+            raise EngineError("bad_args", f"load_vae takes exactly one path, got {len(path_list)}")
+        path = path_list[0]
+        device = _as_device(device)
+        self._check_device(device, None)
+        comfy = self.prepare()
+        self._check_device(device, comfy)
+        what = f"VAE {path.name}"
+        with _comfy_call(f"loading {what}"):
+            try:
+                sd, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+            except Exception as exc:
+                raise EngineError("model_error", f"{what}: cannot read the file: {_first_line(exc)}") from exc
+            config = _sidecar_vae_config(path) or _inferred_vae_config(sd)
+            kwargs: dict[str, Any] = {"sd": sd, "device": device, "dtype": dtype, "metadata": metadata}
+            if config is not None:
+                kwargs["config"] = config
+            try:
+                vae = comfy.sd.VAE(**kwargs)
+            except NotImplementedError as exc:
+                raise EngineError("model_error", f"{what}: {exc}") from exc
+            except RuntimeError as exc:
+                hint = "" if config is not None else (
+                    f"; a KL VAE that is not SD-sized needs a config: put {path.stem}.json next to it with "
+                    f'{{"params": {{"embed_dim": 4, "ddconfig": {{...}}}}}}')
+                raise EngineError("model_error", f"{what}: ComfyUI cannot build it: {_first_line(exc)}{hint}") from exc
+            try:
+                vae.throw_exception_if_invalid()
+            except Exception as exc:
+                raise EngineError("model_error", f"{what}: ComfyUI does not recognise these weights as a VAE "
+                                                 f"({_first_line(exc)})") from exc
+            self._pin(vae.patcher, device, comfy)
+        model = ComfyVae(vae, source=str(path))
+        logger.info("comfy VAE loaded from %s (%d latent channels, %.1f MB, %s on %s)", path, model.info()["latent_channels"],
+                    model.nbytes() / 1e6, model.dtype, model.device)
+        return model
+
+    def load_clip(self, paths: Sequence[str], clip_type: str, device: torch.device,
+                  dtype: torch.dtype | None) -> ComfyClip:
+        path_list = _paths(paths, "CLIP")
+        device = _as_device(device)
+        self._check_device(device, None)
+        comfy = self.prepare()
+        self._check_device(device, comfy)
+        name = str(clip_type or "sd1").strip().lower()
+        member_name = _CLIP_TYPE_ALIASES.get(name, name.upper())
+        clip_enum = getattr(comfy.sd.CLIPType, member_name, None)
+        if clip_enum is None:
+            known = sorted(set(_CLIP_TYPE_ALIASES) | {m.lower() for m in comfy.sd.CLIPType.__members__})
+            raise EngineError("bad_args", f"clip_type {clip_type!r} is unknown to ComfyUI; use one of {', '.join(known)}")
+        wanted = _CLIP_FILE_COUNTS.get(name)
+        if wanted is not None and wanted != len(path_list):
+            raise EngineError("bad_args", f"clip_type {name} takes {wanted} file(s), got {len(path_list)}")
+        model_options: dict[str, Any] = {"load_device": device, "offload_device": device, "initial_device": device}
+        if dtype is not None:
+            model_options["dtype"] = dtype
+        embeddings = self._embedding_directories(comfy)
+        what = f"CLIP {', '.join(p.name for p in path_list)}"
+        with _comfy_call(f"loading {what}"):
+            try:
+                clip = comfy.sd.load_clip(ckpt_paths=[str(p) for p in path_list], embedding_directory=embeddings,
+                                          clip_type=clip_enum, model_options=model_options)
+            except EngineError:
+                raise
+            except (NotImplementedError, RuntimeError, ValueError, KeyError) as exc:
+                raise EngineError("model_error", f"{what}: ComfyUI cannot load it as {member_name}: "
+                                                 f"{_first_line(exc)}") from exc
+            model = ComfyClip(comfy, clip, clip_type=name, comfy_clip_type=member_name,
+                              source=", ".join(str(p) for p in path_list), embedding_directories=embeddings,
+                              lora_cache_entries=self.lora_cache_entries)
+        logger.info("comfy CLIP (%s, %s) loaded from %s (%.1f MB, %s on %s)", name, model.info()["model_class"],
+                    model.source, model.nbytes() / 1e6, model.dtype, model.device)
+        return model
+
+    @staticmethod
+    def _pin(patcher: Any, device: torch.device, comfy: SimpleNamespace) -> None:
+        """Keep a model on its device: the daemon's registry, not comfy, decides residency."""
+        if device.type == "cpu" or not hasattr(patcher, "offload_device"):
+            return
+        patcher.offload_device = device
+        comfy.model_management.load_models_gpu([patcher])
+
+    def close(self) -> None:
+        modules = _STATE.get("modules")
+        if modules is None:
+            return
+        with _COMFY_LOCK, _keep_root_logging():
+            try:
+                modules.model_management.soft_empty_cache()
+            except Exception:
+                logger.debug("comfy soft_empty_cache failed", exc_info=True)
