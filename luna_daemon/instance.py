@@ -1,8 +1,9 @@
 """Single-instance lock: one Luna host per user, held as a TCP listener on the lock port.
 
-Binding 127.0.0.1:<lock_port> exclusively (no SO_REUSEADDR on POSIX, SO_EXCLUSIVEADDRUSE
-on Windows) is atomic, works on every OS, and is released by the kernel when the process
-dies -- no stale lock files. A second instance that fails to bind connects instead and
+Binding 127.0.0.1:<lock_port> exclusively (SO_EXCLUSIVEADDRUSE on Windows; on POSIX
+SO_REUSEADDR, which never lets a second listener bind but skips the TIME_WAIT left by
+closed lock connections) is atomic, works on every OS, and is released by the kernel when
+the process dies -- no stale lock files. A second instance that fails to bind connects instead and
 sends ``show``; the owner's ``on_message`` callback gets it (the tray then notifies).
 """
 
@@ -32,12 +33,17 @@ class InstanceLock:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if sys.platform == "win32":
             sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_EXCLUSIVEADDRUSE", -5), 1)
+        else:
+            # Without it a lock connection the owner closed first (TIME_WAIT, ~60 s) makes
+            # the next launch believe another instance runs. A live listener still blocks.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.host, self.port))
             sock.listen(8)
         except OSError:
             sock.close()
             return False
+        sock.settimeout(0.25)  # here, not in _serve: release() may close it before that runs
         self._sock = sock
         self.port = sock.getsockname()[1]
         self._thread = threading.Thread(target=self._serve, name="luna-lock", daemon=True)
@@ -46,8 +52,8 @@ class InstanceLock:
 
     def _serve(self) -> None:
         sock = self._sock
-        assert sock is not None
-        sock.settimeout(0.25)
+        if sock is None:  # released before this thread started
+            return
         while self._sock is not None:
             try:
                 conn, _ = sock.accept()

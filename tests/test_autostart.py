@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from tray_helpers import finish_tray_app, free_port, luna_env, start_tray_app, stop_process, wait_until
+from tray_helpers import (
+    finish_tray_app,
+    free_port,
+    luna_env,
+    start_tray_app,
+    stop_process,
+    wait_until,
+)
 
 from luna_daemon.tray import autostart
 

@@ -9,12 +9,22 @@ point runs the daemon headless (monitor included) under the same lock.
 from __future__ import annotations
 
 import importlib.util
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from tray_helpers import free_port, listening, luna_env, port_free, spawn, stop_process, tray_script, wait_until
+from tray_helpers import (
+    free_port,
+    listening,
+    luna_env,
+    port_free,
+    spawn,
+    stop_process,
+    tray_script,
+    wait_until,
+)
 
 from luna_daemon.instance import ALREADY_RUNNING, InstanceLock, notify_running
 
@@ -111,20 +121,19 @@ def test_lock_message_reaches_the_owner():
     assert notify_running("127.0.0.1", lock.port, "show", timeout=1) is False
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "luna_daemon/instance.py: the lock server closes its end first, so refused launches leave "
-    "TIME_WAIT on the lock port and a relaunch within ~60 s is wrongly refused; fix described in "
-    "the tray report (drain to EOF before closing). Remove this marker when the fix lands."))
-def test_relaunch_right_after_refused_launches_is_not_refused():
-    for _round in range(5):
-        lock = InstanceLock("127.0.0.1", 0, lambda _m: None)
-        assert lock.acquire()
-        port = lock.port
-        for _ in range(20):  # refused second launches poke the owner
-            notify_running("127.0.0.1", port, "show")
-        lock.release()
-        again = InstanceLock("127.0.0.1", port)
-        try:
-            assert again.acquire(), "nothing holds the lock, yet it cannot be taken"
-        finally:
-            again.release()
+def test_relaunch_right_after_a_lock_conversation_is_not_refused():
+    # Deterministic: this client waits for the owner to close first (as `nc` and many clients
+    # do), so the owner's side of the connection always ends in TIME_WAIT.
+    lock = InstanceLock("127.0.0.1", 0, lambda _m: None)
+    assert lock.acquire()
+    port = lock.port
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"show\n")
+        assert s.recv(16) == b"ok\n"
+        assert s.recv(16) == b""  # the owner closed its end first
+    lock.release()
+    again = InstanceLock("127.0.0.1", port)
+    try:
+        assert again.acquire(), "nothing holds the lock, yet it cannot be taken"
+    finally:
+        again.release()

@@ -7,7 +7,16 @@ import pytest
 from luna_daemon.tray import icons
 from luna_daemon.tray.app import tray_unavailable_reason
 from luna_daemon.tray.menu import (
-    FAILING, HEALTHY, MENU_KEYS, TITLE_MAX, UNKNOWN, TrayState, build_view, colour_for, format_bytes, status_summary,
+    FAILING,
+    HEALTHY,
+    MENU_KEYS,
+    TITLE_MAX,
+    UNKNOWN,
+    TrayState,
+    build_view,
+    colour_for,
+    format_bytes,
+    status_summary,
 )
 from luna_daemon.tray.notify import Notifier
 

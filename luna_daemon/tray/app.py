@@ -19,6 +19,7 @@ every menu open. All icon / title / menu changes go through :meth:`TrayApp._upda
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -27,15 +28,23 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from luna_daemon.host import AlreadyRunning, Host
 from luna_daemon.instance import ALREADY_RUNNING
 from luna_daemon.settings import Settings, SettingsError
 from luna_daemon.tray import autostart
 from luna_daemon.tray.icons import disc
-from luna_daemon.tray.menu import FAILING, HEALTHY, UNKNOWN, TrayState, View, build_view, status_summary
+from luna_daemon.tray.menu import (
+    FAILING,
+    HEALTHY,
+    UNKNOWN,
+    TrayState,
+    View,
+    build_view,
+    status_summary,
+)
 from luna_daemon.tray.notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -54,8 +63,10 @@ def main(config: str | None = None) -> int:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
         log.error("invalid setting: %s", exc)
         return EXIT_USAGE
-    # pythonw (Windows, no console) has sys.stderr None: log to the file only.
-    host = Host(settings, log_to_stderr=sys.stderr is not None)
+    # A tray is a GUI app: it logs to its file (``luna-daemon logs``), and to stderr only
+    # when a person watches a terminal. Detached launches (the launchers, autostart,
+    # pythonw with sys.stderr None) must not fill an unrotated redirect file.
+    host = Host(settings, log_to_stderr=_stderr_is_terminal())
     try:
         host.acquire()
     except AlreadyRunning:
@@ -88,6 +99,13 @@ def main(config: str | None = None) -> int:
         return code
     finally:
         host.close(settings.stop_timeout)
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def tray_unavailable_reason(env: dict | None = None, platform: str | None = None) -> str | None:
@@ -155,6 +173,18 @@ def open_target(target: str) -> None:
     # Detached and silent: the opener may outlive us, and must not write into our terminal.
     subprocess.Popen([opener, target], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+
+
+def _own_sockets_to(port: int) -> set[str]:
+    """"ip:port" of this process's established TCP connections to ``port`` (as the server names peers)."""
+    try:
+        import psutil
+
+        conns = psutil.Process().net_connections(kind="tcp")
+    except Exception:  # no permission / platform quirk: counts may include our probes
+        return set()
+    return {f"{c.laddr.ip}:{c.laddr.port}" for c in conns
+            if c.raddr and c.raddr.port == port and c.status == "ESTABLISHED"}
 
 
 # ----------------------------------------------------------------------------- icon class
@@ -234,10 +264,21 @@ class TrayApp:
         self._tray_failed = False
         self._exit_requested = threading.Event()
         self._unsubscribe: Callable[[], None] | None = None
+        # Our own connections (probes, unload) are not "clients". _own_live counts those the
+        # server may still count; each is released by its client_disconnected event (matched
+        # by peer address) or at once if it never reached the server.
+        self._own_live = 0
+        self._own_open = 0
+        self._own_peers: set[str] = set()
 
         self.icon = _icon_class(pystray.Icon)(
             "luna-daemon", icon=disc(self._view.colour, ICON_SIZE), title=self._view.title, menu=self._build_menu())
         self.icon.on_menu_open = self._on_menu_open
+        if not getattr(pystray.Icon, "HAS_MENU", True):
+            # pystray's plain-X11 backend: the dot shows the colour, but nothing is clickable.
+            log.warning("this tray backend (%s) has no menu; install PyGObject for the GTK/AppIndicator "
+                        "backends (see docs/tray.md). Meanwhile use the dashboard or the luna-daemon CLI.",
+                        pystray.Icon.__module__)
         self.notifier = Notifier(self.icon, enabled=lambda: self.settings.notifications)
 
     # ------------------------------------------------------------ menu (pystray objects)
@@ -312,6 +353,8 @@ class TrayApp:
                 changes: dict[str, Any] = {"daemon": st, "detail": detail, "health": UNKNOWN, "health_detail": ""}
                 if st != "running":
                     changes.update(models=0, clients=0, memory_bytes=0)
+                    self._own_peers.clear()  # the server that could report them is gone
+                    self._own_live = self._own_open
                 self._update(**changes)
             if st == "running":
                 self._want_probe(status=True)  # green only after our own ping succeeds
@@ -328,8 +371,13 @@ class TrayApp:
             self._want_probe(status=True)  # refresh models / memory in the status line
         elif e.type in ("client_connected", "client_disconnected"):
             clients = e.data.get("clients")
-            if isinstance(clients, int):
-                self._update(clients=clients)
+            with self._lock:
+                peer = e.data.get("client")
+                if e.type == "client_disconnected" and peer in self._own_peers:
+                    self._own_peers.discard(peer)
+                    self._own_live = max(0, self._own_live - 1)
+                if isinstance(clients, int) and self._state.daemon == "running":
+                    self._update(clients=max(0, clients - self._own_live))
 
     def _on_lock_message(self, msg: str) -> None:
         if msg == "show":
@@ -396,9 +444,9 @@ class TrayApp:
             log.error("start failed: %s", exc)  # state=error already notified
 
     def _do_stop(self) -> None:
-        clean = self.host.daemon.stop(self.settings.stop_timeout)
-        if not clean:
-            self.notifier.alert(f"Stop deadline of {self.settings.stop_timeout:.0f}s exceeded; unfinished requests were cut off")
+        # In-flight requests finish (up to stop_timeout), models are unloaded, connections
+        # closed; a missed deadline arrives as a ``warning`` event and is notified there.
+        self.host.daemon.stop(self.settings.stop_timeout)
 
     def _do_check(self, title: str = "Luna Daemon status") -> None:
         """A real ``status`` call; the answer as a notification, the colour updated."""
@@ -414,12 +462,10 @@ class TrayApp:
         self._do_check(title="Luna Daemon is already running")
 
     def _do_unload(self) -> None:
-        from luna_daemon.client import DaemonClient
-
         st = self.host.daemon.snapshot()
         if st["state"] != "running":
             return
-        with DaemonClient(self.settings.host, st["port"], token=self.host.daemon.token, timeout=self.settings.stop_timeout) as c:
+        with self._client(st["port"], self.settings.stop_timeout) as c:
             done = c.unload(all=True)
         self.notifier.reply(f"Unloaded {len(done)} model(s)", title="Luna Daemon")
         self._want_probe(status=True)
@@ -494,30 +540,53 @@ class TrayApp:
             if st["state"] == "running":
                 self._probe(st, with_status=with_status)
 
+    @contextlib.contextmanager
+    def _client(self, port: int, timeout: float) -> Iterator[Any]:
+        """A short-lived DaemonClient, already pinged, whose connection is not shown as a client."""
+        from luna_daemon.client import DaemonClient
+
+        before = _own_sockets_to(port)
+        with self._lock:
+            self._own_live += 1
+            self._own_open += 1
+        mine: set[str] = set()
+        try:
+            with DaemonClient(self.settings.host, port, token=self.host.daemon.token,
+                              timeout=timeout, connect_timeout=min(timeout, 10.0)) as c:
+                c.ping()  # opens the connection, so we can learn its address
+                mine = _own_sockets_to(port) - before
+                with self._lock:
+                    self._own_peers |= mine
+                yield c
+        finally:
+            with self._lock:
+                self._own_open -= 1
+                if not mine:  # never reached the server (or unknown): no event will release it
+                    self._own_live = max(0, self._own_live - 1)
+
     def _probe(self, snapshot: dict, *, with_status: bool) -> tuple[bool, Any]:
         """A real ping (and status) over the socket; updates colour. -> (ok, status|reason)."""
-        from luna_daemon.client import DaemonClient, DaemonError, DaemonUnavailable
+        from luna_daemon.client import DaemonError, DaemonUnavailable
 
         with self._lock:
             generation = self._generation
         timeout = min(10.0, max(2.0, float(self.settings.health_interval)))
         status: dict = {}
         try:
-            with DaemonClient(self.settings.host, snapshot["port"], token=self.host.daemon.token,
-                              timeout=timeout, connect_timeout=timeout) as c:
-                c.ping()
+            with self._client(snapshot["port"], timeout) as c:  # pings on entry
                 if with_status:
                     try:
                         status = c.status()
                     except DaemonError as exc:  # ping is the health criterion; status is detail
                         log.debug("status after a good ping failed: %s", exc)
+                    else:
+                        with self._lock:  # the daemon counted our own connections as clients
+                            own = self._own_live
+                        status = {**status, "clients": max(0, int(status.get("clients") or 0) - own)}
         except (DaemonUnavailable, DaemonError, OSError) as exc:
             reason = getattr(exc, "message", None) or str(exc)
             self._health_result(generation, False, reason, {})
             return False, reason
-        if status:
-            # The status answer counts our own probe connection as a client.
-            status = {**status, "clients": max(0, int(status.get("clients") or 0) - 1)}
         self._health_result(generation, True, "", status)
         return True, status or {"state": "running", "port": snapshot["port"]}
 
@@ -574,15 +643,22 @@ class TrayApp:
             self._enqueue("start")
 
     def _check_embedded(self) -> None:
-        if self._quit.wait(10.0):
+        # Gtk.StatusIcon silently shows nothing when no tray takes it; say so in the log.
+        glib = sys.modules.get("gi.repository.GLib")
+        if glib is None or self._quit.wait(10.0):
             return
-        try:
-            embedded = self.icon.is_embedded()
-        except Exception:
-            return
-        if embedded is False:
-            log.warning("the tray icon is not embedded: is a system tray (notification area) running? "
-                        "The daemon keeps running; use the dashboard or 'luna-daemon status'.")
+
+        def check() -> bool:  # on the GTK loop: GTK objects are not thread-safe
+            try:
+                embedded = self.icon.is_embedded()
+            except Exception:
+                return False
+            if embedded is False:
+                log.warning("the tray icon is not embedded: is a system tray (notification area) running? "
+                            "The daemon keeps running; use the dashboard or 'luna-daemon status'.")
+            return False
+
+        glib.idle_add(check)
 
     def run(self) -> int | None:
         """Block until Exit; returns 0, or None if the tray could not be shown at all."""
@@ -596,7 +672,7 @@ class TrayApp:
                 # e.g. GTK closing its notification without a notification service: harmless now.
                 log.debug("tray loop ended with %s after exit", exc)
             else:
-                log.error("the system tray failed (%s: %s)", type(exc).__name__, exc)
+                log.error("the system tray failed (%s: %s); running the daemon headless", type(exc).__name__, exc)
                 self._fail_tray()
                 return None
         finally:

@@ -28,8 +28,8 @@ import os
 import plistlib
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import luna_daemon
 

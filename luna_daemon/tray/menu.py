@@ -64,7 +64,7 @@ class TrayState:
     dashboard: bool = False
     busy: str = ""  # an action in progress that changes what may be clicked: "exiting"
 
-    def with_(self, **changes) -> "TrayState":
+    def with_(self, **changes) -> TrayState:
         return replace(self, **changes)
 
 

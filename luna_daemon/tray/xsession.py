@@ -23,9 +23,9 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 TOOLS = ("Xvfb", "trayer", "dbus-daemon", "dunst", "xdotool", "import", "dbus-monitor")
 
@@ -97,7 +97,7 @@ class XSession:
         self.notify_log = self.workdir / "notifications.log"
 
     # ------------------------------------------------------------ lifecycle
-    def start(self, timeout: float = 20.0) -> "XSession":
+    def start(self, timeout: float = 20.0) -> XSession:
         missing = missing_tools()
         if missing:
             raise XSessionError("missing: " + ", ".join(missing))
@@ -208,7 +208,7 @@ class XSession:
                 p.wait(5)
         self._procs.clear()
 
-    def __enter__(self) -> "XSession":
+    def __enter__(self) -> XSession:
         return self.start()
 
     def __exit__(self, *exc) -> None:
