@@ -187,7 +187,8 @@ def test_tray_checkbox_is_what_is_on_disk(tmp_path, monkeypatch):
         wait_until(lambda: app.view.item("autostart").checked is False, 10, "the checkbox to clear")
         app.icon.activate("Start at Login")
         wait_until(lambda: autostart.is_enabled(), 10, "the entry to be written")
-        assert app.view.item("autostart").checked is True
+        # The file is written before the view is recomputed: wait for the checkbox too.
+        wait_until(lambda: app.view.item("autostart").checked is True, 10, "the checkbox to be set")
     finally:
         finish_tray_app(app, host, thread)
         autostart.disable()
