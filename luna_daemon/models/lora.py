@@ -16,7 +16,11 @@ Supported key conventions (text-encoder parts only; UNet keys are ignored):
 kohya ``lora_te_*`` (SD1), ``lora_te1_*`` / ``lora_te2_*`` (SDXL CLIP-L / CLIP-G) with
 ``.lora_up/.lora_down`` and optional ``.alpha``; diffusers / PEFT
 ``text_encoder[_2].<module>.lora_A/.lora_B`` (also ``.lora.up/.down``,
-``.lora_linear_layer.up/.down``, ``.lora_B.default``) and ``.alpha``.
+``.lora_linear_layer.up/.down``, ``.lora_B.default``) and ``.alpha``; and ComfyUI's generic
+form ``text_encoders.<model key without .weight>`` (same up/down suffixes), which names one
+weight of the target model's state dict exactly (``text_encoders.clip_l.transformer.text_model.
+encoder.layers.0.self_attn.q_proj``). The ComfyUI proxies serialise ``add_patches`` calls in
+that form; it maps only onto a model whose ``patchable_keys()`` contain the exact key.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ _PAIRS = (
     (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
 )
 _KOHYA_PREFIX = {"lora_te_": "te", "lora_te1_": "te1", "lora_te2_": "te2"}
+# ComfyUI's generic LoRA naming: the rest of the name is a model state-dict key minus ".weight".
+_EXACT_PREFIX = "text_encoders."
+_EXACT_TAG = "key"
 _DIFFUSERS_PREFIX = {"text_encoder.": "te", "text_encoder_2.": "te2", "te.": "te", "te1.": "te1", "te2.": "te2"}
 
 
@@ -57,6 +64,13 @@ def _norm(name: str) -> str:
     if not name.startswith("text_model"):
         name = "text_model." + name
     return name.replace(".", "_")
+
+
+def _exact_target(base: str) -> tuple[str | None, str | None]:
+    """``text_encoders.<key stem>`` -> (``"key"``, ``"<key stem>.weight"``); else (None, None)."""
+    if base.startswith(_EXACT_PREFIX) and len(base) > len(_EXACT_PREFIX):
+        return _EXACT_TAG, base[len(_EXACT_PREFIX):] + ".weight"
+    return None, None
 
 
 @dataclass
@@ -82,15 +96,15 @@ def parse_lora(state: dict[str, torch.Tensor], sha256: str, name: str = "") -> P
             down = state.get(base + down_sfx)
             if down is None:
                 continue
-            tag = mod = None
-            for pfx, t in _KOHYA_PREFIX.items():
+            tag, mod = _exact_target(base)
+            for pfx, t in (_KOHYA_PREFIX if tag is None else {}).items():
                 if base.startswith(pfx):
                     tag, mod = t, base[len(pfx):]
                     if not mod.startswith("text_model"):
                         mod = "text_model_" + mod
                     break
             else:
-                for pfx, t in _DIFFUSERS_PREFIX.items():
+                for pfx, t in (_DIFFUSERS_PREFIX if tag is None else {}).items():
                     if base.startswith(pfx):
                         tag, mod = t, _norm(base[len(pfx):])
                         break
@@ -127,6 +141,7 @@ def map_to_model(lora: ParsedLora, patchable_keys: Sequence[str]) -> dict[str, t
     """
     index: dict[tuple[str, str], str] = {}
     encs = set()
+    exact = set(patchable_keys)
     for key in patchable_keys:
         enc, name = "l", key
         if ":" in key:
@@ -139,6 +154,10 @@ def map_to_model(lora: ParsedLora, patchable_keys: Sequence[str]) -> dict[str, t
     only_g = encs == {"g"}
     out: dict[str, tuple[torch.Tensor, torch.Tensor, float | None]] = {}
     for (tag, mod), triple in lora.modules.items():
+        if tag == _EXACT_TAG:
+            if mod in exact:
+                out[mod] = triple
+            continue
         enc = "g" if tag == "te2" or only_g else "l"
         target = index.get((enc, mod))
         if target is not None:

@@ -308,11 +308,9 @@ class Registry:
                 if waiter is None:
                     waiter = self._loading[model_id] = threading.Event()
                     break
-            waiter.wait()  # someone else is loading the same model: share their result
-            with self._lock:
-                if model_id not in self._entries:
-                    # their load failed; loop round and try ourselves (gets the same error)
-                    pass
+            # Someone else is loading the same model: wait and share their result. If their
+            # load failed, the loop comes round and this thread tries (and reports) itself.
+            waiter.wait()
 
         try:
             estimate = _disk_bytes(real)

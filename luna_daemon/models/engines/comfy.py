@@ -576,10 +576,14 @@ class ComfyClip(ClipModel):
             out[key] = fixed
         return out
 
+    # ``encode(..., unprojected=True)`` is ``encode_from_tokens(return_pooled="unprojected")``.
+    supports_unprojected = True
+
     def encode(self, tokens: dict[str, list[list[tuple]]], layer: int | None = None,
-               loras: Sequence[LoraSpec] = ()) -> dict[str, Any]:
+               loras: Sequence[LoraSpec] = (), unprojected: bool = False) -> dict[str, Any]:
         """``encode_from_tokens(tokens, return_pooled=True, return_dict=True)`` on the loaded
-        CLIP, a clone with ``clip_layer(layer)`` when a layer is given, patched with ``loras``."""
+        CLIP, a clone with ``clip_layer(layer)`` when a layer is given, patched with ``loras``.
+        ``unprojected`` asks for ``return_pooled="unprojected"`` (GLIGEN's pooled output)."""
         clip = self._require()
         tokens = self._check_tokens(tokens)
         if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
@@ -590,7 +594,8 @@ class ComfyClip(ClipModel):
             if layer is not None:
                 target = target.clone()
                 target.clip_layer(int(layer))
-            out = target.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+            out = target.encode_from_tokens(tokens, return_pooled="unprojected" if unprojected else True,
+                                            return_dict=True)
             result: dict[str, Any] = {}
             for key, value in out.items():
                 if isinstance(value, torch.Tensor):
@@ -680,6 +685,43 @@ class ComfyClip(ClipModel):
         if skipped:
             logger.warning("LoRA: %d patches are not plain LoRA pairs and are skipped, e.g. %s", len(skipped), skipped[:3])
         return out
+
+
+# Text-encoder sub-models of a ``comfy.sd.CLIP`` whose state dict can be split into the
+# standalone files ``comfy.sd.load_clip`` reads (CLIP-L / CLIP-G / CLIP-H: SD1, SD2, SDXL).
+_TE_SUBMODELS = ("clip_l", "clip_g", "clip_h")
+_SPLIT_CLIP_TYPES = {("clip_l",): "sd1", ("clip_h",): "sd2", ("clip_g",): "sdxl_refiner", ("clip_l", "clip_g"): "sdxl"}
+
+
+def split_clip_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[str, list[tuple[str, dict[str, torch.Tensor]]]]:
+    """A ``comfy.sd.CLIP.get_sd()`` state dict -> ``(clip_type, [(sub-model, standalone sd), ...])``.
+
+    ``clip_l.transformer.text_model.*`` becomes ``text_model.*`` (and ``...text_projection.weight``
+    ``text_projection.weight``), the layout of a standalone text-encoder file, so the files load
+    with ``comfy.sd.load_clip`` as the same model class the checkpoint loader built (CLIP-L ->
+    SD1, CLIP-H -> SD2, CLIP-L + CLIP-G -> SDXL, CLIP-G alone -> the SDXL refiner). Per
+    sub-model scalars outside ``transformer.`` (``logit_scale``) are not model weights and are
+    dropped. Other text encoders (T5, LLMs: their sub-model names and tokenizer data differ)
+    are refused with ``bad_args``.
+    """
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    others: list[str] = []
+    for key, value in sd.items():
+        head, _, rest = key.partition(".")
+        if head in _TE_SUBMODELS and rest:
+            if rest.startswith("transformer."):
+                groups.setdefault(head, {})[rest[len("transformer."):]] = value
+            continue
+        others.append(key)
+    if others or not groups:
+        sample = ", ".join(sorted(others)[:3]) or "no clip_l / clip_g / clip_h weights"
+        raise EngineError("bad_args", "only CLIP-L / CLIP-G / CLIP-H text encoders (SD1, SD2, SDXL) can be registered from a "
+                                      f"state dict; this one has {sample}")
+    names = tuple(n for n in _TE_SUBMODELS if n in groups)
+    clip_type = _SPLIT_CLIP_TYPES.get(names)
+    if clip_type is None:
+        raise EngineError("bad_args", f"text-encoder combination {', '.join(names)} is not one ComfyUI builds from files")
+    return clip_type, [(n, groups[n]) for n in names]
 
 
 def _drop_dead_models() -> None:
