@@ -469,9 +469,7 @@ def _upload_dir(svc: Service) -> Path:
     base = Path(svc.settings.state_dir) if svc.settings.state_dir else Path(tempfile.gettempdir()) / "luna-daemon"
     folder = (base / "uploads").resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    roots = getattr(svc.registry, "_roots", None)
-    if isinstance(roots, list) and folder not in roots:
-        roots.append(folder)
+    svc.registry.add_root(folder)
     return folder
 
 
@@ -532,7 +530,8 @@ def _store_upload(svc: Service, kind: str, sha: str, data: Any) -> tuple[list[Pa
         digest = hashlib.sha256(raw).hexdigest()
         if digest != sha:
             raise LunaError(ErrorCode.BAD_ARGS, f"uploaded bytes hash to {digest}, not the announced {sha}")
-        from safetensors.torch import load as load_safetensors, save as save_safetensors
+        from safetensors.torch import load as load_safetensors
+        from safetensors.torch import save as save_safetensors
 
         clip_type = None
         if kind == "vae":
@@ -542,7 +541,7 @@ def _store_upload(svc: Service, kind: str, sha: str, data: Any) -> tuple[list[Pa
 
             try:
                 state = load_safetensors(bytes(raw))
-            except Exception as exc:  # SafetensorError has no stable import name
+            except Exception as exc:  # noqa: BLE001 - SafetensorError has no stable import name
                 raise LunaError(ErrorCode.BAD_ARGS, f"uploaded {kind} is not a valid .safetensors blob: {exc}") from None
             clip_type, parts = split_clip_state_dict(state)
             files = [(f"clip-{sha}-{name}.safetensors", part) for name, part in parts]

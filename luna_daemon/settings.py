@@ -16,7 +16,10 @@ import json
 import os
 import re
 import secrets
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (some ComfyUI installs)
+    import tomli as tomllib  # type: ignore[no-redef]
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -292,10 +295,25 @@ class Settings:
     def state_file(self) -> Path:
         return Path(self.state_dir) / "state.json"
 
+    def comfyui_path(self) -> Path | None:
+        """The ComfyUI root: ``comfyui_root``, else env ``COMFYUI_PATH``, else the ComfyUI
+        this checkout sits in (``ComfyUI/custom_nodes/<repo>/``). None if none is found."""
+        candidates = [self.comfyui_root, os.environ.get("COMFYUI_PATH", "")]
+        repo = Path(__file__).resolve().parents[1]
+        if repo.parent.name == "custom_nodes":
+            candidates.append(str(repo.parent.parent))
+        for c in candidates:
+            if c and (Path(c).expanduser() / "comfy" / "sd.py").is_file():
+                return Path(c).expanduser().resolve()
+        return None
+
     def resolved_model_roots(self) -> list[Path]:
-        """Configured roots plus ``<comfyui_root>/models`` when a ComfyUI root is known."""
+        """Configured roots plus ``<ComfyUI>/models`` when a ComfyUI root is known/detected."""
         roots = [Path(r).expanduser() for r in self.model_roots]
-        if self.comfyui_root:
+        comfy = self.comfyui_path()
+        if comfy is not None:
+            roots.append(comfy / "models")
+        elif self.comfyui_root:
             roots.append(Path(self.comfyui_root).expanduser() / "models")
         out: list[Path] = []
         for r in roots:

@@ -245,6 +245,13 @@ class Registry:
         self._reaper.start()
 
     # ------------------------------------------------------------ lookup
+    def add_root(self, folder: Path) -> None:
+        """Accept models under ``folder`` too (e.g. the daemon's own upload store)."""
+        folder = folder.resolve()
+        with self._lock:
+            if folder not in self._roots:
+                self._roots.append(folder)
+
     def resolve_path(self, path: Any) -> Path:
         return resolve_model_path(path, self._roots)
 

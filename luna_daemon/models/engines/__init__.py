@@ -16,16 +16,8 @@ log = logging.getLogger(__name__)
 
 
 def detect_comfyui_root(settings) -> Path | None:
-    """ComfyUI root from settings ``comfyui_root``, env ``COMFYUI_PATH``, or this repo's
-    location when it sits in ``ComfyUI/custom_nodes/<repo>/``. None if none found."""
-    candidates = [settings.comfyui_root, os.environ.get("COMFYUI_PATH", "")]
-    repo = Path(__file__).resolve().parents[3]
-    if repo.parent.name == "custom_nodes":
-        candidates.append(str(repo.parent.parent))
-    for c in candidates:
-        if c and (Path(c).expanduser() / "comfy" / "sd.py").is_file():
-            return Path(c).expanduser().resolve()
-    return None
+    """See :meth:`Settings.comfyui_path` (kept here for callers of the engine layer)."""
+    return settings.comfyui_path()
 
 
 def select_engine(settings) -> Engine:

@@ -1,0 +1,343 @@
+"""The Luna nodes for ComfyUI (v1 node classes, category "Luna").
+
+* **Luna VAE Loader (daemon)** / **Luna CLIP Loader (daemon)**: files from ComfyUI's model
+  folders, loaded by the Luna Daemon; the outputs are proxies (``VAE`` / ``CLIP``) that the
+  stock nodes use unchanged.
+* **Luna Checkpoint Tunnel**: MODEL passes through; the checkpoint's CLIP and VAE are
+  registered with the daemon by content hash and replaced by proxies.
+* **Luna Daemon Status**: a text summary and whether the daemon runs (re-runs every time).
+
+This module imports nothing heavy: ``torch``/``comfy``/the client are imported when a node
+runs. ``INPUT_TYPES`` never talks to the daemon (ComfyUI calls it on every page load).
+
+Daemon down: the loaders raise the error from :mod:`.connection` (how to start it), or with
+``comfy_fallback = "local"`` load the files in this ComfyUI with ``comfy.sd`` and log a
+warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from . import connection
+
+log = logging.getLogger("luna_daemon.comfy")
+
+CATEGORY = "Luna"
+DEVICES = ["default", "cpu", "cuda:0", "cuda:1", "cuda:2", "cuda:3", "mps"]
+DTYPES = ["default", "fp32", "fp16", "bf16"]
+# The daemon's clip_type names (ComfyUI's CLIPType members in lower case, plus sd1/sd2/sdxl).
+CLIP_TYPES = ["sd1", "sd2", "sdxl", "sdxl_refiner", "sd3", "flux", "stable_cascade", "stable_audio", "mochi", "ltxv",
+              "pixart", "cosmos", "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image",
+              "hunyuan_video", "hunyuan_image", "hunyuan_dit"]
+NONE = "None"
+
+_DEVICE_TIP = "where the daemon runs it; default = the daemon's vae_device / clip_device setting"
+_DTYPE_TIP = "weight precision in the daemon; default = the daemon's vae_dtype / clip_dtype setting"
+
+
+def _filenames(kind: str) -> list[str]:
+    """``folder_paths.get_filename_list(kind)``; [] outside ComfyUI or on any error."""
+    try:
+        import folder_paths
+
+        return list(folder_paths.get_filename_list(kind))
+    except Exception:  # noqa: BLE001 - INPUT_TYPES must never fail
+        return []
+
+
+def _full_path(kind: str, name: str) -> str:
+    import folder_paths
+
+    return folder_paths.get_full_path_or_raise(kind, name)
+
+
+def _check_file(kind: str, name: Any) -> bool | str:
+    if not isinstance(name, str) or not name or name == NONE:
+        return f"choose a file from ComfyUI's {kind} folder"
+    try:
+        import folder_paths
+
+        if folder_paths.get_full_path(kind, name) is None:
+            return f"{name} is not in ComfyUI's {kind} folders ({', '.join(folder_paths.get_folder_paths(kind))})"
+    except Exception:
+        log.debug("cannot check %s in ComfyUI's %s folders", name, kind, exc_info=True)
+    return True
+
+
+def _unavailable():
+    from luna_daemon.client import DaemonUnavailable
+
+    return DaemonUnavailable
+
+
+# ------------------------------------------------------------------------ local fallback
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
+
+
+def _torch_device(device: str):
+    import torch
+
+    return None if device in (None, "", "default") else torch.device(device)
+
+
+def native_vae(path: str, device: str = "default", dtype: str = "default") -> Any:
+    """Load the VAE in this ComfyUI exactly as the daemon's comfy engine would (same config
+    rules for VAEs that are not SD-sized)."""
+    import comfy.sd
+    import comfy.utils
+
+    from luna_daemon.models.engines.comfy import (
+        _inferred_vae_config,
+        _sidecar_vae_config,
+    )
+
+    sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    kwargs: dict[str, Any] = {"sd": sd, "metadata": metadata, "device": _torch_device(device),
+                              "dtype": _torch_dtype(dtype)}
+    config = _sidecar_vae_config(Path(path)) or _inferred_vae_config(sd)
+    if config is not None:
+        kwargs["config"] = config
+    vae = comfy.sd.VAE(**kwargs)
+    vae.throw_exception_if_invalid()
+    return vae
+
+
+def native_clip(paths: list[str], clip_type: str = "sd1", device: str = "default", dtype: str = "default") -> Any:
+    """Load the text encoder(s) in this ComfyUI with ``comfy.sd.load_clip``."""
+    import comfy.sd
+    import folder_paths
+
+    from luna_daemon.models.engines.comfy import _CLIP_TYPE_ALIASES
+
+    member = _CLIP_TYPE_ALIASES.get(clip_type, clip_type.upper())
+    enum = getattr(comfy.sd.CLIPType, member, comfy.sd.CLIPType.STABLE_DIFFUSION)
+    options: dict[str, Any] = {}
+    dev = _torch_device(device)
+    if dev is not None:
+        options["load_device"] = options["offload_device"] = dev
+    if _torch_dtype(dtype) is not None:
+        options["dtype"] = _torch_dtype(dtype)
+    return comfy.sd.load_clip(ckpt_paths=list(paths), embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                              clip_type=enum, model_options=options)
+
+
+def _fallback_warning(conn: connection.Connection, exc: BaseException, what: str) -> None:
+    log.warning("Luna Daemon unavailable, comfy_fallback = local: %s in this ComfyUI instead (no sharing). %s",
+                what, conn.down_message(exc))
+
+
+# ------------------------------------------------------------------------------- nodes
+
+
+class LunaVAELoader:
+    """Load a VAE in the Luna Daemon; outputs a proxy VAE for the stock VAE nodes."""
+
+    DESCRIPTION = ("Loads a VAE in the Luna Daemon (shared by every ComfyUI using it) and outputs a proxy that the stock "
+                   "VAE Decode / Encode (tiled too) nodes use unchanged.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {"vae_name": (_filenames("vae"), {"tooltip": "a file in ComfyUI's models/vae folders"})},
+            "optional": {
+                "device": (DEVICES, {"default": "default", "tooltip": _DEVICE_TIP, "advanced": True}),
+                "dtype": (DTYPES, {"default": "default", "tooltip": _DTYPE_TIP, "advanced": True}),
+            },
+        }
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load_vae"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, vae_name: str) -> bool | str:
+        return _check_file("vae", vae_name)
+
+    def load_vae(self, vae_name: str, device: str = "default", dtype: str = "default") -> tuple:
+        from . import proxies
+
+        path = _full_path("vae", vae_name)
+        conn = connection.get_connection()
+        try:
+            return (proxies.load_vae(conn, path, device=device, dtype=dtype),)
+        except _unavailable() as exc:
+            if not conn.fallback_local:
+                raise
+            _fallback_warning(conn, exc, f"loading VAE {vae_name}")
+            return (native_vae(path, device, dtype),)
+
+
+class LunaCLIPLoader:
+    """Load text encoder(s) in the Luna Daemon; outputs a proxy CLIP."""
+
+    DESCRIPTION = ("Loads one or two text encoders in the Luna Daemon (shared by every ComfyUI using it) and outputs a "
+                   "proxy CLIP for CLIP Text Encode, CLIP Set Last Layer, LoRA loaders and the SDXL/SD3/Flux encoders.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        files = _filenames("text_encoders")
+        return {
+            "required": {
+                "clip_name1": (files, {"tooltip": "a file in ComfyUI's models/text_encoders (or clip) folders"}),
+                "type": (CLIP_TYPES, {"default": "sd1", "tooltip": "model family; sdxl / sd3 / flux take two files"}),
+            },
+            "optional": {
+                "clip_name2": ([NONE, *files], {"default": NONE, "tooltip": "second file (SDXL: clip_g, Flux: t5xxl)"}),
+                "device": (DEVICES, {"default": "default", "tooltip": _DEVICE_TIP, "advanced": True}),
+                "dtype": (DTYPES, {"default": "default", "tooltip": _DTYPE_TIP, "advanced": True}),
+            },
+        }
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load_clip"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, clip_name1: str, clip_name2: str = NONE) -> bool | str:
+        first = _check_file("text_encoders", clip_name1)
+        if first is not True:
+            return first
+        if clip_name2 not in (None, "", NONE):
+            return _check_file("text_encoders", clip_name2)
+        return True
+
+    def load_clip(self, clip_name1: str, type: str = "sd1", clip_name2: str = NONE, device: str = "default",
+                  dtype: str = "default") -> tuple:
+        from . import proxies
+
+        paths = [_full_path("text_encoders", clip_name1)]
+        if clip_name2 not in (None, "", NONE):
+            paths.append(_full_path("text_encoders", clip_name2))
+        conn = connection.get_connection()
+        try:
+            return (proxies.load_clip(conn, paths, type, device=device, dtype=dtype),)
+        except _unavailable() as exc:
+            if not conn.fallback_local:
+                raise
+            _fallback_warning(conn, exc, f"loading CLIP {', '.join(Path(p).name for p in paths)}")
+            return (native_clip(paths, type, device, dtype),)
+
+
+class LunaCheckpointTunnel:
+    """MODEL passes through; CLIP and VAE become daemon proxies for the same weights."""
+
+    DESCRIPTION = ("Put after a checkpoint loader: MODEL is passed through unchanged, the checkpoint's CLIP and VAE are "
+                   "registered with the Luna Daemon by content hash (another ComfyUI with the same checkpoint shares "
+                   "the daemon's copy) and replaced by proxies. Connect LoRA loaders after this node.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",)}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "tunnel"
+    CATEGORY = CATEGORY
+
+    def tunnel(self, model: Any, clip: Any, vae: Any) -> tuple:
+        from . import proxies
+
+        conn = connection.get_connection()
+        try:
+            conn.call("ping")  # reachable (or started) now, even when both proxies are cached
+            new_clip = proxies.tunnel_clip(conn, clip)
+            new_vae = proxies.tunnel_vae(conn, vae)
+        except _unavailable() as exc:
+            if not conn.fallback_local:
+                raise
+            _fallback_warning(conn, exc, "keeping the checkpoint's CLIP and VAE")
+            return (model, clip, vae)
+        return (model, new_clip, new_vae)
+
+
+class LunaDaemonStatus:
+    """A text summary of the daemon and whether it runs. Never raises; re-runs every time."""
+
+    DESCRIPTION = "Shows whether the Luna Daemon runs, what it has loaded and its memory use."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {}}
+
+    RETURN_TYPES = ("STRING", "BOOLEAN")
+    RETURN_NAMES = ("summary", "running")
+    FUNCTION = "status"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs: Any) -> float:
+        return float("nan")  # never equal to itself: always re-run
+
+    def status(self) -> dict:
+        summary, running = daemon_summary(connection.get_connection())
+        return {"ui": {"text": [summary]}, "result": (summary, running)}
+
+
+def _mb(n: Any) -> str:
+    return f"{(n or 0) / 1e6:.0f} MB"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds or 0)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h {m}m" if h else f"{m}m {s}s"
+
+
+def daemon_summary(conn: connection.Connection) -> tuple[str, bool]:
+    """(text, running) from the daemon's status and ps; the down message when unreachable."""
+    from luna_daemon.client import DaemonError, DaemonUnavailable
+
+    try:
+        status = conn.client.call("status", timeout=5.0)
+        models = conn.client.call("ps", timeout=5.0)["models"]
+    except DaemonUnavailable as exc:
+        return conn.down_message(exc), False
+    except DaemonError as exc:
+        return f"Luna Daemon at {conn.address} answered with an error: {exc.code}: {exc.message}", True
+    except Exception as exc:  # noqa: BLE001 - a status node must not fail the workflow
+        return f"Luna Daemon status unavailable: {type(exc).__name__}: {exc}", False
+    lines = [(f"Luna Daemon {status.get('version', '?')} running at {conn.address} "
+              f"(engine {status.get('engine', '?')}, service {status.get('service', '?')}, "
+              f"up {_duration(status.get('uptime', 0))})")]
+    lines.append(f"models loaded: {len(models)}")
+    for m in models:
+        name = ", ".join(Path(p).name for p in m.get("paths", [])) or m.get("id")
+        lines.append(f"  {m.get('kind')} {name}: {m.get('device')} {m.get('dtype')}, {_mb(m.get('bytes'))}, "
+                     f"{m.get('calls', 0)} calls, queue {m.get('queue', 0)}")
+    for dev, mem in (status.get("devices") or {}).items():
+        used, total = mem.get("used"), mem.get("total")
+        if total:
+            lines.append(f"  {dev}: {_mb(used)} used of {_mb(total)} (models {_mb(mem.get('models_bytes'))})")
+    req = status.get("requests") or {}
+    lines.append(f"requests: {req.get('total', 0)} total, {req.get('errors', 0)} errors, "
+                 f"{req.get('per_minute', 0)} in the last minute")
+    cache = status.get("lora_cache")
+    if cache:
+        lines.append(f"LoRA cache: {cache.get('entries', 0)} entries, {_mb(cache.get('bytes'))} of "
+                     f"{_mb(cache.get('budget'))}")
+    return "\n".join(lines), True
+
+
+NODE_CLASS_MAPPINGS = {
+    "LunaVAELoader": LunaVAELoader,
+    "LunaCLIPLoader": LunaCLIPLoader,
+    "LunaCheckpointTunnel": LunaCheckpointTunnel,
+    "LunaDaemonStatus": LunaDaemonStatus,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LunaVAELoader": "Luna VAE Loader (daemon)",
+    "LunaCLIPLoader": "Luna CLIP Loader (daemon)",
+    "LunaCheckpointTunnel": "Luna Checkpoint Tunnel",
+    "LunaDaemonStatus": "Luna Daemon Status",
+}
