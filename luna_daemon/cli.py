@@ -196,6 +196,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = bench.memory_benchmark(model_mb=args.model_mb, clients=args.clients)
     elif args.startup:
         report = bench.startup_benchmark(repeats=args.repeats)
+    elif args.proxy:
+        from luna_daemon.comfy_nodes.bench import proxy_overhead_benchmark
+
+        report = proxy_overhead_benchmark(repeats=args.repeats)
     else:
         report = bench.transport_benchmark(repeats=args.repeats)
     if args.json:
@@ -246,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", parents=[common], help="benchmarks (transport by default)")
     b.add_argument("--memory", action="store_true", help="memory sharing benchmark")
     b.add_argument("--startup", action="store_true", help="tray launch -> green")
+    b.add_argument("--proxy", action="store_true", help="ComfyUI proxy per-call overhead vs in-process (needs ComfyUI: comfyui_root / COMFYUI_PATH)")
     b.add_argument("--repeats", type=int, default=30)
     b.add_argument("--model-mb", type=int, default=320, dest="model_mb")
     b.add_argument("--clients", type=int, default=3)
