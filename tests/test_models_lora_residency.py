@@ -318,3 +318,96 @@ def test_unload_really_returns_memory(tmp_path):
             after = p.memory_info().rss
     # "near its earlier level": within 15% of the model's size.
     assert after - before < 0.15 * info["bytes"], (before, loaded, after)
+
+
+# ----------------------------------------------------------------------------- out of memory
+class _OomVae:
+    """A VAE whose untiled decode runs out of memory (as a big image does on a GPU).
+
+    A test double of the *engine* layer only: the retry/answer logic under test is the
+    service's, running over the real registry, executor and events.
+    """
+
+    kind = "vae"
+    dtype = torch.float32
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.calls: list[str] = []
+
+    def nbytes(self) -> int:
+        return 1
+
+    def info(self) -> dict:
+        return {}
+
+    def release(self) -> None:
+        pass
+
+    def decode(self, latent, tiled=None):
+        self.calls.append("tiled" if tiled is not None else "plain")
+        if self.mode == "boom":
+            raise RuntimeError("weights are corrupt")
+        if tiled is None or self.mode == "always":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return torch.zeros(1, 8, 8, 3)
+
+
+def test_vae_oom_retries_tiled_then_answers_oom(make_settings, model_dir):
+    import concurrent.futures as cf
+
+    from luna_daemon.events import EventBus
+    from luna_daemon.models.engines.base import Engine
+    from luna_daemon.models.registry import Registry
+    from luna_daemon.protocol import LunaError, Request
+    from luna_daemon.service import Service
+
+    class OomEngine(Engine):
+        name = "oom-test"
+
+        def __init__(self) -> None:
+            self.mode = "once"
+            self.last: _OomVae | None = None
+
+        def load_vae(self, paths, device, dtype):
+            self.last = _OomVae(self.mode)
+            return self.last
+
+        def load_clip(self, *a, **k):
+            raise NotImplementedError
+
+    class Ctx:
+        client = "test"
+
+        def wait(self, fut: cf.Future):
+            return fut.result(30)
+
+    settings = make_settings()
+    events = EventBus()
+    seen: list = []
+    events.subscribe(lambda e: seen.append(e) if e.type == "warning" else None)
+    engine = OomEngine()
+    registry = Registry(settings, engine, events)
+    svc = Service(settings, registry, events, "tok")
+
+    def call(op, **args):
+        return svc.handle(Request(1, op, args, "tok"), Ctx())
+
+    try:
+        for mode, expect in (("once", "ok"), ("always", "oom"), ("boom", "model_error")):
+            engine.mode = mode
+            mid = call("vae_load", path=str(model_dir / "vae_folder"), dtype={"once": "fp32", "always": "bf16", "boom": "fp16"}[mode])["model"]
+            try:
+                out = call("vae_decode", model=mid, latent=torch.zeros(1, 4, 1, 1))
+                got = "ok"
+                assert out["image"].shape == (1, 8, 8, 3)
+            except LunaError as exc:
+                got = exc.code
+                assert exc.message  # never empty
+            assert got == expect, (mode, got)
+            assert engine.last.calls == {"once": ["plain", "tiled"], "always": ["plain", "tiled"], "boom": ["plain"]}[mode]
+        assert any("retrying tiled" in e.data["message"] for e in seen)
+        # Still serving after all of that.
+        assert call("ping")["pong"] is True and len(call("ps")["models"]) == 3
+    finally:
+        registry.close(5)
