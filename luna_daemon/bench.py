@@ -139,7 +139,7 @@ class _RawPeer:
 def daemon_process(model_roots: list[str], extra_env: dict[str, str] | None = None,
                    cpus: set[int] | None = None) -> Iterator[tuple[int, str, subprocess.Popen]]:
     """Start ``luna-daemon serve`` in a subprocess on free ports; yield (port, token, proc)."""
-    from luna_daemon.client import DaemonClient, DaemonUnavailable
+    from luna_daemon.client import DaemonClient, DaemonUnavailable, wait_for_daemon
 
     home = tempfile.mkdtemp(prefix="luna-bench-")
     port = _free_port()
@@ -148,16 +148,11 @@ def daemon_process(model_roots: list[str], extra_env: dict[str, str] | None = No
                LUNA_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1", **(extra_env or {}))
     proc = subprocess.Popen([sys.executable, "-m", "luna_daemon", "serve", "--no-monitor"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_pin(cpus))
-    deadline = time.time() + 60
-    while True:
-        try:
-            with DaemonClient("127.0.0.1", port, timeout=5) as c:
-                c.ping()
-            break
-        except DaemonUnavailable:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("benchmark daemon did not start")
-            time.sleep(0.1)
+    try:
+        wait_for_daemon("127.0.0.1", port, 60, proc=proc)
+    except DaemonUnavailable as exc:
+        proc.kill()
+        raise RuntimeError(f"benchmark daemon did not start: {exc}") from None
     token = (Path(home) / "config" / "token").read_text().strip()
     try:
         yield port, token, proc

@@ -227,5 +227,30 @@ class DaemonClient:
         return self.call("lora_load", {"path": path})
 
 
+def wait_for_daemon(host: str, port: int, timeout: float, *, proc: Any = None, token: str | None = "",
+                    interval: float = 0.05) -> None:
+    """Block until a daemon at ``host:port`` answers ``ping`` (a real protocol round trip).
+
+    ``proc`` (a Popen) that exits first makes this fail at once. Raises DaemonUnavailable
+    with the last error after ``timeout`` seconds.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise DaemonUnavailable(f"the daemon process exited with code {proc.returncode} before answering ping")
+        try:
+            with DaemonClient(host, port, token=token, timeout=5.0, connect_timeout=min(1.0, timeout)) as c:
+                c.ping()
+            return
+        except (DaemonUnavailable, DaemonError) as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            raise DaemonUnavailable(f"no daemon answered ping on {host}:{port} within {timeout:.0f}s: {last}")
+        time.sleep(interval)
+
+
 def _drop_none(**kw: Any) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}

@@ -27,7 +27,8 @@ from typing import Any, Callable
 from luna_daemon.events import EventBus
 from luna_daemon.models.engines import select_engine
 from luna_daemon.models.registry import Registry, release_memory
-from luna_daemon.server import PortInUse, Server
+from luna_daemon.netutil import PortInUse
+from luna_daemon.server import Server
 from luna_daemon.service import Service
 from luna_daemon.settings import Settings, load_or_create_token
 
@@ -121,20 +122,13 @@ class Daemon:
 
     def _verify_ping(self, timeout: float) -> None:
         # Green only after a real protocol round-trip over the socket (not "port open").
-        from luna_daemon.client import DaemonClient, DaemonError, DaemonUnavailable
+        from luna_daemon.client import DaemonUnavailable, wait_for_daemon
 
         host, port = self.address  # type: ignore[misc]
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                with DaemonClient(host, port, token=self.token, timeout=5.0) as c:
-                    c.ping()
-                return
-            except (DaemonUnavailable, DaemonError) as exc:
-                last = exc
-                time.sleep(0.05)
-        raise DaemonStartError(f"daemon did not answer ping on {host}:{port}: {last}")
+        try:
+            wait_for_daemon(host, port, timeout, token=self.token)
+        except DaemonUnavailable as exc:
+            raise DaemonStartError(str(exc)) from None
 
     def _after_start(self) -> None:
         """Preload / warm start in the background so start() stays fast."""

@@ -22,7 +22,7 @@ from typing import Any
 
 from luna_daemon import protocol, transport
 from luna_daemon.events import EventBus
-from luna_daemon.netutil import PortInUse, bind_listener as bind_listener_
+from luna_daemon.netutil import bind_listener as bind_listener_
 from luna_daemon.protocol import ErrorCode, Limits, LunaError
 from luna_daemon.service import ClientGone, Service
 from luna_daemon.settings import Settings

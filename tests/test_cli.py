@@ -6,12 +6,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from conftest import free_port
-from luna_daemon.client import DaemonClient
+from luna_daemon.client import DaemonClient, wait_for_daemon
 
 
 def _env(tmp_path, model_dir, **extra):
@@ -30,16 +29,7 @@ def _cli(env, *args, timeout=120):
 def served(tmp_path, model_dir):
     env = _env(tmp_path, model_dir)
     proc = subprocess.Popen([sys.executable, "-m", "luna_daemon", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    port = int(env["LUNA_PORT"])
-    deadline = time.time() + 60
-    while True:
-        try:
-            with DaemonClient("127.0.0.1", port, timeout=5) as c:
-                c.ping()
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
-            time.sleep(0.1)
+    wait_for_daemon("127.0.0.1", int(env["LUNA_PORT"]), 60, proc=proc)
     yield env, proc
     if proc.poll() is None:
         proc.terminate()

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save_file
 
 from luna_daemon.client import DaemonClient, DaemonError
 from luna_daemon.daemon import Daemon

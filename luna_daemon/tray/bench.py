@@ -93,7 +93,7 @@ def _run_tray(session: Any, workdir: Path) -> tuple[float, float]:
 
 
 def _run_headless(workdir: Path) -> float:
-    from luna_daemon.client import DaemonClient
+    from luna_daemon.client import DaemonUnavailable, wait_for_daemon
 
     workdir.mkdir(parents=True, exist_ok=True)
     env = _env(workdir / "luna")
@@ -104,16 +104,11 @@ def _run_headless(workdir: Path) -> float:
                          stdout=out, stderr=subprocess.STDOUT)
     out.close()
     try:
-        while time.perf_counter() - t0 < _TIMEOUT:
-            if p.poll() is not None:
-                raise RuntimeError(f"serve exited with {p.returncode}: {(workdir / 'serve.out').read_text(errors='replace')[-800:]}")
-            try:
-                with DaemonClient("127.0.0.1", port, token="", timeout=5, connect_timeout=0.5) as c:
-                    c.ping()
-                return time.perf_counter() - t0
-            except Exception:
-                time.sleep(_POLL)
-        raise RuntimeError(f"the daemon did not answer ping within {_TIMEOUT:.0f}s")
+        try:
+            wait_for_daemon("127.0.0.1", port, _TIMEOUT, proc=p, interval=_POLL)
+        except DaemonUnavailable as exc:
+            raise RuntimeError(f"{exc}: {(workdir / 'serve.out').read_text(errors='replace')[-800:]}") from None
+        return time.perf_counter() - t0
     finally:
         _stop(p)
 

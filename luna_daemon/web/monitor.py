@@ -28,7 +28,6 @@ import json
 import logging
 import mimetypes
 import socket
-import sys
 import threading
 import time
 from http import HTTPStatus

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from luna_daemon.models.engines.base import Engine, EngineError
