@@ -30,7 +30,7 @@ import torch
 
 from luna_daemon import __version__, protocol
 from luna_daemon.events import EventBus
-from luna_daemon.models.engines.base import TiledArgs
+from luna_daemon.models.engines.base import DEFAULT_DECODE_TILE, DEFAULT_ENCODE_TILE, TiledArgs
 from luna_daemon.models.registry import Registry, available_devices, device_memory
 from luna_daemon.protocol import ErrorCode, LunaError, Request
 from luna_daemon.settings import Settings
@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 # Seconds; Prometheus-style cumulative buckets for request latency.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-VAE_DECODE_TILE = TiledArgs(64, 64, 16)   # latent pixels (ComfyUI's VAEDecodeTiled defaults / 8)
-VAE_ENCODE_TILE = TiledArgs(512, 512, 64)  # image pixels
 
 
 class ClientGone(Exception):
@@ -385,7 +383,7 @@ def _vae_load(svc: Service, args: dict, ctx: Context) -> dict:
 def _vae_encode(svc: Service, args: dict, ctx: Context) -> dict:
     model_id = svc._vae(args)
     pixels = _tensor(args, "pixels", 4)
-    latent = svc.run_vae(ctx, model_id, lambda m, t: m.encode(pixels, t), _tiled(args, VAE_ENCODE_TILE), VAE_ENCODE_TILE)
+    latent = svc.run_vae(ctx, model_id, lambda m, t: m.encode(pixels, t), _tiled(args, DEFAULT_ENCODE_TILE), DEFAULT_ENCODE_TILE)
     return {"latent": latent}
 
 
@@ -393,7 +391,7 @@ def _vae_encode(svc: Service, args: dict, ctx: Context) -> dict:
 def _vae_decode(svc: Service, args: dict, ctx: Context) -> dict:
     model_id = svc._vae(args)
     latent = _tensor(args, "latent", 4)
-    image = svc.run_vae(ctx, model_id, lambda m, t: m.decode(latent, t), _tiled(args, VAE_DECODE_TILE), VAE_DECODE_TILE)
+    image = svc.run_vae(ctx, model_id, lambda m, t: m.decode(latent, t), _tiled(args, DEFAULT_DECODE_TILE), DEFAULT_DECODE_TILE)
     return {"image": image}
 
 

@@ -45,6 +45,12 @@ class TiledArgs:
     overlap: int
 
 
+# ComfyUI's defaults: decode tiles in latent pixels (VAEDecodeTiled's 512/64 px / 8),
+# encode tiles in image pixels.
+DEFAULT_DECODE_TILE = TiledArgs(tile_x=64, tile_y=64, overlap=16)
+DEFAULT_ENCODE_TILE = TiledArgs(tile_x=512, tile_y=512, overlap=64)
+
+
 @dataclass
 class LoraSpec:
     """One entry of a LoRA stack: resolved LoRA weights plus strength.

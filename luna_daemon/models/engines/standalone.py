@@ -58,14 +58,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import ClipModel, Engine, EngineError, LoraSpec, TiledArgs, VaeModel
+from .base import DEFAULT_DECODE_TILE, DEFAULT_ENCODE_TILE, ClipModel, Engine, EngineError, LoraSpec, TiledArgs, VaeModel
 from .tiling import tiled_map_three_pass
 
 logger = logging.getLogger(__name__)
 
 # ComfyUI's defaults for tiled decode (latent pixels) and tiled encode (image pixels).
-DEFAULT_DECODE_TILE = TiledArgs(tile_x=64, tile_y=64, overlap=16)
-DEFAULT_ENCODE_TILE = TiledArgs(tile_x=512, tile_y=512, overlap=64)
 
 # Words of at most this many tokens move whole to the next chunk instead of being split
 # (ComfyUI's SD tokenizer uses the same threshold).
@@ -461,22 +459,9 @@ class StandaloneVae(VaeModel):
         def encode_fn(x: torch.Tensor) -> torch.Tensor:
             return module.encode(x).latent_dist.mode()
 
-        with torch.inference_mode():
-            x = pixels.to(device=self.device, dtype=self.dtype).movedim(-1, 1) * 2.0 - 1.0
-            if tiled is None:
-                try:
-                    latent = encode_fn(x)
-                except Exception as exc:
-                    if not _is_oom(exc):
-                        raise
-                    logger.warning("VAE encode ran out of memory; retrying tiled")
-                    self._empty_cache()
-                    tiled = DEFAULT_ENCODE_TILE
-            if tiled is not None:
-                tile_x, tile_y, overlap = self._tile_geometry(tiled, DEFAULT_ENCODE_TILE)
-                latent = self._guard_oom(lambda: tiled_map_three_pass(
-                    encode_fn, x, tile_x=tile_x, tile_y=tile_y, overlap=overlap, scale=1.0 / ratio, align=ratio))
-            return latent.float().cpu().contiguous()
+        x = pixels.to(device=self.device, dtype=self.dtype).movedim(-1, 1) * 2.0 - 1.0
+        latent = self._run(encode_fn, x, tiled, DEFAULT_ENCODE_TILE, scale=1.0 / ratio, align=ratio)
+        return latent.float().cpu().contiguous()
 
     def decode(self, latent: torch.Tensor, tiled: TiledArgs | None = None) -> torch.Tensor:
         """BCHW latent -> BHWC float32 pixels in 0..1 (CPU)."""
@@ -490,35 +475,30 @@ class StandaloneVae(VaeModel):
         def decode_fn(z: torch.Tensor) -> torch.Tensor:
             return module.decode(z).sample
 
-        with torch.inference_mode():
-            z = latent.to(device=self.device, dtype=self.dtype)
-            if tiled is None:
-                try:
-                    image = decode_fn(z)
-                except Exception as exc:
-                    if not _is_oom(exc):
-                        raise
-                    logger.warning("VAE decode ran out of memory; retrying tiled")
-                    self._empty_cache()
-                    tiled = DEFAULT_DECODE_TILE
-            if tiled is not None:
-                tile_x, tile_y, overlap = self._tile_geometry(tiled, DEFAULT_DECODE_TILE)
-                image = self._guard_oom(lambda: tiled_map_three_pass(
-                    decode_fn, z, tile_x=tile_x, tile_y=tile_y, overlap=overlap, scale=float(self.upscale_ratio)))
-            image = ((image.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-            return image.movedim(1, -1).cpu().contiguous()
+        z = latent.to(device=self.device, dtype=self.dtype)
+        image = self._run(decode_fn, z, tiled, DEFAULT_DECODE_TILE, scale=float(self.upscale_ratio), align=1)
+        image = ((image.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        return image.movedim(1, -1).cpu().contiguous()
 
     def _empty_cache(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _guard_oom(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tiled: TiledArgs | None,
+             default: TiledArgs, *, scale: float, align: int) -> torch.Tensor:
+        """Run ``fn`` whole or tiled. Out-of-memory propagates as ``EngineError("oom")``:
+        the service owns the single tiled retry (and its warning event), for every engine."""
         try:
-            return fn()
+            with torch.inference_mode():
+                if tiled is None:
+                    return fn(x)
+                tile_x, tile_y, overlap = self._tile_geometry(tiled, default)
+                return tiled_map_three_pass(fn, x, tile_x=tile_x, tile_y=tile_y, overlap=overlap, scale=scale, align=align)
         except Exception as exc:
             if _is_oom(exc):
                 self._empty_cache()
-                raise EngineError("oom", f"VAE {self.source} ran out of memory even when tiled: {exc}") from exc
+                how = "tiled" if tiled is not None else "untiled"
+                raise EngineError("oom", f"VAE {self.source} ran out of memory ({how}): {exc}") from exc
             raise
 
 
