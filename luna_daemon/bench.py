@@ -279,6 +279,15 @@ _CLIENT_SCRIPT = textwrap.dedent(
 )
 
 
+def warm_up(client: Any, small_vae: Path) -> None:
+    """Load, use and unload a tiny VAE, so that a daemon's memory baseline includes the
+    libraries the first load imports (diffusers/transformers: ~100+ MB that stays, as in
+    any ComfyUI process) and a later RSS difference is model memory only."""
+    warm = client.vae_load(str(small_vae))["model"]
+    client.vae_decode(warm, torch.zeros(1, 4, 8, 8))
+    client.unload(warm)
+
+
 def memory_benchmark(model_mb: int = 320, clients: int = 3, encodes: int = 3) -> dict[str, Any]:
     import psutil
 
@@ -292,11 +301,7 @@ def memory_benchmark(model_mb: int = 320, clients: int = 3, encodes: int = 3) ->
     with daemon_process([work]) as (port, token, proc):
         dproc = psutil.Process(proc.pid)
         with DaemonClient("127.0.0.1", port, token=token, timeout=300) as c:
-            # Warm-up: the first load imports diffusers/transformers (library memory that any
-            # ComfyUI process has anyway); measure from after it.
-            warm = c.vae_load(str(small))["model"]
-            c.vae_decode(warm, torch.zeros(1, 4, 8, 8))
-            c.unload(warm)
+            warm_up(c, small)
             before = dproc.memory_info().rss
             info = c.vae_load(str(path))
             model_id = info["model"]

@@ -295,7 +295,7 @@ def test_preload_and_warm_start(make_settings, model_dir):
 @pytest.mark.slow
 def test_unload_really_returns_memory(tmp_path):
     """A ~300 MB model in a separate daemon process: RSS falls back after unload."""
-    from luna_daemon.bench import daemon_process
+    from luna_daemon.bench import daemon_process, warm_up
     from luna_daemon.models import tiny
 
     path = tiny.make_big_vae(tmp_path, target_bytes=320 * 1024 * 1024)
@@ -303,11 +303,7 @@ def test_unload_really_returns_memory(tmp_path):
     with daemon_process([str(tmp_path)]) as (port, token, proc):
         p = psutil.Process(proc.pid)
         with DaemonClient("127.0.0.1", port, token=token, timeout=300) as c:
-            # Warm up: the first load imports diffusers/transformers (~100+ MB of code and
-            # module state that stays, as for any library); that is not model memory.
-            warm = c.vae_load(str(small))["model"]
-            c.vae_decode(warm, torch.zeros(1, 4, 16, 16))
-            c.unload(warm)
+            warm_up(c, small)
             before = p.memory_info().rss
             info = c.vae_load(str(path))
             assert info["bytes"] > 280e6  # "a few hundred MB"
