@@ -14,16 +14,11 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures as cf
-import hashlib
 import hmac
-import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
@@ -32,6 +27,7 @@ from luna_daemon import __version__, protocol
 from luna_daemon.events import EventBus
 from luna_daemon.models.engines.base import DEFAULT_DECODE_TILE, DEFAULT_ENCODE_TILE, TiledArgs
 from luna_daemon.models.registry import Registry, available_devices, device_memory
+from luna_daemon.models.uploads import store_upload
 from luna_daemon.protocol import ErrorCode, LunaError, Request
 from luna_daemon.settings import Settings
 
@@ -453,24 +449,7 @@ def _clip_encode(svc: Service, args: dict, ctx: Context) -> dict:
 
 
 # ---------------------------------------------------------------- uploaded state dicts
-# ``vae_load_sd`` / ``clip_load_sd`` (the ComfyUI Checkpoint Tunnel): a client that holds a
-# VAE / text encoder in memory (taken from a checkpoint) registers it by the SHA-256 of its
-# safetensors serialisation. The bytes are stored once under ``<state_dir>/uploads`` (a folder
-# the registry accepts as a model root) and loaded through the registry like any file, so two
-# clients with the same checkpoint share one loaded copy. Asking with only ``sha256`` loads a
-# stored upload, or answers ``not_found`` so the client sends the bytes.
-_UPLOAD_LOCK = threading.Lock()
-_UPLOAD_GRACE_S = 300.0  # uploads younger than this are never pruned (a load may be under way)
-
-
-def _upload_dir(svc: Service) -> Path:
-    base = Path(svc.settings.state_dir) if svc.settings.state_dir else Path(tempfile.gettempdir()) / "luna-daemon"
-    folder = (base / "uploads").resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    svc.registry.add_root(folder)
-    return folder
-
-
+# ``vae_load_sd`` / ``clip_load_sd`` (the ComfyUI Checkpoint Tunnel): see models/uploads.py.
 def _sha_arg(args: dict) -> str:
     sha = _arg(args, "sha256", str).lower()
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
@@ -478,83 +457,9 @@ def _sha_arg(args: dict) -> str:
     return sha
 
 
-def _atomic_write(path: Path, data: bytes | memoryview) -> None:
-    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.part")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _prune_uploads(svc: Service, folder: Path, keep: set[Path]) -> None:
-    """Delete stored uploads no loaded model uses (clients re-send them on ``not_found``).
-
-    An upload is its manifest ``<kind>-<sha>.json`` plus the files it lists; it stays while
-    any of those files belongs to a loaded model, or while it is younger than the grace time."""
-    used = {Path(p) for e in svc.registry.entries() for p in e.paths} | keep
-    now = time.time()
-    for manifest in folder.glob("*.json"):
-        try:
-            files = [folder / n for n in json.loads(manifest.read_text(encoding="utf-8")).get("files", [])]
-        except (OSError, ValueError, AttributeError):
-            files = []
-        group = [manifest, *files]
-        try:
-            if any(f in used for f in group) or now - manifest.stat().st_mtime <= _UPLOAD_GRACE_S:
-                continue
-            for f in group:
-                f.unlink(missing_ok=True)
-        except OSError:
-            pass
-
-
-def _store_upload(svc: Service, kind: str, sha: str, data: Any) -> tuple[list[Path], str | None]:
-    """Write (or find) the stored files for an upload -> (paths, clip_type)."""
-    folder = _upload_dir(svc)
-    manifest = folder / f"{kind}-{sha}.json"
-    with _UPLOAD_LOCK:
-        if manifest.is_file():
-            meta = json.loads(manifest.read_text(encoding="utf-8"))
-            paths = [folder / name for name in meta["files"]]
-            if all(p.is_file() for p in paths):
-                return paths, meta.get("clip_type")
-        if data is None:
-            raise LunaError(ErrorCode.NOT_FOUND, f"no uploaded {kind} with sha256 {sha[:12]}...; send its bytes as 'data'")
-        if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.ndim != 1:
-            raise LunaError(ErrorCode.BAD_ARGS, "data must be the safetensors bytes as a 1-D uint8 tensor")
-        raw = memoryview(data.numpy())
-        digest = hashlib.sha256(raw).hexdigest()
-        if digest != sha:
-            raise LunaError(ErrorCode.BAD_ARGS, f"uploaded bytes hash to {digest}, not the announced {sha}")
-        from safetensors.torch import load as load_safetensors
-        from safetensors.torch import save as save_safetensors
-
-        clip_type = None
-        if kind == "vae":
-            files = [(f"vae-{sha}.safetensors", None)]  # stored as sent; the engine reads it
-        else:
-            from luna_daemon.models.engines.comfy import split_clip_state_dict
-
-            try:
-                state = load_safetensors(bytes(raw))
-            except Exception as exc:  # noqa: BLE001 - SafetensorError has no stable import name
-                raise LunaError(ErrorCode.BAD_ARGS, f"uploaded {kind} is not a valid .safetensors blob: {exc}") from None
-            clip_type, parts = split_clip_state_dict(state)
-            files = [(f"clip-{sha}-{name}.safetensors", part) for name, part in parts]
-
-        for name, part in files:
-            _atomic_write(folder / name, raw if part is None else save_safetensors(part))
-        _atomic_write(manifest, json.dumps({"files": [n for n, _ in files], "clip_type": clip_type}).encode())
-        paths = [folder / n for n, _ in files]
-        _prune_uploads(svc, folder, set(paths) | {manifest})
-        return paths, clip_type
-
-
 def _load_uploaded(svc: Service, kind: str, args: dict) -> dict:
     sha = _sha_arg(args)
-    paths, clip_type = _store_upload(svc, kind, sha, args.get("data"))
+    paths, clip_type = store_upload(svc.settings, svc.registry, kind, sha, args.get("data"))
     entry = svc.registry.load(
         kind, [str(p) for p in paths],
         device=_arg(args, "device", str, None), dtype=_arg(args, "dtype", str, None),
