@@ -23,12 +23,6 @@ import torch
 
 from luna_daemon.protocol import ErrorCode, LunaError
 
-# ``vae_load_sd`` / ``clip_load_sd`` (the ComfyUI Checkpoint Tunnel): a client that holds a
-# VAE / text encoder in memory (taken from a checkpoint) registers it by the SHA-256 of its
-# safetensors serialisation. The bytes are stored once under ``<state_dir>/uploads`` (a folder
-# the registry accepts as a model root) and loaded through the registry like any file, so two
-# clients with the same checkpoint share one loaded copy. Asking with only ``sha256`` loads a
-# stored upload, or answers ``not_found`` so the client sends the bytes.
 _UPLOAD_LOCK = threading.Lock()
 _UPLOAD_GRACE_S = 300.0  # uploads younger than this are never pruned (a load may be under way)
 
