@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 STOPPED, STARTING, RUNNING, STOPPING, ERROR = "stopped", "starting", "running", "stopping", "error"
 STATES = (STOPPED, STARTING, RUNNING, STOPPING, ERROR)
+# The colour every face shows for a state (the tray additionally needs its own ping to
+# succeed before it shows green).
+STATE_COLOURS = {STOPPED: "gray", STARTING: "yellow", RUNNING: "green", STOPPING: "yellow", ERROR: "red"}
 
 
 class DaemonStartError(RuntimeError):

@@ -15,8 +15,7 @@ from typing import Any
 
 from luna_daemon import __version__
 
-# The tray's colours for each state (luna_daemon/tray/icons.py uses the same RGB values).
-STATE_COLOURS = {"stopped": "gray", "starting": "yellow", "running": "green", "stopping": "yellow", "error": "red"}
+from luna_daemon.daemon import STATE_COLOURS  # noqa: F401  (used by the monitor)
 
 
 def devices() -> list[str]:
