@@ -418,10 +418,10 @@ def test_real_tray_end_to_end(xs, real_tray):
     wait_until(lambda: not xs.docked_icons(RealTray.WM_CLASS), 15, "the icon to leave the tray")
     for name, port in (("daemon", tray.port), ("monitor", tray.monitor_port)):
         assert port_free(port), f"{name} port {port} still in use after Exit"
-    # Nobody listens on the lock port any more. (Re-binding it right away can still fail
-    # after a refused launch: TIME_WAIT left by instance.py's lock server -- covered by the
-    # strict xfail in test_instance_lock.py until that fix lands.)
+    # The lock port is free too: nobody listens, and it can be bound again right away
+    # (even after the refused launch above left TIME_WAIT connections on it).
     assert not listening(tray.lock_port), "the lock port is still held after Exit"
+    assert port_free(tray.lock_port), f"lock port {tray.lock_port} cannot be bound again after Exit"
     shot(xs, "10-exited")
 
 
