@@ -30,7 +30,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import torch
 
@@ -106,6 +106,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# One encoder: json.dumps() with non-default separators builds a new one per call.
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=True)
 
 
 @dataclass(frozen=True)
@@ -120,10 +122,10 @@ class Limits:
             object.__setattr__(self, "max_header_bytes", HARD_MAX_HEADER)
 
 
-@dataclass(frozen=True)
-class Prefix:
+class Prefix(NamedTuple):
+    # A NamedTuple, not a dataclass: built once per frame on the latency-critical path.
     version: int
-    kind: Kind
+    kind: int  # a Kind value
     flags: int
     header_len: int
     body_len: int
@@ -148,7 +150,7 @@ def parse_prefix(data: bytes | bytearray | memoryview, limits: Limits) -> Prefix
         raise ProtocolError(ErrorCode.BAD_FRAME, "bad magic (not a Luna frame)")
     if version != VERSION:
         raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"protocol version {version} not supported (this daemon speaks {VERSION})")
-    if kind not in (Kind.REQUEST, Kind.RESPONSE):
+    if kind != 1 and kind != 2:  # Kind.REQUEST / Kind.RESPONSE (ints: no enum on the hot path)
         raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown frame kind {kind}")
     if flags != 0:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown flags 0x{flags:04x}")
@@ -158,7 +160,7 @@ def parse_prefix(data: bytes | bytearray | memoryview, limits: Limits) -> Prefix
         raise ProtocolError(ErrorCode.TOO_LARGE, f"header of {header_len} bytes exceeds the limit of {limits.max_header_bytes}")
     if body_len > limits.max_body_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"body of {body_len} bytes exceeds max_body_bytes={limits.max_body_bytes}")
-    return Prefix(version, Kind(kind), flags, header_len, body_len)
+    return Prefix(version, kind, flags, header_len, body_len)
 
 
 def _json_depth_ok(obj: Any, depth: int = 0) -> bool:
@@ -173,7 +175,7 @@ def _json_depth_ok(obj: Any, depth: int = 0) -> bool:
 
 def decode_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
-        header = json.loads(bytes(data).decode("utf-8"))
+        header = json.loads((data if isinstance(data, (bytes, bytearray)) else bytes(data)).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"header is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -301,7 +303,7 @@ def encode_frame(kind: Kind, header: dict[str, Any], tensors: dict[str, torch.Te
         offset += data.nbytes
     header = dict(header)
     header["tensors"] = descriptors
-    header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=True).encode("utf-8")
+    header_bytes = _JSON.encode(header).encode("utf-8")
     if len(header_bytes) > HARD_MAX_HEADER:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"header of {len(header_bytes)} bytes exceeds {HARD_MAX_HEADER}")
     prefix = PREFIX.pack(MAGIC, VERSION, int(kind), 0, len(header_bytes), offset)

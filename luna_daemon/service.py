@@ -112,12 +112,12 @@ class Stats:
 
 
 OpFn = Callable[["Service", dict, Context], Any]
-_OPS: dict[str, tuple[OpFn, bool, str]] = {}  # name -> (fn, needs_token, service kinds)
+_OPS: dict[str, tuple[OpFn, bool, frozenset[str]]] = {}  # name -> (fn, needs_token, service kinds)
 
 
 def op(name: str, *, auth: bool = True, service: str = "full vae clip") -> Callable[[OpFn], OpFn]:
     def deco(fn: OpFn) -> OpFn:
-        _OPS[name] = (fn, auth, service)
+        _OPS[name] = (fn, auth, frozenset(service.split()))
         return fn
 
     return deco
@@ -206,7 +206,7 @@ class Service:
         return sorted(_OPS)
 
     def ops_for_service(self) -> list[str]:
-        return sorted(n for n, (_, _, kinds) in _OPS.items() if self.settings.service in kinds.split())
+        return sorted(n for n, (_, _, kinds) in _OPS.items() if self.settings.service in kinds)
 
     def handle(self, req: Request, ctx: Context) -> Any:
         """Run one request. Returns the result or raises LunaError."""
@@ -219,7 +219,7 @@ class Service:
             fn, needs_auth, kinds = entry
             if needs_auth and not (req.token and hmac.compare_digest(req.token.encode(), self.token.encode())):
                 raise LunaError(ErrorCode.UNAUTHORIZED, "missing or wrong token (the client reads it from the daemon's config dir)")
-            if self.settings.service not in kinds.split():
+            if self.settings.service not in kinds:
                 raise LunaError(ErrorCode.UNKNOWN_OP, f"op {req.op!r} is not offered by a {self.settings.service!r} daemon")
             return fn(self, req.args, ctx)
         except LunaError as exc:

@@ -25,7 +25,6 @@ import socket
 import struct
 import sys
 import time
-from typing import Iterable
 
 from luna_daemon import protocol
 from luna_daemon.protocol import Frame, Limits
@@ -160,8 +159,13 @@ class Channel:
             self._fill(deadline)
         pre = protocol.parse_prefix(self._view[self._start:self._start + protocol.PREFIX_SIZE], limits)
         self._start += protocol.PREFIX_SIZE
-        header = bytearray(pre.header_len)
-        self._read_exact_into(memoryview(header), deadline)
+        end = self._start + pre.header_len
+        if end <= self._end:  # the usual case: the whole header came with the prefix
+            header = self._buf[self._start:end]
+            self._start = end
+        else:
+            header = bytearray(pre.header_len)
+            self._read_exact_into(memoryview(header), deadline)
         body = bytearray(pre.body_len)
         if pre.body_len:
             self._read_exact_into(memoryview(body), deadline)
@@ -183,7 +187,7 @@ class Channel:
             return True
 
     # ------------------------------------------------------------ writing
-    def send(self, buffers: Iterable, timeout: float | None) -> None:
+    def send(self, buffers: list, timeout: float | None) -> None:
         """Send every buffer in order; big tensor buffers are not copied.
 
         Small frames go out with one non-blocking ``send`` (they fit the socket buffer
@@ -191,10 +195,21 @@ class Channel:
         timeout for the duration of the send. Measured: a kernel ``SO_SNDTIMEO`` triples
         the loopback round trip, so it is deliberately not used.
         """
-        views = [m for m in (memoryview(b).cast("B") for b in buffers) if m.nbytes]
+        if _KERNEL_TIMEOUTS and len(buffers) == 1 and len(buffers[0]) <= _BUF:
+            # The common small answer (header only): one syscall, no list building.
+            data = buffers[0]
+            try:
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            if sent == len(data):
+                return
+            views = [memoryview(data).cast("B")[sent:]]
+        else:
+            views = [m for m in (memoryview(b).cast("B") for b in buffers) if m.nbytes]
         total = sum(v.nbytes for v in views)
-        if _KERNEL_TIMEOUTS and total <= _BUF:
-            data = b"".join(views) if len(views) > 1 else views[0]
+        if _KERNEL_TIMEOUTS and total <= _BUF and len(views) > 1:
+            data = b"".join(views)
             try:
                 sent = self.sock.send(data, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
