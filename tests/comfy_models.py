@@ -19,6 +19,7 @@ Writers (all seeded, all ``.safetensors``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -212,6 +213,26 @@ def write_embedding(path: str | Path, *, vectors: int = 2, dim: int = HIDDEN, se
 
 
 # ---------------------------------------------------------------------- fake ComfyUI
+
+
+@contextlib.contextmanager
+def fake_comfy_isolated():
+    """Undo, on exit, what importing the fake ComfyUI did: its modules and its sys.path
+    entry, and the comfy engine's once-per-process import state. Test modules wrap their
+    whole run in it so that later modules see no importable ``comfy``."""
+    path_before = list(sys.path)
+    modules_before = set(sys.modules)
+    try:
+        yield
+    finally:
+        import luna_daemon.models.engines.comfy as comfy_engine
+
+        fake_top = ("comfy", "comfy_api", "comfy_extras", "nodes", "folder_paths")
+        for name in set(sys.modules) - modules_before:
+            if name.split(".")[0] in fake_top:
+                del sys.modules[name]
+        sys.path[:] = [p for p in sys.path if p in path_before or p != str(FAKE_COMFY_ROOT)]
+        comfy_engine._STATE.clear()
 
 
 def import_fake_comfy():

@@ -47,17 +47,8 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.fixture(scope="module", autouse=True)
 def _forget_fake_comfy_afterwards():
     """Leave no fake ``comfy`` importable for test modules that run after this one."""
-    path_before = list(sys.path)
-    modules_before = set(sys.modules)
-    yield
-    import luna_daemon.models.engines.comfy as comfy_engine
-
-    fake_top = ("comfy", "comfy_api", "comfy_extras", "nodes", "folder_paths")
-    for name in set(sys.modules) - modules_before:
-        if name.split(".")[0] in fake_top:
-            del sys.modules[name]
-    sys.path[:] = [p for p in sys.path if p in path_before or p != str(FAKE_ROOT)]
-    comfy_engine._STATE.clear()
+    with comfy_models.fake_comfy_isolated():
+        yield
 
 
 @pytest.fixture(scope="module")
