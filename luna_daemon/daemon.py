@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 from luna_daemon.events import EventBus
 from luna_daemon.models.engines import select_engine
@@ -202,6 +202,3 @@ class Daemon:
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
-
-    def on_state(self, fn: Callable[[str, str], None]) -> Callable[[], None]:
-        return self.events.subscribe(lambda e: fn(e.data["state"], e.data.get("detail", "")) if e.type == "state" else None)

@@ -64,11 +64,3 @@ class EventBus:
             except Exception:  # a broken face must never break the daemon
                 log.exception("event subscriber %r failed on %s", fn, type)
         return event
-
-    @property
-    def last_seq(self) -> int:
-        # Peeking an itertools.count is not possible; emit() is the only writer.
-        with self._lock:
-            nxt = next(self._seq)
-            self._seq = itertools.count(nxt)
-            return nxt - 1

@@ -30,7 +30,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -87,10 +87,6 @@ class LunaError(Exception):
         super().__init__(f"{code.value}: {message}")
         self.code = code.value
         self.message = message
-
-    @property
-    def fatal(self) -> bool:
-        return ErrorCode(self.code) in FATAL_CODES
 
 
 ProtocolError = LunaError  # name used where the failure is about framing
@@ -427,7 +423,3 @@ def parse_response(frame: Frame) -> tuple[Any, bool, Any]:
     except ValueError:
         code = ErrorCode.INTERNAL.value
     return h.get("id"), False, (code, str(err.get("message") or code))
-
-
-def iter_buffers_nbytes(buffers: Iterable) -> int:
-    return sum(memoryview(b).nbytes for b in buffers)

@@ -201,10 +201,6 @@ class Service:
         self.on_shutdown = on_shutdown or (lambda: None)
         self.lora_cache = lora_cache
 
-    @staticmethod
-    def op_names() -> list[str]:
-        return sorted(_OPS)
-
     def ops_for_service(self) -> list[str]:
         return sorted(n for n, (_, _, kinds) in _OPS.items() if self.settings.service in kinds)
 

@@ -124,6 +124,10 @@ def test_lora_put_load_and_encode_match_merged_weights(client, model_dir, lora_f
         client.lora_put(data, "f" * 64)
     assert ei.value.code == "bad_args" and "hashes to" in ei.value.message
     assert client.lora_has(sha_a) and client.lora_has(sha_b)
+    # lora_ensure: hash locally, upload only what the daemon lacks.
+    assert client.lora_ensure(str(path_a)) == sha_a
+    sha_c = client.lora_ensure(str(lora_files["c_peft"][0]))
+    assert client.lora_has(sha_c) and sha_c == hashlib.sha256(lora_files["c_peft"][0].read_bytes()).hexdigest()
 
 
 def test_concurrent_different_stacks_never_see_each_other(daemon, model_dir, lora_files):
