@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from luna_daemon.client import DaemonError
+from luna_daemon.models.engines.base import DEFAULT_DECODE_TILE, DEFAULT_ENCODE_TILE, TiledArgs
 
 log = logging.getLogger("luna_daemon.comfy")
 
@@ -240,6 +241,13 @@ def _tile(value: Any, default: int, name: str, minimum: int) -> int:
     return value
 
 
+def _tiled(tile_x: Any, tile_y: Any, overlap: Any, default: TiledArgs) -> dict:
+    """The wire ``tiled`` argument; None means ComfyUI's default. ``exact``: the stock
+    node has clamped the sizes already, so the daemon must not adjust them again."""
+    return {"tile_x": _tile(tile_x, default.tile_x, "tile_x", 1), "tile_y": _tile(tile_y, default.tile_y, "tile_y", 1),
+            "overlap": _tile(overlap, default.overlap, "overlap", 0), "exact": True}
+
+
 class DaemonVAE:
     """A ComfyUI ``VAE`` whose weights live in the Luna Daemon."""
 
@@ -342,8 +350,7 @@ class DaemonVAE:
         # tile_t / overlap_t only matter for 3-D (video) latents, which _image_only refuses:
         # ComfyUI ignores them for image VAEs too.
         self._image_only("VAE decode_tiled", samples, 4)
-        tiled = {"tile_x": _tile(tile_x, 64, "tile_x", 1), "tile_y": _tile(tile_y, 64, "tile_y", 1),
-                 "overlap": _tile(overlap, 16, "overlap", 0), "exact": True}
+        tiled = _tiled(tile_x, tile_y, overlap, DEFAULT_DECODE_TILE)
         out = self._remote.call("vae_decode", lambda mid: {"model": mid, "latent": samples, "tiled": tiled})
         return _to_client(out["image"])
 
@@ -355,8 +362,7 @@ class DaemonVAE:
     def encode_tiled(self, pixel_samples: torch.Tensor, tile_x: int | None = 512, tile_y: int | None = 512,
                      overlap: int | None = 64, tile_t: int | None = None, overlap_t: int | None = None) -> torch.Tensor:
         self._image_only("VAE encode_tiled", pixel_samples, 4)
-        tiled = {"tile_x": _tile(tile_x, 512, "tile_x", 1), "tile_y": _tile(tile_y, 512, "tile_y", 1),
-                 "overlap": _tile(overlap, 64, "overlap", 0), "exact": True}
+        tiled = _tiled(tile_x, tile_y, overlap, DEFAULT_ENCODE_TILE)
         out = self._remote.call("vae_encode", lambda mid: {"model": mid, "pixels": pixel_samples, "tiled": tiled})
         return _to_client(out["latent"])
 
