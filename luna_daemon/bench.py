@@ -43,17 +43,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples), samples
-
-
 def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
     """Run the candidates round-robin so that machine noise hits all of them alike."""
     for fn in fns.values():

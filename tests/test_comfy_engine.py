@@ -452,8 +452,11 @@ def test_sdxl_tokens_and_clip_text_encode_sdxl(engine, models, native):
 
 
 def lora_spec(clip, path: Path, strength: float) -> LoraSpec:
+    """The daemon's own path: the LoRA cache's parser, mapped onto the engine's keys."""
+    from luna_daemon.models.lora import map_to_model, parse_lora
+
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    return LoraSpec(sha, strength, clip.lora_weights_from_state_dict(load_file(str(path))))
+    return LoraSpec(sha, strength, map_to_model(parse_lora(load_file(str(path)), sha), clip.patchable_keys()))
 
 
 def native_lora(native, clip_obj, name: str, strength: float):

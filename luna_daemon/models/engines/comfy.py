@@ -662,30 +662,6 @@ class ComfyClip(ClipModel):
                                           f"{tuple(down.shape)} does not match the weight's shape {shape}")
         return up, down, None if alpha is None else float(alpha)
 
-    def lora_weights_from_state_dict(self, lora: Mapping[str, torch.Tensor]
-                                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
-        """A LoRA file's state dict -> ``LoraSpec.weights`` for this CLIP, using ComfyUI's own key
-        map and ``comfy.lora.load_lora``. Only plain LoRA pairs are kept (LoHa/LoKr/diff/
-        DoRA/LoCon-mid patches are skipped with a warning)."""
-        clip = self._require()
-        comfy = self._comfy
-        with _keep_root_logging():
-            key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
-            loaded = comfy.lora.load_lora(dict(lora), key_map)
-        out: dict[str, tuple[torch.Tensor, torch.Tensor, float | None]] = {}
-        skipped = []
-        for key, patch in loaded.items():
-            weights = getattr(patch, "weights", None)
-            if (isinstance(patch, comfy.weight_adapter.LoRAAdapter) and isinstance(key, str)
-                    and all(w is None for w in weights[3:])):
-                up, down, alpha = weights[0], weights[1], weights[2]
-                out[key] = (up, down, None if alpha is None else float(alpha))
-            else:
-                skipped.append(key)
-        if skipped:
-            logger.warning("LoRA: %d patches are not plain LoRA pairs and are skipped, e.g. %s", len(skipped), skipped[:3])
-        return out
-
 
 # Text-encoder sub-models of a ``comfy.sd.CLIP`` whose state dict can be split into the
 # standalone files ``comfy.sd.load_clip`` reads (CLIP-L / CLIP-G / CLIP-H: SD1, SD2, SDXL).
