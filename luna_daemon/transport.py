@@ -67,11 +67,15 @@ class Channel:
         self._start = 0
         self._end = 0
         self._rcv: float | None | bool = False  # False = never set
+        self._asked: float | None | bool = False  # last value asked of _recv_timeout
         if _KERNEL_TIMEOUTS:
             sock.settimeout(None)
 
     # ------------------------------------------------------------ timeouts
     def _recv_timeout(self, seconds: float | None) -> None:
+        if seconds == self._asked:  # the idle timeout: the same value on every frame
+            return
+        self._asked = seconds
         if _KERNEL_TIMEOUTS:
             # Round so that a shrinking deadline does not cost a syscall per recv.
             rounded = None if seconds is None else max(0.001, round(seconds, 2))
@@ -154,14 +158,27 @@ class Channel:
             if k == 0:
                 raise PeerClosed("peer closed the connection")
             self._end = k
-        deadline = None if frame_timeout is None else time.monotonic() + frame_timeout
-        while self._end - self._start < protocol.PREFIX_SIZE:
-            self._fill(deadline)
-        pre = protocol.parse_prefix(self._view[self._start:self._start + protocol.PREFIX_SIZE], limits)
-        self._start += protocol.PREFIX_SIZE
-        end = self._start + pre.header_len
-        if end <= self._end:  # the usual case: the whole header came with the prefix
-            header = self._buf[self._start:end]
+        # The frame clock starts with the frame's first byte; monotonic() is only read
+        # when the frame did not arrive with that first recv (the usual small frame does).
+        deadline = None
+        if self._end - self._start < protocol.PREFIX_SIZE:
+            deadline = None if frame_timeout is None else time.monotonic() + frame_timeout
+            while self._end - self._start < protocol.PREFIX_SIZE:
+                self._fill(deadline)
+        pre = protocol.parse_prefix(self._buf, limits, self._start)
+        start = self._start + protocol.PREFIX_SIZE
+        end = start + pre.header_len
+        if end + pre.body_len <= self._end and pre.body_len < _BUF // 2:
+            # The usual small frame: prefix, header and body all came in the buffer.
+            header = self._buf[start:end]
+            body = self._buf[end:end + pre.body_len]
+            self._start = end + pre.body_len
+            return protocol.decode_frame(pre, header, body)
+        if deadline is None and frame_timeout is not None:
+            deadline = time.monotonic() + frame_timeout
+        self._start = start
+        if end <= self._end:
+            header = self._buf[start:end]
             self._start = end
         else:
             header = bytearray(pre.header_len)
@@ -235,6 +252,8 @@ class Channel:
         finally:
             if _KERNEL_TIMEOUTS:
                 self.sock.settimeout(None)  # back to blocking mode for kernel-timeout recv
+            else:
+                self._asked = False  # the socket timeout is the send's now: recv sets its own
 
     def close(self) -> None:
         try:

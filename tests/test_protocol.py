@@ -76,8 +76,9 @@ def test_request_round_trip(ts, extra, req_id):
     req = protocol.parse_request(frame)
     assert req.id == req_id and req.op == "op_x" and req.token == "tok"
     assert _same(req.args, args)
-    for desc in frame.header["tensors"]:
+    for desc in frame.header.get("tensors", []):
         assert desc["offset"] % ALIGN == 0
+    assert ("tensors" in frame.header) == bool(ts)  # control frames carry no empty list
 
 
 @hsettings(max_examples=60, deadline=None)
@@ -183,6 +184,32 @@ def test_bad_json_and_references():
     frame = protocol.decode_bytes(_frame({"id": 1, "op": "x", "args": {"t": {"$tensor": "missing"}}}))
     with pytest.raises(ProtocolError):
         protocol.parse_request(frame)
+
+
+def test_escaped_marker_still_resolves():
+    # The decoder skips the $tensor/$tuple walk for headers whose bytes cannot spell a
+    # marker. A JSON encoder may write "$" as \\u0024: such a header must still resolve.
+    t = torch.arange(16, dtype=torch.float32)
+    buffers = protocol.encode_frame(Kind.REQUEST, {"id": 1, "op": "x", "args": {"t": {"$tensor": "t"}, "p": {"$tuple": [1, 2]}}}, {"t": t})
+    raw = b"".join(bytes(b) for b in buffers)
+    hlen = protocol.parse_prefix(raw, Limits()).header_len
+    header = raw[protocol.PREFIX_SIZE:protocol.PREFIX_SIZE + hlen].replace(b'"$', b'"\\u0024')
+    assert b"$" not in header
+    data = protocol.PREFIX.pack(b"LUNA", 1, 1, 0, len(header), len(raw) - protocol.PREFIX_SIZE - hlen) + header + raw[protocol.PREFIX_SIZE + hlen:]
+    req = protocol.parse_request(protocol.decode_bytes(data))
+    assert torch.equal(req.args["t"], t) and req.args["p"] == (1, 2)
+
+
+def test_header_is_strict_json():
+    # NaN / Infinity are not JSON (RFC 8259); lone surrogates are not UTF-8.
+    for bad in (b'{"id":1,"op":"x","args":{"v":NaN}}', b'{"id":1,"op":"x","args":{"v":Infinity}}',
+                b'{"id":1,"op":"\xed\xa0\x80"}', b'\xef\xbb\xbf{"id":1,"op":"x"}'):
+        assert _code(protocol.PREFIX.pack(b"LUNA", 1, 1, 0, len(bad), 0) + bad) == "bad_frame", bad
+    # A value JSON cannot hold is refused when encoding, with a typed error.
+    for value in (2 ** 70, object()):
+        with pytest.raises(ProtocolError) as ei:
+            protocol.request(1, "x", {"v": value})
+        assert ei.value.code == "bad_args"
 
 
 def test_request_header_validation():
