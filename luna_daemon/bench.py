@@ -100,21 +100,49 @@ def placements() -> dict[str, tuple[set[int] | None, set[int] | None]]:
     return {"cross-core": ({cpus[0]}, {cpus[1]}), "same-core": ({cpus[0]}, {cpus[0]})}
 
 
-def _busiest_thread_cpu(pid: int | str) -> int | None:
-    """The CPU that the busiest thread of ``pid`` last ran on (Linux /proc; else None).
-
-    For the daemon that is its connection thread, the one doing the ping work."""
-    best: tuple[int, int] | None = None
+def _thread_stats(pid: int) -> dict[str, tuple[int, int]]:
+    """{tid: (cpu ticks used, CPU it last ran on)} for every thread of ``pid`` (Linux /proc)."""
+    out = {}
     try:
         for task in Path(f"/proc/{pid}/task").iterdir():
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            # After "pid (comm)": field 3 is fields[0]; utime/stime are 14/15, processor 39.
-            busy, cpu = int(fields[11]) + int(fields[12]), int(fields[36])
-            if best is None or busy > best[0]:
-                best = (busy, cpu)
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the thread ended
+            # fields[0] is stat field 3; utime/stime are fields 14/15, processor 39.
+            out[task.name] = (int(fields[11]) + int(fields[12]), int(fields[36]))
     except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
+class _WhereRan:
+    """Which CPU each process's busiest thread *during a measurement* ran on.
+
+    Unpinned, the scheduler places the raw peer and the daemon independently, and on a
+    VM a same-CPU round trip is several times faster than a cross-CPU one, so a ratio is
+    only meaningful when both peers ended up in the same relation to the client. For the
+    daemon the busiest thread during a measurement is its connection thread."""
+
+    def __init__(self, **pids: int):
+        self.pids = pids
+        self.before = {name: _thread_stats(pid) for name, pid in pids.items()}
+
+    def cpus(self) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for name, pid in self.pids.items():
+            before, after = self.before[name], _thread_stats(pid)
+            busiest = max(after.items(), key=lambda kv: kv[1][0] - before.get(kv[0], (0, 0))[0], default=None)
+            out[name] = None if busiest is None else busiest[1][1]
+        return out
+
+
+def _comparable(cpus: dict[str, int | None], raw: str) -> bool | None:
+    """Did the raw peer and the daemon share (or not share) the client's CPU alike?"""
+    c, r, d = cpus.get("client"), cpus.get(raw), cpus.get("daemon")
+    if None in (c, r, d):
         return None
-    return None if best is None else best[1]
+    return (r == c) == (d == c)
 
 
 class _RawPeer:
@@ -188,10 +216,12 @@ def _transport_once(cl: set[int] | None, sv: set[int] | None, repeats: int, work
             if old_affinity is not None:
                 os.sched_setaffinity(0, cl)
             client = DaemonClient("127.0.0.1", port, token=token, timeout=120)
+            where = _WhereRan(client=os.getpid(), raw=raw.proc.pid, ping_raw=ping_raw.proc.pid, daemon=_proc.pid)
             t = _interleaved({"raw": raw.exchange, "proto": lambda: client.call("echo", {"latent": latent, "reply_shape": list(IMAGE_SHAPE)})}, repeats)
-            p = _interleaved({"raw_rtt": ping_raw.exchange, "ping": client.ping}, repeats * 20)
-            cpus_seen = {"client": _busiest_thread_cpu(os.getpid()), "raw_peer": _busiest_thread_cpu(ping_raw.proc.pid),
-                         "daemon": _busiest_thread_cpu(_proc.pid)}
+            bulk_cpus = where.cpus()
+            where = _WhereRan(client=os.getpid(), ping_raw=ping_raw.proc.pid, daemon=_proc.pid)
+            p = _interleaved({"raw_rtt": ping_raw.exchange, "ping": client.ping}, repeats * 10)
+            ping_cpus = where.cpus()
             d: dict[str, list[float]] = {}
             if with_decode:
                 vae = client.vae_load(str(vae_path))["model"]
@@ -209,7 +239,7 @@ def _transport_once(cl: set[int] | None, sv: set[int] | None, repeats: int, work
                     "local": lambda: pool.submit(_decode_local).result(),
                     "daemon": lambda: client.vae_decode(vae, small_latent),
                     "transfer": lambda: client.call("echo", {"latent": small_latent, "reply_shape": [1, 512, 512, 3]}),
-                }, max(8, repeats // 3))
+                }, max(4, repeats // 10))  # ~0.5 s per decode on 2 CPUs
                 pool.shutdown()
             client.close()
     finally:
@@ -217,10 +247,10 @@ def _transport_once(cl: set[int] | None, sv: set[int] | None, repeats: int, work
             os.sched_setaffinity(0, old_affinity)
         raw.close()
         ping_raw.close()
-    return {**t, **p, **d, "cpus_seen": cpus_seen}
+    return {**t, **p, **d, "cpus": {"bulk": bulk_cpus, "ping": ping_cpus}}
 
 
-def transport_benchmark(repeats: int = 30) -> dict[str, Any]:
+def transport_benchmark(repeats: int = 100) -> dict[str, Any]:
     """See the module docstring. Returns medians, ratios and human-readable lines."""
     from luna_daemon.models import tiny
 
@@ -241,7 +271,7 @@ def transport_benchmark(repeats: int = 30) -> dict[str, Any]:
         runs = [("unpinned", None, None, True)]
     for name, cl, sv, with_decode in runs:
         samples = _transport_once(cl, sv, repeats, work, vae_path, with_decode=with_decode)
-        seen = samples.pop("cpus_seen")
+        cpus = samples.pop("cpus")
         med = {k: statistics.median(v) for k, v in samples.items()}
         r: dict[str, Any] = {
             "a_raw_s": med["raw"], "a_raw_GBps": mb / 1e3 / med["raw"],
@@ -249,20 +279,22 @@ def transport_benchmark(repeats: int = 30) -> dict[str, Any]:
             "ratio_b_over_a": med["proto"] / med["raw"],
             "c_raw_rtt_us": med["raw_rtt"] * 1e6, "c_ping_p50_us": med["ping"] * 1e6,
             "ratio_ping_over_rtt": med["ping"] / med["raw_rtt"],
-            "cpus_seen": seen,
+            "cpus": cpus,
+            # Pinned placements are comparable by construction; unpinned only when the
+            # scheduler put the raw peer and the daemon alike (None: unknown, not Linux).
+            "bulk_comparable": True if name != "unpinned" else _comparable(cpus["bulk"], "raw"),
+            "ping_comparable": True if name != "unpinned" else _comparable(cpus["ping"], "ping_raw"),
         }
-        # Unpinned, the scheduler places the raw peer and the daemon independently, and
-        # on a VM a same-CPU round trip is ~3.5x faster than a cross-CPU one: the ratio is
-        # only meaningful when both servers ended up in the same relation to the client.
-        same = [None if seen[k] is None or seen["client"] is None else seen[k] == seen["client"] for k in ("raw_peer", "daemon")]
-        r["ping_comparable"] = name != "unpinned" or (None not in same and same[0] == same[1])
-        note = "" if r["ping_comparable"] else (
-            f"  [not comparable: last CPUs client {seen['client']}, raw peer {seen['raw_peer']}, daemon {seen['daemon']}; "
-            "see the pinned placements]")
+        notes = {}
+        for what, raw_name in (("bulk", "raw"), ("ping", "ping_raw")):
+            seen = cpus[what]
+            notes[what] = "" if r[f"{what}_comparable"] is not False else (
+                f"  [not comparable: the scheduler ran the client on CPU {seen['client']}, the raw peer on CPU "
+                f"{seen[raw_name]}, the daemon on CPU {seen['daemon']}; see the pinned placements]")
         lines += [
             f"[{name}] (a) raw loopback: {med['raw'] * 1e3:.2f} ms ({r['a_raw_GBps']:.2f} GB/s)",
-            f"[{name}] (b) daemon protocol: {med['proto'] * 1e3:.2f} ms ({r['b_protocol_GBps']:.2f} GB/s)  b/a = {r['ratio_b_over_a']:.2f} (target <= 1.3)",
-            f"[{name}] (c) ping p50 {r['c_ping_p50_us']:.0f} us vs raw RTT {r['c_raw_rtt_us']:.0f} us  ratio = {r['ratio_ping_over_rtt']:.2f} (target <= 2.0){note}",
+            f"[{name}] (b) daemon protocol: {med['proto'] * 1e3:.2f} ms ({r['b_protocol_GBps']:.2f} GB/s)  b/a = {r['ratio_b_over_a']:.2f} (target <= 1.3){notes['bulk']}",
+            f"[{name}] (c) ping p50 {r['c_ping_p50_us']:.0f} us vs raw RTT {r['c_raw_rtt_us']:.0f} us  ratio = {r['ratio_ping_over_rtt']:.2f} (target <= 2.0){notes['ping']}",
         ]
         if "local" in med:
             share = med["transfer"] / med["local"]

@@ -192,16 +192,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from luna_daemon import bench
 
+    # Each benchmark has its own default number of repeats (a tray launch takes
+    # seconds, a loopback exchange milliseconds); --repeats overrides it.
+    kw = {} if args.repeats is None else {"repeats": args.repeats}
     if args.memory:
         report = bench.memory_benchmark(model_mb=args.model_mb, clients=args.clients)
     elif args.startup:
-        report = bench.startup_benchmark(repeats=args.repeats)
+        report = bench.startup_benchmark(**kw)
     elif args.proxy:
         from luna_daemon.comfy_nodes.bench import proxy_overhead_benchmark
 
-        report = proxy_overhead_benchmark(repeats=args.repeats)
+        report = proxy_overhead_benchmark(**kw)
     else:
-        report = bench.transport_benchmark(repeats=args.repeats)
+        report = bench.transport_benchmark(**kw)
     if args.json:
         _json(report)
     else:
@@ -251,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--memory", action="store_true", help="memory sharing benchmark")
     b.add_argument("--startup", action="store_true", help="tray launch -> green")
     b.add_argument("--proxy", action="store_true", help="ComfyUI proxy per-call overhead vs in-process (needs ComfyUI: comfyui_root / COMFYUI_PATH)")
-    b.add_argument("--repeats", type=int, default=30)
+    b.add_argument("--repeats", type=int, default=None, help="samples per measurement (default: per benchmark)")
     b.add_argument("--model-mb", type=int, default=320, dest="model_mb")
     b.add_argument("--clients", type=int, default=3)
     b.set_defaults(func=cmd_bench)
