@@ -275,6 +275,14 @@ def decode_bytes(data: bytes | bytearray, limits: Limits = Limits()) -> Frame:
 
 
 # --------------------------------------------------------------------------- encoding
+def _json_default(obj: Any) -> Any:
+    """What orjson does not take natively but the json module did: float subclasses
+    (``numpy.float64`` is one). orjson calls this only for such values."""
+    if isinstance(obj, float):
+        return float(obj)
+    raise TypeError(f"Type is not JSON serializable: {type(obj).__name__}")
+
+
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """A read-only byte view of a CPU tensor (copies only if not contiguous / not CPU)."""
     t = t.detach()
@@ -314,7 +322,7 @@ def encode_frame(kind: Kind, header: dict[str, Any], tensors: dict[str, torch.Te
         header = dict(header)
         header["tensors"] = descriptors
     try:
-        header_bytes = orjson.dumps(header)  # compact UTF-8; a non-finite float is written as null
+        header_bytes = orjson.dumps(header, default=_json_default)  # compact UTF-8; a non-finite float is written as null
     except TypeError as exc:  # orjson.JSONEncodeError: a type JSON cannot hold, an int over 64 bits
         raise ProtocolError(ErrorCode.BAD_ARGS, f"header cannot be encoded as JSON: {exc}") from None
     if len(header_bytes) > HARD_MAX_HEADER:
@@ -367,6 +375,8 @@ def pack_value(value: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") 
         return value if all(p is v for p, v in zip(packed_list, value)) else packed_list
     if isinstance(value, (bool, int, float, str)):  # subclasses: str enums, IntEnum
         return value
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return value.item()  # a numpy scalar: the Python number
     if isinstance(value, torch.dtype):
         return DTYPE_NAMES.get(value, str(value))
     raise ProtocolError(ErrorCode.BAD_ARGS, f"cannot send a value of type {type(value).__name__}")

@@ -205,6 +205,12 @@ def test_header_is_strict_json():
     for bad in (b'{"id":1,"op":"x","args":{"v":NaN}}', b'{"id":1,"op":"x","args":{"v":Infinity}}',
                 b'{"id":1,"op":"\xed\xa0\x80"}', b'\xef\xbb\xbf{"id":1,"op":"x"}'):
         assert _code(protocol.PREFIX.pack(b"LUNA", 1, 1, 0, len(bad), 0) + bad) == "bad_frame", bad
+    # numpy scalars and float subclasses travel as plain numbers.
+    import numpy as np
+
+    frame = protocol.decode_bytes(b"".join(bytes(b) for b in protocol.request(1, "x", {"f": np.float64(1.5), "i": np.int64(3), "h": np.float16(0.5)})[0]))
+    args = protocol.parse_request(frame).args
+    assert args == {"f": 1.5, "i": 3, "h": 0.5} and type(args["i"]) is int
     # A value JSON cannot hold is refused when encoding, with a typed error.
     for value in (2 ** 70, object()):
         with pytest.raises(ProtocolError) as ei:
