@@ -172,14 +172,17 @@ class _RawPeer:
 @contextmanager
 def daemon_process(model_roots: list[str], extra_env: dict[str, str] | None = None,
                    cpus: set[int] | None = None) -> Iterator[tuple[int, str, subprocess.Popen]]:
-    """Start ``luna-daemon serve`` in a subprocess on free ports; yield (port, token, proc)."""
+    """Start ``luna-daemon serve`` in a subprocess on free ports; yield (port, token, proc).
+
+    ``extra_env`` adds or replaces ``LUNA_*`` settings (the default engine is standalone)."""
     from luna_daemon.client import DaemonClient, DaemonUnavailable, wait_for_daemon
 
     home = tempfile.mkdtemp(prefix="luna-bench-")
     port = _free_port()
     env = dict(os.environ, LUNA_HOME=home, LUNA_PORT=str(port), LUNA_MONITOR_PORT=str(_free_port()),
                LUNA_LOCK_PORT=str(_free_port()), LUNA_MODEL_ROOTS=json.dumps(model_roots), LUNA_ENGINE="standalone",
-               LUNA_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1", **(extra_env or {}))
+               LUNA_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1")
+    env.update(extra_env or {})  # may replace the defaults above (LUNA_ENGINE=comfy)
     proc = subprocess.Popen([sys.executable, "-m", "luna_daemon", "serve", "--no-monitor"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_pin(cpus))
     try:

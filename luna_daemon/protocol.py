@@ -127,17 +127,12 @@ class Prefix(NamedTuple):
 
 @dataclass(slots=True)
 class Frame:
-    """A decoded frame. ``tensors`` alias the received body buffer (zero copy).
-
-    ``plain`` is True when no string in the header can be a ``$tensor``/``$tuple``
-    marker (its bytes hold no ``$`` and no ``\\u`` escape that could spell one), so the
-    values need no :func:`unpack_value` walk: the common case for small control ops.
-    """
+    """A decoded frame. ``tensors`` alias the received body buffer (zero copy); in
+    ``header`` every ``$tensor`` / ``$tuple`` marker is already resolved."""
 
     kind: int  # a Kind value
     header: dict[str, Any]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    plain: bool = False
 
 
 # --------------------------------------------------------------------------- decoding
@@ -168,16 +163,6 @@ def parse_prefix(data: bytes | bytearray | memoryview, limits: Limits, offset: i
     raise ProtocolError(ErrorCode.TOO_LARGE, f"body of {body_len} bytes exceeds max_body_bytes={limits.max_body_bytes}")
 
 
-def _json_depth_ok(obj: Any, depth: int = 0) -> bool:
-    if depth > MAX_JSON_DEPTH:
-        return False
-    if isinstance(obj, dict):
-        return all(_json_depth_ok(v, depth + 1) for v in obj.values())
-    if isinstance(obj, list):
-        return all(_json_depth_ok(v, depth + 1) for v in obj)
-    return True
-
-
 def decode_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     # orjson: strict RFC 8259 JSON in UTF-8 (no NaN/Infinity, no lone surrogates, no
     # BOM), about 8x faster than the json module on the small headers of control ops.
@@ -187,10 +172,6 @@ def decode_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"header is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError(ErrorCode.BAD_FRAME, "header must be a JSON object")
-    # Nesting deeper than MAX_JSON_DEPTH needs at least 2 bytes per level, so short
-    # headers (ping, status: the latency-critical ones) skip the walk.
-    if len(data) > 2 * MAX_JSON_DEPTH and not _json_depth_ok(header):
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"header nested deeper than {MAX_JSON_DEPTH}")
     return header
 
 
@@ -259,7 +240,14 @@ def decode_frame(prefix: Prefix, header_bytes: bytes | bytearray, body: bytearra
     header = decode_header(header_bytes)
     descriptors = header.get("tensors")
     tensors = decode_tensors(descriptors, body) if descriptors is not None else {}
-    return Frame(prefix.kind, header, tensors, b"$" not in header_bytes and b"\\u" not in header_bytes)
+    # One walk resolves the markers and bounds the nesting (our walkers recurse). It is
+    # skipped when neither can matter: no "$" and no "\\u" escape that could spell one
+    # means no marker, and fewer brackets than MAX_JSON_DEPTH means no deep nesting:
+    # the common case of small control ops such as ping.
+    if (b"$" in header_bytes or b"\\u" in header_bytes
+            or header_bytes.count(b"{") + header_bytes.count(b"[") > MAX_JSON_DEPTH):
+        header = unpack_value(header, tensors, 0)
+    return Frame(prefix.kind, header, tensors)
 
 
 def decode_bytes(data: bytes | bytearray, limits: Limits = Limits()) -> Frame:
@@ -349,7 +337,9 @@ def pack_value(value: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") 
     kind = type(value)
     if kind in _SCALARS:
         return value
-    if kind is dict or (kind is not tuple and isinstance(value, dict)):
+    if kind is tuple:  # ComfyUI token lists hold one per token: the hottest case
+        return {"$tuple": [v if type(v) in _SCALARS else pack_value(v, tensors, prefix) for v in value]}
+    if kind is dict or isinstance(value, dict):
         out = value
         for k, v in value.items():
             if type(k) is not str and not isinstance(k, str):
@@ -368,10 +358,10 @@ def pack_value(value: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") 
             name += "_"
         tensors[name] = value
         return {"$tensor": name}
-    if isinstance(value, tuple):
-        return {"$tuple": [pack_value(v, tensors, prefix) for v in value]}
+    if isinstance(value, tuple):  # tuple subclasses (NamedTuple)
+        return {"$tuple": [v if type(v) in _SCALARS else pack_value(v, tensors, prefix) for v in value]}
     if isinstance(value, list):
-        packed_list = [pack_value(v, tensors, prefix) for v in value]
+        packed_list = [v if type(v) in _SCALARS else pack_value(v, tensors, prefix) for v in value]
         return value if all(p is v for p, v in zip(packed_list, value)) else packed_list
     if isinstance(value, (bool, int, float, str)):  # subclasses: str enums, IntEnum
         return value
@@ -382,19 +372,26 @@ def pack_value(value: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") 
     raise ProtocolError(ErrorCode.BAD_ARGS, f"cannot send a value of type {type(value).__name__}")
 
 
-def unpack_value(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of :func:`pack_value`. Unknown tensor references are a bad_frame error."""
-    if isinstance(value, dict):
-        if len(value) == 1 and "$tensor" in value:
-            name = value["$tensor"]
-            if not isinstance(name, str) or name not in tensors:
-                raise ProtocolError(ErrorCode.BAD_FRAME, f"reference to unknown tensor {name!r}")
-            return tensors[name]
-        if len(value) == 1 and "$tuple" in value and isinstance(value["$tuple"], list):
-            return tuple(unpack_value(v, tensors) for v in value["$tuple"])
-        return {k: unpack_value(v, tensors) for k, v in value.items()}
-    if isinstance(value, list):
-        return [unpack_value(v, tensors) for v in value]
+def unpack_value(value: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any:
+    """Inverse of :func:`pack_value` (``decode_frame`` runs it). An unknown tensor
+    reference or nesting deeper than ``MAX_JSON_DEPTH`` is a bad_frame error."""
+    if depth > MAX_JSON_DEPTH:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"header nested deeper than {MAX_JSON_DEPTH}")
+    if type(value) is dict:
+        if len(value) == 1:
+            if "$tensor" in value:
+                name = value["$tensor"]
+                if not isinstance(name, str) or name not in tensors:
+                    raise ProtocolError(ErrorCode.BAD_FRAME, f"reference to unknown tensor {name!r}")
+                return tensors[name]
+            items = value.get("$tuple")
+            if type(items) is list:
+                return tuple([v if type(v) in _SCALARS else unpack_value(v, tensors, depth + 2) for v in items])
+        depth += 1
+        return {k: v if type(v) in _SCALARS else unpack_value(v, tensors, depth) for k, v in value.items()}
+    if type(value) is list:
+        depth += 1
+        return [v if type(v) in _SCALARS else unpack_value(v, tensors, depth) for v in value]
     return value
 
 
@@ -428,7 +425,7 @@ class Request:
 
 
 def parse_request(frame: Frame) -> Request:
-    """Validate a request frame's header; tensor references in args are resolved."""
+    """Validate a request frame's header (its tensor references are already resolved)."""
     h = frame.header
     if frame.kind != 1:  # Kind.REQUEST
         raise ProtocolError(ErrorCode.BAD_FRAME, "expected a request frame")
@@ -445,7 +442,7 @@ def parse_request(frame: Frame) -> Request:
     token = h.get("token")
     if token is not None and not isinstance(token, str):
         raise ProtocolError(ErrorCode.BAD_FRAME, "'token' must be a string")
-    return Request(req_id, op, args if frame.plain else unpack_value(args, frame.tensors), token)
+    return Request(req_id, op, args, token)
 
 
 def parse_response(frame: Frame) -> tuple[Any, bool, Any]:
@@ -454,8 +451,7 @@ def parse_response(frame: Frame) -> tuple[Any, bool, Any]:
     if frame.kind != 2:  # Kind.RESPONSE
         raise ProtocolError(ErrorCode.BAD_FRAME, "expected a response frame")
     if h.get("ok") is True:
-        result = h.get("result")
-        return h.get("id"), True, result if frame.plain else unpack_value(result, frame.tensors)
+        return h.get("id"), True, h.get("result")
     err = h.get("error") or {}
     code = err.get("code", "internal")
     try:

@@ -181,9 +181,19 @@ def test_bad_json_and_references():
         cur["n"] = {}
         cur = cur["n"]
     assert _code(_frame(deep)) == "bad_frame"
-    frame = protocol.decode_bytes(_frame({"id": 1, "op": "x", "args": {"t": {"$tensor": "missing"}}}))
-    with pytest.raises(ProtocolError):
-        protocol.parse_request(frame)
+    # References are resolved while decoding: a missing tensor is a bad frame.
+    assert _code(_frame({"id": 1, "op": "x", "args": {"t": {"$tensor": "missing"}}})) == "bad_frame"
+    # Deep nesting is refused whether or not the header holds markers (one walk does both).
+    marked = {"id": 1, "op": "x", "args": {"t": {"$tuple": [1]}}}
+    cur = marked["args"]
+    for _ in range(100):
+        cur["n"] = [{}]
+        cur = cur["n"][0]
+    assert _code(_frame(marked)) == "bad_frame"
+    # A shallow header with many brackets is fine.
+    wide = {"id": 1, "op": "x", "args": {"l": [[i] for i in range(200)], "t": [{"$tuple": [i, 1.0]} for i in range(100)]}}
+    args = protocol.parse_request(protocol.decode_bytes(_frame(wide))).args
+    assert args["l"][5] == [5] and args["t"][7] == (7, 1.0)
 
 
 def test_escaped_marker_still_resolves():

@@ -2,17 +2,16 @@
 
 :func:`proxy_overhead_benchmark` builds a tiny CLIP-L (the sizes of the ComfyUI install's own
 ``comfy/sd1_clip_config.json``) and a tiny KL VAE, loads each twice -- natively with
-``comfy.sd`` in this process, and in a Luna Daemon (engine = comfy, started in this process
-on free ports) behind :class:`~luna_daemon.comfy_nodes.proxies.DaemonCLIP` /
+``comfy.sd`` in this process, and in a Luna Daemon (engine = comfy, its own process on free
+ports, as in real use) behind :class:`~luna_daemon.comfy_nodes.proxies.DaemonCLIP` /
 :class:`~luna_daemon.comfy_nodes.proxies.DaemonVAE` -- and times what the stock nodes call:
 
 * CLIP: ``tokenize`` + ``encode_from_tokens_scheduled`` (CLIPTextEncode: two round trips);
 * VAE: ``decode`` of a ``decode_size`` x ``decode_size`` image (512 by default).
 
 All calls run on one worker thread inside ``torch.inference_mode()``, like ComfyUI's prompt
-worker; native and proxy calls alternate (interleaved), and medians are reported. The daemon
-shares this process (and its cores), so the overhead is serialisation + loopback TCP +
-the daemon's queue hop, without a second process's scheduling.
+worker; native and proxy calls alternate (interleaved), and medians are reported. The
+overhead is serialisation + loopback TCP + the daemon's queue hop.
 """
 
 from __future__ import annotations
@@ -106,7 +105,7 @@ def proxy_overhead_benchmark(repeats: int = 30, *, decode_size: int = 512, comfy
 
     from luna_daemon.client import DaemonClient
     from luna_daemon.comfy_nodes import connection, proxies
-    from luna_daemon.daemon import Daemon
+    from luna_daemon.bench import daemon_process
     from luna_daemon.models.engines.comfy import ComfyEngine
     from luna_daemon.settings import Settings
 
@@ -149,56 +148,56 @@ def proxy_overhead_benchmark(repeats: int = 30, *, decode_size: int = 512, comfy
         native_clip = on_worker(lambda: comfy.sd.load_clip(ckpt_paths=[str(clip_path)], embedding_directory=[]))
         native_vae = on_worker(lambda: comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(vae_path)), config=_VAE_CONFIG))
 
-        daemon = Daemon(daemon_settings)
-        daemon.start()
-        client = DaemonClient(*daemon.address, token=daemon.token, timeout=120)
-        conn = connection.Connection(daemon_settings, client)
-        try:
-            proxy_clip = proxies.load_clip(conn, [str(clip_path)], "sd1")
-            proxy_vae = proxies.load_vae(conn, str(vae_path))
-            text = "a photo of a (red:1.2) cat riding a horse at night, highly detailed"
-            side = max(8, int(decode_size) // 8)
-            latent = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(3))
+        # The daemon runs in its own process, as in real use: same-process numbers would
+        # include GIL hand-offs between the prompt worker and the daemon's threads.
+        with daemon_process([str(tmp / "models")], {"LUNA_ENGINE": "comfy", "LUNA_COMFYUI_ROOT": str(root)}) as (port, token, _):
+            client = DaemonClient("127.0.0.1", port, token=token, timeout=120)
+            conn = connection.Connection(daemon_settings, client)
+            try:
+                proxy_clip = proxies.load_clip(conn, [str(clip_path)], "sd1")
+                proxy_vae = proxies.load_vae(conn, str(vae_path))
+                text = "a photo of a (red:1.2) cat riding a horse at night, highly detailed"
+                side = max(8, int(decode_size) // 8)
+                latent = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(3))
 
-            def clip_call(c: Any) -> Callable[[], Any]:
-                return lambda: c.encode_from_tokens_scheduled(c.tokenize(text))
+                def clip_call(c: Any) -> Callable[[], Any]:
+                    return lambda: c.encode_from_tokens_scheduled(c.tokenize(text))
 
-            def vae_call(v: Any) -> Callable[[], Any]:
-                return lambda: v.decode(latent)
+                def vae_call(v: Any) -> Callable[[], Any]:
+                    return lambda: v.decode(latent)
 
-            cases = {"clip_encode": (clip_call(native_clip), clip_call(proxy_clip)),
-                     "vae_decode": (vae_call(native_vae), vae_call(proxy_vae))}
+                cases = {"clip_encode": (clip_call(native_clip), clip_call(proxy_clip)),
+                         "vae_decode": (vae_call(native_vae), vae_call(proxy_vae))}
 
-            def measure() -> dict[str, tuple[list[float], list[float], float]]:
-                out = {}
-                for name, (native_fn, proxy_fn) in cases.items():
-                    for _ in range(2):  # warm-up both sides
-                        native_fn()
-                        proxy_fn()
-                    a, b = native_fn(), proxy_fn()
-                    diff = _max_diff(a, b)
-                    native_t: list[float] = []
-                    proxy_t: list[float] = []
-                    for i in range(max(1, int(repeats))):
-                        order = (native_fn, proxy_fn) if i % 2 == 0 else (proxy_fn, native_fn)
-                        for fn in order:
-                            t0 = time.perf_counter()
-                            fn()
-                            dt = time.perf_counter() - t0
-                            (native_t if fn is native_fn else proxy_t).append(dt)
-                    out[name] = (native_t, proxy_t, diff)
-                return out
+                def measure() -> dict[str, tuple[list[float], list[float], float]]:
+                    out = {}
+                    for name, (native_fn, proxy_fn) in cases.items():
+                        for _ in range(2):  # warm-up both sides
+                            native_fn()
+                            proxy_fn()
+                        a, b = native_fn(), proxy_fn()
+                        diff = _max_diff(a, b)
+                        native_t: list[float] = []
+                        proxy_t: list[float] = []
+                        for i in range(max(1, int(repeats))):
+                            order = (native_fn, proxy_fn) if i % 2 == 0 else (proxy_fn, native_fn)
+                            for fn in order:
+                                t0 = time.perf_counter()
+                                fn()
+                                dt = time.perf_counter() - t0
+                                (native_t if fn is native_fn else proxy_t).append(dt)
+                        out[name] = (native_t, proxy_t, diff)
+                    return out
 
-            raw = on_worker(measure)
-        finally:
-            client.close()
-            daemon.stop(10)
-            worker.shutdown(wait=True)
+                raw = on_worker(measure)
+            finally:
+                client.close()
+                worker.shutdown(wait=True)
 
     device = str(comfy.model_management.get_torch_device())
     results: dict[str, dict[str, Any]] = {}
     lines = [(f"proxy overhead vs in-process (ComfyUI at {root}, device {device}, {repeats} interleaved calls, "
-              "medians, one prompt-worker thread, daemon in the same process)")]
+              "medians, one prompt-worker thread, daemon in its own process)")]
     labels = {"clip_encode": f"CLIP tokenize+encode (hidden {clip_cfg['hidden_size']}, "
                              f"{clip_cfg['num_hidden_layers']} layers)",
               "vae_decode": f"VAE decode {side * 8}x{side * 8} (tiny KL VAE)"}
