@@ -19,7 +19,9 @@ import itertools
 import logging
 import socket
 import threading
-from typing import Any, Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -39,6 +41,23 @@ class DaemonUnavailable(ConnectionError):
 
 class DaemonError(LunaError):
     """The daemon answered with an error. ``code`` is a protocol error code."""
+
+
+class _Abandoned(Exception):
+    """Carries what a caller's ``check`` raised past the client's own error handling."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(cause)
+        self.cause = cause
+
+    @staticmethod
+    def guard(check: Callable[[], None]) -> Callable[[], None]:
+        def guarded() -> None:
+            try:
+                check()
+            except BaseException as exc:
+                raise _Abandoned(exc) from exc
+        return guarded
 
 
 class _Connection:
@@ -106,8 +125,14 @@ class DaemonClient:
                 return
         conn.close()
 
-    def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
-        """Send one request and return its result (tensors as torch tensors)."""
+    def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = None,
+             check: Callable[[], None] | None = None) -> Any:
+        """Send one request and return its result (tensors as torch tensors).
+
+        ``check``, if given, is called about every 0.1 s while the answer is awaited. If it
+        raises (ComfyUI's ``throw_exception_if_processing_interrupted`` when the user
+        cancels), the request is abandoned: its connection is closed, so the daemon drops
+        the request if it is still queued, and the exception propagates."""
         timeout = self.timeout if timeout is None else timeout
         req_id = next(self._ids)
         token = self.token if op not in ("ping", "hello") else None
@@ -116,7 +141,13 @@ class DaemonClient:
             conn, reused = self._checkout()
             try:
                 conn.channel.send(buffers, timeout)
+                if check is not None:
+                    conn.channel.wait_readable(_Abandoned.guard(check), time.monotonic() + timeout)
                 frame = conn.channel.read_frame(self._limits, idle_timeout=timeout, frame_timeout=timeout)
+            except _Abandoned as abandoned:
+                conn.close()  # the daemon sees the client gone and drops the request if still queued
+                log.info("%s abandoned by the caller (%s)", op, type(abandoned.cause).__name__)
+                raise abandoned.cause from None
             except (transport.IdleTimeout, transport.FrameTimeout, socket.timeout):
                 conn.close()  # the answer may still arrive: this stream is unusable now
                 raise DaemonError(ErrorCode.TIMEOUT, f"no answer to {op!r} within {timeout:.0f}s") from None
@@ -234,8 +265,6 @@ def wait_for_daemon(host: str, port: int, timeout: float, *, proc: Any = None, t
     ``proc`` (a Popen) that exits first makes this fail at once. Raises DaemonUnavailable
     with the last error after ``timeout`` seconds.
     """
-    import time
-
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while True:

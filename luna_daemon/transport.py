@@ -25,6 +25,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 
 from luna_daemon import protocol
 from luna_daemon.protocol import Frame, Limits
@@ -187,6 +188,21 @@ class Channel:
         if pre.body_len:
             self._read_exact_into(memoryview(body), deadline)
         return protocol.decode_frame(pre, header, body)
+
+    def wait_readable(self, check: Callable[[], None], deadline: float | None, interval: float = 0.1) -> None:
+        """Block until data can be read, calling ``check()`` about every ``interval``
+        seconds; whatever ``check`` raises propagates (the caller abandons the frame).
+        Raises IdleTimeout when ``deadline`` (monotonic) passes first."""
+        while self._start == self._end:
+            check()
+            wait = interval
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    raise IdleTimeout("no answer before the deadline")
+            readable, _, _ = select.select([self.sock], [], [], wait)
+            if readable:
+                return
 
     def peer_gone(self) -> bool:
         """Non-blocking check: has the peer closed its end? (Buffered data = still there.)"""

@@ -90,9 +90,9 @@ class SpyClient(DaemonClient):
         super().__init__(*a, **kw)
         self.calls: list[tuple[str, bool]] = []
 
-    def call(self, op, args=None, *, timeout=None):
+    def call(self, op, args=None, *, timeout=None, check=None):
         self.calls.append((op, isinstance(args, dict) and "data" in args))
-        return super().call(op, args, timeout=timeout)
+        return super().call(op, args, timeout=timeout, check=check)
 
     def count(self, op: str, uploads: bool | None = None) -> int:
         return sum(1 for o, d in self.calls if o == op and (uploads is None or d == uploads))
@@ -337,6 +337,23 @@ def test_vae_stock_nodes_match_native(vae, native_vae, native):
         ref = run(nodes.VAEEncodeTiled().encode, native_vae, pixels_inf, tile, overlap, 64, 8)[0]["samples"]
         assert close(got, ref), (tile, overlap)
     assert torch.equal(pixels_inf, keep)  # the inference tensor was never written
+
+
+def test_comfyui_cancel_abandons_the_daemon_call(vae, native, spy):
+    # ComfyUI's cancel only sets a flag in the ComfyUI process; a proxy waiting on the
+    # daemon polls it, like a sampler, instead of waiting for the answer.
+    mm = native.comfy.model_management
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    decodes = spy.count("vae_decode")
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run(native.nodes.VAEDecode().decode, vae, latent)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert spy.count("vae_decode") == decodes + 1  # the request was sent, then abandoned
+    # The next prompt works (a fresh connection; the abandoned one was closed).
+    assert run(native.nodes.VAEDecode().decode, vae, latent)[0].shape == (1, 64, 64, 3)
 
 
 def test_vae_attributes_match_native(vae, native_vae):

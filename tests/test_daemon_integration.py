@@ -431,3 +431,74 @@ def test_disconnect_cancels_queued_work(daemon, model_dir):
     assert entry["cancelled"] == 1 and entry["calls"] == 1 and entry["users"] == 0  # the queued call never ran
     assert c.status()["requests"]["by_op"]["vae_decode"].get("cancelled") == 1
     c.close()
+
+
+class _Stop(ConnectionError):
+    """What a caller's check raises; an OSError on purpose: it must not be taken for a
+    lost connection (no retry, no DaemonUnavailable)."""
+
+
+def test_check_is_polled_while_waiting_and_abandons_the_request():
+    # A real server that reads the request and never answers.
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(4)
+    seen_eof = threading.Event()
+
+    def serve():
+        conn, _ = ls.accept()
+        while conn.recv(65536):
+            pass
+        seen_eof.set()  # the client closed the connection it abandoned
+        conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    client = DaemonClient(*ls.getsockname(), token="t", timeout=30)
+    polls: list[float] = []
+
+    def check():
+        polls.append(time.monotonic())
+        if len(polls) == 3:
+            raise _Stop("cancelled by the user")
+
+    with pytest.raises(_Stop):
+        client.call("status", check=check)
+    assert len(polls) == 3 and polls[2] - polls[0] >= 0.15  # polled about every 0.1 s, not spun
+    assert seen_eof.wait(5)
+    # Without an answer and a check that never raises, the client's timeout still applies.
+    threading.Thread(target=serve, daemon=True).start()
+    with pytest.raises(DaemonError) as ei:
+        client.call("status", timeout=0.3, check=lambda: None)
+    assert ei.value.code == "timeout"
+    client.close()
+    ls.close()
+
+
+def test_abandoned_call_is_dropped_from_the_queue(daemon, model_dir):
+    c = DaemonClient(*daemon.address, token=daemon.token)
+    m = c.vae_load(str(model_dir / "vae_file" / "tiny_vae.safetensors"))["model"]
+    busy = threading.Thread(target=lambda: DaemonClient(*daemon.address, token=daemon.token).vae_decode(m, torch.zeros(1, 4, 96, 96)))
+    busy.start()
+    deadline = time.time() + 10
+    while c.ps()[0]["users"] == 0 and time.time() < deadline:
+        time.sleep(0.005)
+    waiter = DaemonClient(*daemon.address, token=daemon.token)
+
+    def check():  # "cancel" once the request is queued behind the busy one
+        if c.ps()[0]["users"] == 2:
+            raise _Stop("cancelled")
+
+    with pytest.raises(_Stop):
+        waiter.call("vae_decode", {"model": m, "latent": torch.zeros(1, 4, 8, 8)}, check=check)
+    busy.join(120)
+    deadline = time.time() + 10
+    while c.ps()[0]["cancelled"] == 0 and time.time() < deadline:
+        time.sleep(0.02)
+    entry = c.ps()[0]
+    assert entry["cancelled"] == 1 and entry["calls"] == 1  # the abandoned call never ran
+    # The waiting client stays usable; an answer that comes while check() is polled is returned.
+    assert waiter.call("ping", check=lambda: None)["pong"] is True
+    out = waiter.call("vae_decode", {"model": m, "latent": torch.zeros(1, 4, 8, 8)}, check=lambda: None)
+    assert out["image"].shape == (1, 64, 64, 3)
+    waiter.close()
+    c.close()

@@ -100,17 +100,19 @@ class Connection:
                 f"(the Luna loaders then load models in this ComfyUI, without sharing).")
 
     # ------------------------------------------------------------------ calls
-    def call(self, op: str, args: dict | None = None, *, timeout: float | None = None, start: bool = True) -> Any:
-        """``client.call`` with the documented daemon-down error (and the optional start)."""
+    def call(self, op: str, args: dict | None = None, *, timeout: float | None = None, start: bool = True,
+             check: Any = None) -> Any:
+        """``client.call`` with the documented daemon-down error (and the optional start).
+        ``check``: see ``DaemonClient.call`` (the proxies pass ComfyUI's interrupt check)."""
         from luna_daemon.client import DaemonUnavailable
 
         try:
-            return self.client.call(op, args, timeout=timeout)
+            return self.client.call(op, args, timeout=timeout, check=check)
         except DaemonUnavailable as exc:
             error: BaseException = exc
             if start and self.start_daemon_if_missing():
                 try:
-                    return self.client.call(op, args, timeout=timeout)
+                    return self.client.call(op, args, timeout=timeout, check=check)
                 except DaemonUnavailable as again:
                     error = again
             raise DaemonUnavailable(self.down_message(error)) from None

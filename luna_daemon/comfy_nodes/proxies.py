@@ -69,6 +69,16 @@ def intermediate_device() -> torch.device:
     return torch.device("cpu")
 
 
+def interrupt_check() -> Callable[[], None] | None:
+    """ComfyUI's cancel, for a proxy waiting on the daemon: ``throw_exception_if_processing_
+    interrupted`` (raises ``InterruptProcessingException`` and clears the flag, as a sampler
+    would). ComfyUI's cancel only sets a flag in this process; without this a cancelled
+    prompt would wait for the daemon's answer. None outside ComfyUI."""
+    mm = sys.modules.get("comfy.model_management")
+    fn = getattr(mm, "throw_exception_if_processing_interrupted", None)
+    return fn if callable(fn) else None
+
+
 def _to_client(value: Any) -> Any:
     """Floating tensors -> float32 on the intermediate device; containers recursively."""
     if isinstance(value, torch.Tensor):
@@ -122,7 +132,7 @@ class _Remote:
         for attempt in (0, 1):
             model_id = self.model_id
             try:
-                return self.conn.call(op, make_args(model_id))
+                return self.conn.call(op, make_args(model_id), check=interrupt_check())
             except DaemonError as exc:
                 if attempt or exc.code != "not_found":
                     raise self._explain(exc) from None
@@ -683,7 +693,7 @@ def load_vae(conn: Any, path: str, *, device: str | None = None, dtype: str | No
 
     def load() -> dict:
         try:
-            return conn.call("vae_load", args)
+            return conn.call("vae_load", args, check=interrupt_check())
         except DaemonError as exc:
             raise _forbidden_hint(conn, exc, path) from None
 
@@ -697,7 +707,7 @@ def load_clip(conn: Any, paths: list[str], clip_type: str = "sd1", *, device: st
 
     def load() -> dict:
         try:
-            return conn.call("clip_load", args)
+            return conn.call("clip_load", args, check=interrupt_check())
         except DaemonError as exc:
             raise _forbidden_hint(conn, exc, paths[0]) from None
 
