@@ -407,7 +407,8 @@ def test_token_file_mode(daemon):
     assert len(daemon.token) >= 32
 
 
-def test_disconnect_cancels_queued_work(daemon, model_dir):
+def _busy_vae(daemon, model_dir) -> tuple[DaemonClient, str, threading.Thread]:
+    """A loaded VAE whose executor is busy with a long decode (running when this returns)."""
     c = DaemonClient(*daemon.address, token=daemon.token)
     m = c.vae_load(str(model_dir / "vae_file" / "tiny_vae.safetensors"))["model"]
     busy = threading.Thread(target=lambda: DaemonClient(*daemon.address, token=daemon.token).vae_decode(m, torch.zeros(1, 4, 96, 96)))
@@ -415,6 +416,12 @@ def test_disconnect_cancels_queued_work(daemon, model_dir):
     deadline = time.time() + 10
     while c.ps()[0]["users"] == 0 and time.time() < deadline:
         time.sleep(0.005)
+    return c, m, busy
+
+
+def test_disconnect_cancels_queued_work(daemon, model_dir):
+    c, m, busy = _busy_vae(daemon, model_dir)
+    deadline = time.time() + 10
     # Queue a request behind the busy one, then vanish without reading the answer.
     s = socket.create_connection(daemon.address)
     buffers, _ = protocol.request(5, "vae_decode", {"model": m, "latent": torch.zeros(1, 4, 8, 8)}, daemon.token)
@@ -475,13 +482,7 @@ def test_check_is_polled_while_waiting_and_abandons_the_request():
 
 
 def test_abandoned_call_is_dropped_from_the_queue(daemon, model_dir):
-    c = DaemonClient(*daemon.address, token=daemon.token)
-    m = c.vae_load(str(model_dir / "vae_file" / "tiny_vae.safetensors"))["model"]
-    busy = threading.Thread(target=lambda: DaemonClient(*daemon.address, token=daemon.token).vae_decode(m, torch.zeros(1, 4, 96, 96)))
-    busy.start()
-    deadline = time.time() + 10
-    while c.ps()[0]["users"] == 0 and time.time() < deadline:
-        time.sleep(0.005)
+    c, m, busy = _busy_vae(daemon, model_dir)
     waiter = DaemonClient(*daemon.address, token=daemon.token)
 
     def check():  # "cancel" once the request is queued behind the busy one
