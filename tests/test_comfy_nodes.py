@@ -267,10 +267,11 @@ def test_root_init_exports_mappings_and_starts_nothing():
     assert not out["client_imported"] and not out["torch_imported"] and not out["comfy_imported"]
 
 
-def test_root_init_with_a_missing_dependency_logs_and_exports_nothing():
-    out = _probe_entry(block="safetensors")
+@pytest.mark.parametrize("package", ["safetensors", "orjson"])
+def test_root_init_with_a_missing_dependency_logs_and_exports_nothing(package):
+    out = _probe_entry(block=package)
     assert out["classes"] == [] and out["names"] == {}
-    assert any("Luna Daemon nodes are disabled" in line and "safetensors" in line for line in out["logs"]), out["logs"]
+    assert any("Luna Daemon nodes are disabled" in line and package in line for line in out["logs"]), out["logs"]
 
 
 def test_root_init_under_another_package_name_reuses_luna_daemon():

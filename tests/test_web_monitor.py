@@ -509,7 +509,7 @@ def test_port_in_use_is_named_and_stop_frees_the_port(make_settings):
 def test_settings_save_validates_and_keeps_user_keys(make_settings, tmp_path):
     config = tmp_path / "home" / "config" / "config.toml"
     config.parent.mkdir(parents=True)
-    config.write_text('# mine\nstop_timeout = "20s"\nlog_level = "DEBUG"\nvae_dtype = "fp32"\n', encoding="utf-8")
+    config.write_text('# mine\nstop_timeout = "20s"\nlog_level = "DEBUG"\nvae_dtype = "fp32"  # small VAEs\n', encoding="utf-8")
     h = Host(make_settings(), log_to_stderr=False)
     h.start_monitor()
     try:
@@ -548,6 +548,9 @@ def test_settings_save_validates_and_keeps_user_keys(make_settings, tmp_path):
         assert data["vae_dtype"] == "fp16" and data["keep_alive"] == "30m" and data["notifications"] is False
         assert data["max_model_bytes"] == {"cpu": "2GiB"} and data["monitor_port"] == 19999
         assert data["stop_timeout"] == "20s" and data["log_level"] == "DEBUG", "the user's keys are kept"
+        text = config.read_text(encoding="utf-8")
+        assert text.startswith('# mine\nstop_timeout = "20s"\nlog_level = "DEBUG"\n'), "comments and layout are kept"
+        assert 'vae_dtype = "fp16"  # small VAEs\n' in text, "a changed value keeps its line and comment"
         assert (config.parent / "config.toml.bak").read_text(encoding="utf-8").startswith("# mine")
         # Applied to the live settings the daemon starts from, except flag/env overrides.
         assert h.settings.vae_dtype == "fp16" and h.settings.keep_alive == 1800.0

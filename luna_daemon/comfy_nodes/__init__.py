@@ -15,10 +15,11 @@ import sys
 def missing_dependencies() -> list[str]:
     """Requirements of the nodes that this Python lacks (names as pip knows them)."""
     missing = []
-    if sys.version_info < (3, 11) and importlib.util.find_spec("tomllib") is None:
-        missing.append("Python >= 3.11 (tomllib, for the Luna config file)")
+    # The config file reader: tomllib from Python 3.11 on, the tomli package before.
+    if sys.version_info < (3, 11) and importlib.util.find_spec("tomli") is None:
+        missing.append("tomli")
     for module, package in (("torch", "torch"), ("numpy", "numpy"), ("safetensors", "safetensors"),
-                            ("platformdirs", "platformdirs")):
+                            ("platformdirs", "platformdirs"), ("orjson", "orjson")):
         if importlib.util.find_spec(module) is None:
             missing.append(package)
     return missing

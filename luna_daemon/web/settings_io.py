@@ -8,9 +8,9 @@ What a caller can rely on:
 * :func:`save` writes only after every changed value passed ``Settings``' own validation
   (each field alone, for a message next to that field, then the whole new file through
   ``Settings.load``) plus the checks only this page can make (the device exists, the
-  folder exists). The file is written with ``tomli_w`` to a temporary file in the same
-  folder and moved over ``config.toml`` atomically; every key the user had is kept (TOML
-  comments are not: ``tomli_w`` cannot keep them, so the previous file is copied to
+  folder exists). The file is edited with ``tomlkit``, so every key, comment and the
+  layout the user had are kept; the result goes to a temporary file in the same folder
+  and is moved over ``config.toml`` atomically (the previous file is copied to
   ``config.toml.bak`` first). On any error nothing is written.
 * Saved values are applied to the live Settings object (the one the daemon reads on its
   next start), except keys overridden by an environment variable or command-line flag,
@@ -25,11 +25,11 @@ import os
 import re
 import shutil
 import threading
-import tomllib
 from pathlib import Path
 from typing import Any
 
-import tomli_w
+import tomlkit
+import tomlkit.exceptions
 
 from luna_daemon.settings import FOREVER, Settings, SettingsError
 
@@ -227,14 +227,15 @@ def save(settings: Settings, changes: Any, existing_devices: list[str]) -> dict[
     path = Path(settings.config_file)
     with _save_lock:
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+            doc = tomlkit.parse(path.read_text(encoding="utf-8")) if path.is_file() else tomlkit.document()
+        except (OSError, tomlkit.exceptions.TOMLKitError) as exc:
             return {"ok": False, "errors": {"_": f"cannot read {path} ({exc}); fix or remove it first"}}
-        data.update(values)
+        for key, value in values.items():
+            doc[key] = value  # in place: the line's comment and position stay
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_text(tomli_w.dumps(data), encoding="utf-8")
+            tmp.write_text(tomlkit.dumps(doc), encoding="utf-8")
             try:
                 # The whole new file through the same loader the daemon uses at startup;
                 # env={} so only the file's own values are judged.
