@@ -266,6 +266,48 @@ def test_memory_budget_evicts_idle_lru_only(make_settings, model_dir):
         d.stop(10)
 
 
+def test_lora_patched_weights_count_against_the_budget(make_settings, model_dir, lora_files):
+    vae_path, clip_path = str(model_dir / "vae_folder"), str(model_dir / "clip_l")
+
+    def use(c: DaemonClient) -> tuple[str, str, str]:
+        vae = c.vae_load(vae_path)["model"]
+        clip = c.clip_load([clip_path])["model"]
+        sha = c.lora_load(str(lora_files["a"][0]))["sha256"]
+        c.clip_encode(clip, text="a cat", loras=[{"lora": sha, "strength": 0.8}])  # builds the patched copies
+        return vae, clip, sha
+
+    # Measure: weights of both models and the patched copies one LoRA stack costs.
+    d = Daemon(make_settings())
+    d.start()
+    try:
+        with DaemonClient(*d.address, token=d.token) as c:
+            vae, clip, _ = use(c)
+            sizes = {m["id"]: m for m in c.ps()}
+            weights = sizes[vae]["bytes"] + sizes[clip]["bytes"]
+            cache = sizes[clip]["cache_bytes"]
+            assert cache > 0 and sizes[vae]["cache_bytes"] == 0
+            assert c.status()["devices"]["cpu"]["models_bytes"] == weights + cache
+    finally:
+        d.stop(10)
+
+    # A budget both models' weights fit in, but not with the patched copies: the encode
+    # that grows the cache evicts the idle VAE, as a load would.
+    budget = weights + cache // 2
+    d = Daemon(make_settings(max_model_bytes={"cpu": budget}))
+    d.start()
+    try:
+        with DaemonClient(*d.address, token=d.token) as c:
+            vae, clip, _ = use(c)
+            deadline = time.time() + 10
+            while len(c.ps()) > 1 and time.time() < deadline:
+                time.sleep(0.02)
+            (left,) = c.ps()
+            assert left["id"] == clip and left["cache_bytes"] == cache
+            assert c.status()["devices"]["cpu"]["models_bytes"] <= budget
+    finally:
+        d.stop(10)
+
+
 def test_preload_and_warm_start(make_settings, model_dir):
     vae = str(model_dir / "vae_folder")
     clip = str(model_dir / "clip_l")

@@ -523,7 +523,15 @@ def test_lora_leaves_base_weights_and_caches(engine, clip_paths):
     again = model.encode(tokens, loras=[spec_a, spec_b])
     assert torch.equal(stacked["cond"], again["cond"])
     assert model.lora_cache_stats() == {"entries": 1, "hits": 1, "misses": 1}
-    assert model.lora_cache_nbytes() > 0
+    def recount() -> int:
+        return sum(t.numel() * t.element_size() for patch in model._lora_cache.values()
+                   for tensors in patch.values() for t in tensors.values())
+
+    assert model.cache_nbytes() == recount() > 0
+    for seed in range(3, 9):  # more stacks than the cache keeps: the oldest are evicted
+        model.encode(tokens, loras=[random_lora(model, f"{seed:x}" * 64, seed=seed)])
+    assert len(model._lora_cache) == model._lora_cache.max_entries
+    assert model.cache_nbytes() == recount() > 0
     after = model._encoders["l"].module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(model.encode(tokens)["cond"], base["cond"])

@@ -209,6 +209,18 @@ class ModelEntry:
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def cache_bytes(self) -> int:
+        """Memory the model holds besides its weights (LoRA-patched copies), read live.
+        Optional in a model (``LoadedModel.cache_nbytes``): duck-typed models hold none."""
+        fn = getattr(self.model, "cache_nbytes", None)
+        return fn() if fn is not None else 0
+
+    @property
+    def held_bytes(self) -> int:
+        """What counts against the device's ``max_model_bytes``: weights + caches."""
+        return self.nbytes + self.cache_bytes
+
+    @property
     def expires_at(self) -> float | None:
         if self.keep_alive == FOREVER or self.keep_alive < 0:
             return None
@@ -222,7 +234,7 @@ class ModelEntry:
             info = {k: v for k, v in info.items() if k != "state_dict"}
         return {
             "id": self.id, "kind": self.kind, "paths": self.paths, "device": self.device, "dtype": self.dtype,
-            "bytes": self.nbytes, "loaded_at": self.loaded_at, "last_used": self.last_used,
+            "bytes": self.nbytes, "cache_bytes": self.cache_bytes, "loaded_at": self.loaded_at, "last_used": self.last_used,
             "expires_at": self.expires_at, "keep_alive": self.keep_alive, "users": self.users,
             "queue": self.executor.depth, "calls": self.executor.completed, "cancelled": self.executor.cancelled,
             "info": info, "options": self.options,
@@ -272,7 +284,7 @@ class Registry:
     def bytes_by_device(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for e in self.entries():
-            out[e.device] = out.get(e.device, 0) + e.nbytes
+            out[e.device] = out.get(e.device, 0) + e.held_bytes
         return out
 
     # ------------------------------------------------------------ load
@@ -379,6 +391,8 @@ class Registry:
                 entry.users -= 1
             raise
 
+        cache_before = entry.cache_bytes
+
         def done(_f: cf.Future) -> None:
             with self._lock:
                 entry.users -= 1
@@ -387,6 +401,10 @@ class Registry:
             if unload_now:
                 # keep_alive 0 = unload after use; off the executor thread (it is joined).
                 threading.Thread(target=self._unload_quiet, args=(entry.id,), daemon=True).start()
+            elif entry.cache_bytes > cache_before and self._over_budget(entry.device):
+                # The call grew the model's cache past the budget: make room as a load
+                # would, off the executor thread (unloading joins other executors).
+                threading.Thread(target=self._fit_budget, args=(entry.device, entry.id), daemon=True).start()
 
         fut.add_done_callback(done)
         return fut
@@ -451,7 +469,7 @@ class Registry:
         while True:
             with self._lock:
                 on_dev = [e for e in self._entries.values() if e.device == device and not e.unloading and e.id != exclude]
-                used = sum(e.nbytes for e in on_dev)
+                used = sum(e.held_bytes for e in on_dev)
                 if used + needed <= budget:
                     return
                 idle = sorted((e for e in on_dev if e.users == 0), key=lambda e: e.last_used)
@@ -467,6 +485,18 @@ class Registry:
                 self.unload(victim.id)
             except LunaError:
                 pass
+
+    def _over_budget(self, device: str) -> bool:
+        budget = self._budget(device)
+        return budget is not None and self.bytes_by_device().get(device, 0) > budget
+
+    def _fit_budget(self, device: str, keep: str) -> None:
+        """Evict idle models (not ``keep``) until ``device`` is within its budget again."""
+        try:
+            self._make_room(device, self.get(keep).held_bytes, exclude=keep)
+        except LunaError:
+            pass  # gone meanwhile, or nothing idle to evict (_make_room emitted the warning)
+        self._warn_if_over_budget(device)
 
     def _warn_if_over_budget(self, device: str) -> None:
         budget = self._budget(device)

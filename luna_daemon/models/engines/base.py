@@ -81,6 +81,12 @@ class LoadedModel(abc.ABC):
     def info(self) -> dict[str, Any]:
         """JSON-safe static facts a client needs (channels, ratios, encoders...)."""
 
+    def cache_nbytes(self) -> int:
+        """Memory the model holds besides its weights and may grow with use (the standalone
+        CLIP's LoRA-patched weight copies). The registry counts it, with ``nbytes``, in the
+        device's ``max_model_bytes`` budget. Must be cheap: it is read after every call."""
+        return 0
+
     def release(self) -> None:
         """Drop every reference to weights so the memory can be returned. Idempotent."""
 

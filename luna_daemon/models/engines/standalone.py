@@ -666,14 +666,22 @@ class _ShellPool:
             self._free.clear()
 
 
+def _patch_nbytes(patch: dict[str, dict[str, torch.Tensor]]) -> int:
+    """Bytes of one cached LoRA stack's patched weights ({encoder: {param: tensor}})."""
+    return sum(t.numel() * t.element_size() for tensors in patch.values() for t in tensors.values())
+
+
 class _LruCache:
     """A small thread-safe LRU. Values are built outside the lock (building may be slow);
-    two threads missing the same key at once both build, and the first result is kept."""
+    two threads missing the same key at once both build, and the first result is kept.
+    ``nbytes`` is the sum of ``size_of(value)`` over the entries, kept as they come and go."""
 
-    def __init__(self, max_entries: int):
+    def __init__(self, max_entries: int, size_of: Callable[[Any], int] = lambda value: 0):
         self.max_entries = max(0, int(max_entries))
         self._data: OrderedDict[Any, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._size_of = size_of
+        self.nbytes = 0
         self.hits = 0
         self.misses = 0
 
@@ -692,8 +700,9 @@ class _LruCache:
                 self._data.move_to_end(key)
                 return self._data[key]
             self._data[key] = value
+            self.nbytes += self._size_of(value)
             while len(self._data) > self.max_entries:
-                self._data.popitem(last=False)
+                self.nbytes -= self._size_of(self._data.popitem(last=False)[1])
         return value
 
     def values(self) -> list[Any]:
@@ -707,6 +716,7 @@ class _LruCache:
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self.nbytes = 0
 
 
 class _TextEncoder:
@@ -930,7 +940,7 @@ class StandaloneClip(ClipModel):
         self._encoders: dict[str, _TextEncoder] | None = dict(encoders)
         self.device = device
         self.dtype = dtype
-        self._lora_cache = _LruCache(lora_cache_entries)
+        self._lora_cache = _LruCache(lora_cache_entries, size_of=_patch_nbytes)
         self._nbytes = _module_nbytes(*(e.module for e in encoders.values()))
         self._info = self._build_info()
 
@@ -939,13 +949,9 @@ class StandaloneClip(ClipModel):
     def nbytes(self) -> int:
         return self._nbytes if self._encoders is not None else 0
 
-    def lora_cache_nbytes(self) -> int:
-        """Bytes held by cached patched weights (not part of ``nbytes``)."""
-        total = 0
-        for per_encoder in self._lora_cache.values():
-            for tensors in per_encoder.values():
-                total += sum(t.numel() * t.element_size() for t in tensors.values())
-        return total
+    def cache_nbytes(self) -> int:
+        """Bytes held by the cached LoRA-patched weight copies (besides ``nbytes``)."""
+        return self._lora_cache.nbytes
 
     def lora_cache_stats(self) -> dict[str, int]:
         return {"entries": len(self._lora_cache), "hits": self._lora_cache.hits, "misses": self._lora_cache.misses}
