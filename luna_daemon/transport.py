@@ -20,6 +20,7 @@ Speed matters here (``ping`` must stay within 2x the raw loopback round trip):
 from __future__ import annotations
 
 import errno
+import math
 import select
 import socket
 import struct
@@ -35,6 +36,19 @@ _BUF = 64 * 1024
 # WSAENOBUFS on Windows for huge single receives.
 _CHUNK = 8 * 1024 * 1024
 _KERNEL_TIMEOUTS = sys.platform != "win32" and hasattr(socket, "SO_RCVTIMEO")
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Can ``sock`` be read (data or EOF) within ``timeout`` seconds?
+
+    ``poll`` where it exists: ``select`` fails for descriptor numbers over FD_SETSIZE
+    (1024), which a client inside a busy ComfyUI process can reach."""
+    if hasattr(select, "poll"):
+        p = select.poll()
+        p.register(sock, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
+        return bool(p.poll(max(0, math.ceil(timeout * 1000))))
+    readable, _, _ = select.select([sock], [], [], timeout)
+    return bool(readable)
 
 
 class PeerClosed(ConnectionError):
@@ -200,8 +214,7 @@ class Channel:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     raise IdleTimeout("no answer before the deadline")
-            readable, _, _ = select.select([self.sock], [], [], wait)
-            if readable:
+            if _readable(self.sock, wait):
                 return
 
     def peer_gone(self) -> bool:
@@ -209,8 +222,7 @@ class Channel:
         if self._end > self._start:
             return False
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-            if not readable:
+            if not _readable(self.sock, 0):
                 return False
             # select said readable, so this recv cannot block.
             return self.sock.recv(1, socket.MSG_PEEK) == b""

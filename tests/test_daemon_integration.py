@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -503,3 +504,40 @@ def test_abandoned_call_is_dropped_from_the_queue(daemon, model_dir):
     assert out["image"].shape == (1, 64, 64, 3)
     waiter.close()
     c.close()
+
+
+@pytest.mark.skipif(not hasattr(__import__("resource"), "RLIMIT_NOFILE"), reason="POSIX descriptor limits")
+def test_waiting_works_with_descriptor_numbers_over_1024():
+    # select() fails for descriptors >= FD_SETSIZE (1024); a client inside a busy ComfyUI
+    # process can hold that many files.
+    import resource
+
+    from luna_daemon import transport
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("descriptor limit too low to test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if hard == resource.RLIM_INFINITY else min(max(soft, 1200), hard), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        ls = socket.create_server(("127.0.0.1", 0))
+        a = socket.create_connection(ls.getsockname())
+        b, _ = ls.accept()
+        ls.close()
+        assert b.fileno() > 1024
+        ch = transport.Channel(b)
+        assert ch.peer_gone() is False
+        calls = []
+        with pytest.raises(transport.IdleTimeout):
+            ch.wait_readable(lambda: calls.append(1), time.monotonic() + 0.25)
+        assert len(calls) >= 2
+        a.sendall(b"x")
+        ch.wait_readable(lambda: None, time.monotonic() + 5)  # returns: data is there
+        a.close()
+        b.recv(1)
+        assert ch.peer_gone() is True
+        b.close()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
