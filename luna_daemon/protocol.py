@@ -14,10 +14,12 @@ A frame is::
 
 The I/O layers read the fixed 20-byte prefix, call :func:`parse_prefix` (which checks
 every length against the limits *before* anything is allocated), then read exactly
-``header_len`` and ``body_len`` bytes into fresh ``bytearray`` objects and call
-:func:`decode_frame`. Tensors are decoded zero-copy with ``torch.frombuffer`` over the
-body bytearray after validating dtype (allowlist), shape x itemsize == nbytes, alignment,
-bounds and non-overlap. Nothing here unpickles or evaluates anything.
+``header_len`` and ``body_len`` bytes and call :func:`decode_frame`. The body is a
+``bytearray`` (tensors are ``torch.frombuffer`` views of it) or, for big bodies, a uint8
+``torch.empty`` tensor received in place (tensors are views of it; unlike a bytearray it is
+not zero-filled first). Either way decoding is zero-copy, after validating dtype
+(allowlist), shape x itemsize == nbytes, alignment, bounds and non-overlap. Nothing here
+unpickles or evaluates anything.
 
 Tensors inside ``args`` / ``result`` are referenced as ``{"$tensor": "<name>"}``; tuples
 (ComfyUI token chunks are lists of tuples) as ``{"$tuple": [...]}``. See docs/protocol.md.
@@ -200,8 +202,12 @@ def _descriptor(d: Any, body_len: int) -> tuple[str, torch.dtype, tuple[int, ...
     return name, dtype, tuple(shape), offset, nbytes
 
 
-def decode_tensors(descriptors: Any, body: bytearray) -> dict[str, torch.Tensor]:
-    """Validate descriptors against ``body`` and return tensors that alias it."""
+def decode_tensors(descriptors: Any, body: bytearray | torch.Tensor) -> dict[str, torch.Tensor]:
+    """Validate descriptors against ``body`` and return tensors that alias it.
+
+    ``body`` is a ``bytearray`` or a 1-D uint8 tensor (the transport receives big bodies
+    into ``torch.empty``: unlike a bytearray it is not zero-filled first, which on a
+    12 MB image costs as much again as receiving it)."""
     if not descriptors:
         if descriptors is None or descriptors == []:
             return {}
@@ -222,9 +228,13 @@ def decode_tensors(descriptors: Any, body: bytearray) -> dict[str, torch.Tensor]
         if nbytes == 0:
             out[name] = torch.empty(shape, dtype=dtype)
             continue
-        # frombuffer shares memory with ``body`` (a writable bytearray, so no warning
-        # and no copy); the tensor keeps the buffer alive.
-        flat = torch.frombuffer(body, dtype=dtype, count=nbytes // _itemsize(dtype), offset=offset)
+        if isinstance(body, torch.Tensor):
+            # A view of the received tensor (offsets are 64-byte aligned, so any dtype fits).
+            flat = body[offset:offset + nbytes].view(dtype)
+        else:
+            # frombuffer shares memory with ``body`` (a writable bytearray, so no warning
+            # and no copy); the tensor keeps the buffer alive.
+            flat = torch.frombuffer(body, dtype=dtype, count=nbytes // _itemsize(dtype), offset=offset)
         out[name] = flat.view(shape)
     return out
 
@@ -233,7 +243,7 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def decode_frame(prefix: Prefix, header_bytes: bytes | bytearray, body: bytearray) -> Frame:
+def decode_frame(prefix: Prefix, header_bytes: bytes | bytearray, body: bytearray | torch.Tensor) -> Frame:
     """Decode a complete frame whose prefix was already validated."""
     if len(header_bytes) != prefix.header_len or len(body) != prefix.body_len:
         raise ProtocolError(ErrorCode.BAD_FRAME, "frame truncated")

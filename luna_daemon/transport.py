@@ -28,6 +28,8 @@ import sys
 import time
 from collections.abc import Callable
 
+import torch
+
 from luna_daemon import protocol
 from luna_daemon.protocol import Frame, Limits
 
@@ -198,9 +200,13 @@ class Channel:
         else:
             header = bytearray(pre.header_len)
             self._read_exact_into(memoryview(header), deadline)
-        body = bytearray(pre.body_len)
         if pre.body_len:
-            self._read_exact_into(memoryview(body), deadline)
+            # Not zero-filled (a bytearray would be): every byte is received below, and
+            # the frame is dropped if any is missing.
+            body: bytearray | torch.Tensor = torch.empty(pre.body_len, dtype=torch.uint8)
+            self._read_exact_into(memoryview(body.numpy()), deadline)
+        else:
+            body = bytearray()
         return protocol.decode_frame(pre, header, body)
 
     def wait_readable(self, check: Callable[[], None], deadline: float | None, interval: float = 0.1) -> None:

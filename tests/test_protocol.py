@@ -78,6 +78,13 @@ def test_request_round_trip(ts, extra, req_id):
     assert _same(req.args, args)
     for desc in frame.header.get("tensors", []):
         assert desc["offset"] % ALIGN == 0
+    # The transport receives big bodies into a uint8 tensor instead of a bytearray: same result.
+    data = b"".join(bytes(b) for b in buffers)
+    prefix = protocol.parse_prefix(data, Limits())
+    start = protocol.PREFIX_SIZE + prefix.header_len
+    body = torch.frombuffer(bytearray(data[start:]), dtype=torch.uint8) if prefix.body_len else bytearray()
+    via_tensor = protocol.parse_request(protocol.decode_frame(prefix, data[protocol.PREFIX_SIZE:start], body))
+    assert _same(via_tensor.args, args)
     assert ("tensors" in frame.header) == bool(ts)  # control frames carry no empty list
 
 
