@@ -541,3 +541,20 @@ def test_waiting_works_with_descriptor_numbers_over_1024():
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_model_loading_reports_progress(daemon, model_dir):
+    events: list[tuple[str, dict]] = []
+    unsubscribe = daemon.events.subscribe(
+        lambda e: events.append((e.type, e.data)) if e.type in ("model_loading", "model_loaded") else None)
+    try:
+        with DaemonClient(*daemon.address, token=daemon.token) as c:
+            model = c.vae_load(str(model_dir / "vae_folder"))["model"]
+    finally:
+        unsubscribe()
+    mine = [(t, d) for t, d in events if d["model"] == model]
+    progress = [d["progress"] for t, d in mine if t == "model_loading"]
+    assert mine[-1][0] == "model_loaded"
+    assert progress[0] == 0.0 and len(progress) >= 5, progress  # steps of 5 % of the weights read
+    assert progress == sorted(progress) and progress[-1] < 1.0
+    assert progress[-1] >= 0.5  # the folder's weights, read tensor by tensor

@@ -641,3 +641,19 @@ def test_big_vae_builder(engine, tmp_path):
     path = make_big_vae(tmp_path, 20 * 2**20)
     model = engine.load_vae([str(path)], CPU, None)
     assert 10 * 2**20 < model.nbytes() <= 20 * 2**20
+
+
+def test_weight_reads_report_load_progress(tmp_path):
+    from luna_daemon.models import tiny
+    from luna_daemon.models.engines.base import load_progress
+    from luna_daemon.models.engines.standalone import _load_safetensors
+
+    path = tiny.make_tiny_vae(tmp_path / "vae", layout="file", seed=0)
+    seen: list[int] = []
+    with load_progress(seen.append):
+        state = _load_safetensors(path, "VAE")
+    assert len(seen) == len(state) and seen == sorted(seen)
+    assert seen[-1] == sum(t.numel() * t.element_size() for t in state.values())
+    # Outside a load nothing is reported (and nothing fails).
+    _load_safetensors(path, "VAE")
+    assert len(seen) == len(state)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from luna_daemon.events import EventBus
-from luna_daemon.models.engines.base import Engine, LoadedModel
+from luna_daemon.models.engines.base import Engine, LoadedModel, load_progress
 from luna_daemon.protocol import ErrorCode, LunaError
 from luna_daemon.settings import FOREVER, Settings
 
@@ -124,6 +124,30 @@ def _disk_bytes(paths: Sequence[Path]) -> int:
         else:
             total += p.stat().st_size
     return total
+
+
+class _LoadProgress:
+    """``model_loading`` events for one load: 0.0 first, then each further 5 % of the
+    weights read (at most ~20 events), capped below 1.0: ``model_loaded`` says done.
+    The estimate is the size of the files, so a folder that holds more than the engine
+    reads (say an fp16 variant too) ends below 100 %."""
+
+    STEP = 0.05
+
+    def __init__(self, events: EventBus, model_id: str, kind: str, paths: list[str], total_bytes: int):
+        self.events, self.model_id, self.kind, self.paths = events, model_id, kind, paths
+        self.total = max(1, total_bytes)
+        self.last = 0.0
+
+    def emit(self, fraction: float) -> None:
+        self.last = fraction
+        self.events.emit("model_loading", model=self.model_id, kind=self.kind, paths=self.paths,
+                         progress=round(fraction, 3))
+
+    def update(self, done_bytes: int) -> None:
+        fraction = min(done_bytes / self.total, 0.99)
+        if fraction >= self.last + self.STEP:
+            self.emit(fraction)
 
 
 # --------------------------------------------------------------------------- executor
@@ -334,15 +358,17 @@ class Registry:
         try:
             estimate = _disk_bytes(real)
             self._make_room(str(dev), estimate, exclude=model_id)
-            self.events.emit("model_loading", model=model_id, kind=kind, paths=[str(p) for p in real], progress=0.0)
+            progress = _LoadProgress(self.events, model_id, kind, [str(p) for p in real], estimate)
+            progress.emit(0.0)
             t0 = time.perf_counter()
             try:
-                if kind == "vae":
-                    model = self.engine.load_vae([str(p) for p in real], dev, dt)
-                elif kind == "clip":
-                    model = self.engine.load_clip([str(p) for p in real], clip_type or "sd1", dev, dt)
-                else:
-                    raise LunaError(ErrorCode.BAD_ARGS, f"unknown model kind {kind!r}")
+                with load_progress(progress.update):
+                    if kind == "vae":
+                        model = self.engine.load_vae([str(p) for p in real], dev, dt)
+                    elif kind == "clip":
+                        model = self.engine.load_clip([str(p) for p in real], clip_type or "sd1", dev, dt)
+                    else:
+                        raise LunaError(ErrorCode.BAD_ARGS, f"unknown model kind {kind!r}")
             except LunaError:
                 raise
             except (torch.cuda.OutOfMemoryError, MemoryError) as exc:

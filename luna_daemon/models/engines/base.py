@@ -16,6 +16,9 @@ model on that model's single executor thread, inside ``torch.inference_mode()``.
 from __future__ import annotations
 
 import abc
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -150,3 +153,28 @@ class Engine(abc.ABC):
 
     def close(self) -> None:
         """Release engine-global resources (caches). Called once at daemon stop."""
+
+
+# ------------------------------------------------------------------------- load progress
+_progress = threading.local()
+
+
+@contextmanager
+def load_progress(callback: Callable[[int], None]) -> Iterator[None]:
+    """While a load runs in this thread, an engine that reads weights itself reports the
+    bytes read so far (cumulative) to ``callback`` through :func:`weights_read`. Engines
+    that cannot tell (ComfyUI's loader reads a file in one call) report nothing."""
+    outer = getattr(_progress, "state", None)
+    _progress.state = [callback, 0]
+    try:
+        yield
+    finally:
+        _progress.state = outer
+
+
+def weights_read(nbytes: int) -> None:
+    """Engines: ``nbytes`` more bytes of weights were read (a no-op outside a load)."""
+    state = getattr(_progress, "state", None)
+    if state is not None:
+        state[1] += nbytes
+        state[0](state[1])

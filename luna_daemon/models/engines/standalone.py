@@ -58,7 +58,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import DEFAULT_DECODE_TILE, DEFAULT_ENCODE_TILE, ClipModel, Engine, EngineError, LoraSpec, TiledArgs, VaeModel
+from .base import (DEFAULT_DECODE_TILE, DEFAULT_ENCODE_TILE, ClipModel, Engine, EngineError, LoraSpec, TiledArgs, VaeModel,
+                   weights_read)
 from .tiling import tiled_map_three_pass
 
 logger = logging.getLogger(__name__)
@@ -129,10 +130,16 @@ def _refuse_pickle(path: Path, what: str) -> EngineError:
 
 
 def _load_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """What ``safetensors.torch.load_file`` does (it is this loop), reporting load progress."""
+    from safetensors import safe_open
 
     try:
-        return load_file(str(path), device="cpu")
+        state: dict[str, torch.Tensor] = {}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                tensor = state[key] = f.get_tensor(key)
+                weights_read(tensor.numel() * tensor.element_size())
+        return state
     except Exception as exc:  # safetensors raises several types for a corrupt header
         raise EngineError("model_error", f"{what} {path}: cannot read safetensors file: {exc}") from exc
 
