@@ -453,3 +453,28 @@ def test_vae_oom_retries_tiled_then_answers_oom(make_settings, model_dir):
         assert call("ping")["pong"] is True and len(call("ps")["models"]) == 3
     finally:
         registry.close(5)
+
+
+def test_model_file_rewritten_in_place_while_loaded(tmp_path):
+    """`cp new.safetensors loaded.safetensors` truncates and rewrites the loaded file. The
+    daemon keeps serving the weights it loaded (it owns them; a weight left as a view of
+    the file mapping would change, or crash the daemon with SIGBUS)."""
+    from luna_daemon.bench import daemon_process
+    from luna_daemon.models import tiny
+
+    path = tiny.make_tiny_vae(tmp_path / "a", layout="file", seed=1)
+    other = tiny.make_tiny_vae(tmp_path / "b", layout="file", seed=2)
+    assert path.stat().st_size == other.stat().st_size and path.read_bytes() != other.read_bytes()
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with daemon_process([str(tmp_path)]) as (port, token, proc):
+        with DaemonClient("127.0.0.1", port, token=token) as c:
+            model = c.vae_load(str(path))["model"]
+            before = c.vae_decode(model, latent).clone()
+            with open(path, "r+b") as f:  # what cp does: same inode, truncated, rewritten
+                f.truncate(0)
+                f.write(other.read_bytes())
+            after = c.vae_decode(model, latent)
+            assert torch.equal(after, before)
+            assert proc.poll() is None
+            # Loading the path again sees the new file (size/mtime are part of the model id).
+            assert c.vae_load(str(path))["model"] != model

@@ -130,14 +130,20 @@ def _refuse_pickle(path: Path, what: str) -> EngineError:
 
 
 def _load_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """What ``safetensors.torch.load_file`` does (it is this loop), reporting load progress."""
+    """Read every tensor of a .safetensors file into memory this process owns, reporting
+    load progress tensor by tensor.
+
+    safetensors maps the file and hands out views of the mapping. A daemon keeps models for
+    days: had a weight stayed such a view, rewriting the file in place while it is loaded
+    (``cp`` over it truncates first) would change the weights or kill the daemon with
+    SIGBUS. So each tensor is copied out (this copy is the actual disk read)."""
     from safetensors import safe_open
 
     try:
         state: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in f.keys():
-                tensor = state[key] = f.get_tensor(key)
+                tensor = state[key] = f.get_tensor(key).clone()
                 weights_read(tensor.numel() * tensor.element_size())
         return state
     except Exception as exc:  # safetensors raises several types for a corrupt header
