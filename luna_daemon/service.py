@@ -197,7 +197,9 @@ class Service:
         self.events = events
         self.token = token
         self.stats = Stats()
-        self.status_provider = status_provider or (lambda: {})
+        # The daemon's snapshot (state, uptime, clients, models, engine...); without a
+        # daemon (tests), what the registry alone can tell.
+        self.status_provider = status_provider or (lambda: {"models": len(registry.entries()), "engine": registry.engine.name})
         self.on_shutdown = on_shutdown or (lambda: None)
         self.lora_cache = lora_cache
 
@@ -277,18 +279,12 @@ class Service:
             self.events.emit("warning", message=msg, model=model_id)
             return self.run(ctx, model_id, lambda m: call(m, default))
 
-    def load(self, kind: str, args: dict) -> dict:
-        if kind == "vae":
-            paths = [_arg(args, "path", str)]
-        else:
-            paths = args.get("paths", [args["path"]] if isinstance(args.get("path"), str) else None)
-            if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-                raise LunaError(ErrorCode.BAD_ARGS, "clip_load needs 'paths' (a list of files) or 'path'")
+    def load(self, kind: str, paths: list[str], args: dict, clip_type: str | None = None) -> dict:
+        """Load (or reuse) a model with the request's device / dtype / keep_alive; the answer
+        of every ``*_load`` op."""
         entry = self.registry.load(
-            kind, paths,
-            device=_arg(args, "device", str, None), dtype=_arg(args, "dtype", str, None),
-            clip_type=_arg(args, "clip_type", str, "sd1") if kind == "clip" else None,
-            keep_alive=args.get("keep_alive"),
+            kind, paths, device=_arg(args, "device", str, None), dtype=_arg(args, "dtype", str, None),
+            clip_type=clip_type, keep_alive=args.get("keep_alive"),
         )
         return {"model": entry.id, **entry.describe(full=True)}
 
@@ -312,10 +308,9 @@ def _hello(svc: Service, args: dict, ctx: Context) -> dict:
 def _status(svc: Service, args: dict, ctx: Context) -> dict:
     by_dev = svc.registry.bytes_by_device()
     devices = {d: {**device_memory(d), "models_bytes": by_dev.get(d, 0)} for d in available_devices()}
-    entries = svc.registry.entries()
     return {
-        "version": __version__, "engine": svc.registry.engine.name, "service": svc.settings.service,
-        "models": len(entries), "queue": sum(e.executor.depth for e in entries),
+        "version": __version__, "service": svc.settings.service,
+        "queue": sum(e.executor.depth for e in svc.registry.entries()),
         "devices": devices, "requests": svc.stats.snapshot(),
         "lora_cache": svc.lora_cache.stats() if svc.lora_cache is not None else None,
         **svc.status_provider(),
@@ -368,7 +363,7 @@ def _echo(svc: Service, args: dict, ctx: Context) -> dict:
 
 @op("vae_load", service="full vae")
 def _vae_load(svc: Service, args: dict, ctx: Context) -> dict:
-    return svc.load("vae", args)
+    return svc.load("vae", [_arg(args, "path", str)], args)
 
 
 @op("vae_encode", service="full vae")
@@ -389,7 +384,10 @@ def _vae_decode(svc: Service, args: dict, ctx: Context) -> dict:
 
 @op("clip_load", service="full clip")
 def _clip_load(svc: Service, args: dict, ctx: Context) -> dict:
-    return svc.load("clip", args)
+    paths = args.get("paths", [args["path"]] if isinstance(args.get("path"), str) else None)
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        raise LunaError(ErrorCode.BAD_ARGS, "clip_load needs 'paths' (a list of files) or 'path'")
+    return svc.load("clip", paths, args, _arg(args, "clip_type", str, "sd1"))
 
 
 @op("clip_tokenize", service="full clip")
@@ -416,16 +414,13 @@ def _clip_encode(svc: Service, args: dict, ctx: Context) -> dict:
     unprojected = _arg(args, "unprojected", bool, False)
     if layer is not None and layer >= 0:
         raise LunaError(ErrorCode.BAD_ARGS, "layer counts from the end like CLIPSetLastLayer: -1 = last, -2 = penultimate ...")
+    model = svc.registry.get(model_id).model
     stack = args.get("loras") or []
     loras = []
     if stack:
-        if svc.lora_cache is None:
-            raise LunaError(ErrorCode.BAD_ARGS, "this daemon has no LoRA support")
-        model = svc.registry.get(model_id).model
-        loras = svc.lora_cache.resolve_stack(stack, model.patchable_keys() if model is not None else [])
+        loras = _lora_cache(svc).resolve_stack(stack, model.patchable_keys() if model is not None else [])
     extra: dict[str, Any] = {}
     if unprojected:  # only sent by clients that need it (GLIGEN's return_pooled="unprojected")
-        model = svc.registry.get(model_id).model
         if not getattr(model, "supports_unprojected", False):
             raise LunaError(ErrorCode.BAD_ARGS, "this engine cannot return the unprojected pooled output (use engine = comfy)")
         extra["unprojected"] = True
@@ -456,12 +451,7 @@ def _sha_arg(args: dict) -> str:
 def _load_uploaded(svc: Service, kind: str, args: dict) -> dict:
     sha = _sha_arg(args)
     paths, clip_type = store_upload(svc.settings, svc.registry, kind, sha, args.get("data"))
-    entry = svc.registry.load(
-        kind, [str(p) for p in paths],
-        device=_arg(args, "device", str, None), dtype=_arg(args, "dtype", str, None),
-        clip_type=clip_type, keep_alive=args.get("keep_alive"),
-    )
-    out = {"model": entry.id, **entry.describe(full=True), "sha256": sha}
+    out = {**svc.load(kind, [str(p) for p in paths], args, clip_type), "sha256": sha}
     if clip_type is not None:
         out["clip_type"] = clip_type
     return out
