@@ -31,16 +31,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from luna_daemon.netutil import free_port
+
 log = logging.getLogger(__name__)
 
 LATENT_SHAPE = (1, 4, 128, 128)
 IMAGE_SHAPE = (1, 1024, 1024, 3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
@@ -178,9 +174,9 @@ def daemon_process(model_roots: list[str], extra_env: dict[str, str] | None = No
     from luna_daemon.client import DaemonClient, DaemonUnavailable, wait_for_daemon
 
     home = tempfile.mkdtemp(prefix="luna-bench-")
-    port = _free_port()
-    env = dict(os.environ, LUNA_HOME=home, LUNA_PORT=str(port), LUNA_MONITOR_PORT=str(_free_port()),
-               LUNA_LOCK_PORT=str(_free_port()), LUNA_MODEL_ROOTS=json.dumps(model_roots), LUNA_ENGINE="standalone",
+    port = free_port()
+    env = dict(os.environ, LUNA_HOME=home, LUNA_PORT=str(port), LUNA_MONITOR_PORT=str(free_port()),
+               LUNA_LOCK_PORT=str(free_port()), LUNA_MODEL_ROOTS=json.dumps(model_roots), LUNA_ENGINE="standalone",
                LUNA_LOG_LEVEL="WARNING", HF_HUB_OFFLINE="1")
     env.update(extra_env or {})  # may replace the defaults above (LUNA_ENGINE=comfy)
     proc = subprocess.Popen([sys.executable, "-m", "luna_daemon", "serve", "--no-monitor"], env=env,
@@ -385,19 +381,3 @@ def memory_benchmark(model_mb: int = 320, clients: int = 3, encodes: int = 3) ->
         f"{clients} in-process copies would cost {clients * measured / mb:.0f} MB; the daemon saves {report['saved_bytes'] / mb:.0f} MB",
     ]
     return report
-
-
-def startup_benchmark(repeats: int = 3) -> dict[str, Any]:
-    try:
-        from luna_daemon.tray.bench import startup_benchmark as tray_startup
-    except ImportError:
-        tray_startup = None
-    if tray_startup is not None:
-        return tray_startup(repeats)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        with daemon_process([tempfile.gettempdir()]):
-            samples.append(time.perf_counter() - t0)
-    med = statistics.median(samples)
-    return {"mode": "headless", "median_s": med, "samples": samples, "lines": [f"launch -> first ping (headless serve): {med:.2f} s median of {repeats}"]}

@@ -198,7 +198,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.memory:
         report = bench.memory_benchmark(model_mb=args.model_mb, clients=args.clients)
     elif args.startup:
-        report = bench.startup_benchmark(**kw)
+        from luna_daemon.tray.bench import startup_benchmark  # tray launch, or headless serve -> ping
+
+        report = startup_benchmark(**kw)
     elif args.proxy:
         from luna_daemon.comfy_nodes.bench import proxy_overhead_benchmark
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from luna_daemon.events import EventBus
 from luna_daemon.models.engines import select_engine
+from luna_daemon.models.lora import LoraCache
 from luna_daemon.models.registry import Registry, release_memory
 from luna_daemon.netutil import PortInUse
 from luna_daemon.server import Server
@@ -110,12 +111,7 @@ class Daemon:
     def _start_components(self) -> None:
         self.engine = select_engine(self.settings)
         self.registry = Registry(self.settings, self.engine, self.events)
-        try:
-            from luna_daemon.models.lora import LoraCache
-        except ImportError:  # LoRA support lands with the models layer
-            self.lora_cache = None
-        else:
-            self.lora_cache = LoraCache(self.settings, self.registry, self.events)
+        self.lora_cache = LoraCache(self.settings, self.registry, self.events)
         self.service = Service(
             self.settings, self.registry, self.events, self.token,
             status_provider=self.snapshot, on_shutdown=self.request_stop, lora_cache=self.lora_cache,

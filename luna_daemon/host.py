@@ -52,13 +52,10 @@ class Host:
             fn(msg)
 
     def start_monitor(self) -> None:
-        """Start the web monitor if the package has one; failures are logged, not fatal."""
+        """Start the web monitor; failures are logged, not fatal (the daemon runs without it)."""
         try:
             from luna_daemon.web.monitor import Monitor
-        except ImportError:
-            log.info("web monitor not available in this build")
-            return
-        try:
+
             self.monitor = Monitor(self)
             self.monitor.start()
         except Exception as exc:

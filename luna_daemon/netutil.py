@@ -40,3 +40,10 @@ def bind_listener(host: str, port: int, *, what: str, setting: str, hint: str = 
             ) from None
         raise
     return sock
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (benchmarks and tests start servers on it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

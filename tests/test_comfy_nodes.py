@@ -75,12 +75,7 @@ def same_tokens(a, b) -> bool:
     return a == b
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from luna_daemon.netutil import free_port  # noqa: E402
 
 
 class SpyClient(DaemonClient):

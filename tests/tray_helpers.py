@@ -21,10 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from luna_daemon.netutil import free_port  # noqa: E402,F401  (the tray tests import it from here)
 
 
 def listening(port: int) -> bool:

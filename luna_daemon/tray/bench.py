@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,22 +26,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from luna_daemon.netutil import free_port
+
 log = logging.getLogger(__name__)
 
 _POLL = 0.01
 _TIMEOUT = 120.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(home: Path, base: dict | None = None) -> dict:
     env = {k: v for k, v in (base if base is not None else os.environ).items() if not k.startswith("LUNA_")}
-    env.update(LUNA_HOME=str(home), LUNA_PORT=str(_free_port()), LUNA_MONITOR_PORT=str(_free_port()),
-               LUNA_LOCK_PORT=str(_free_port()), HF_HUB_OFFLINE="1")
+    env.update(LUNA_HOME=str(home), LUNA_PORT=str(free_port()), LUNA_MONITOR_PORT=str(free_port()),
+               LUNA_LOCK_PORT=str(free_port()), HF_HUB_OFFLINE="1")
     return env
 
 
