@@ -137,6 +137,13 @@ def _fallback_warning(conn: connection.Connection, exc: BaseException, what: str
 # ------------------------------------------------------------------------------- nodes
 
 
+# The optional inputs of both loaders.
+_LOAD_OPTIONS = {
+    "device": (DEVICES, {"default": "default", "tooltip": _DEVICE_TIP, "advanced": True}),
+    "dtype": (DTYPES, {"default": "default", "tooltip": _DTYPE_TIP, "advanced": True}),
+}
+
+
 class LunaVAELoader:
     """Load a VAE in the Luna Daemon; outputs a proxy VAE for the stock VAE nodes."""
 
@@ -148,8 +155,7 @@ class LunaVAELoader:
         return {
             "required": {"vae_name": (_filenames("vae"), {"tooltip": "a file in ComfyUI's models/vae folders"})},
             "optional": {
-                "device": (DEVICES, {"default": "default", "tooltip": _DEVICE_TIP, "advanced": True}),
-                "dtype": (DTYPES, {"default": "default", "tooltip": _DTYPE_TIP, "advanced": True}),
+                **_LOAD_OPTIONS,
             },
         }
 
@@ -191,8 +197,7 @@ class LunaCLIPLoader:
             },
             "optional": {
                 "clip_name2": ([NONE, *files], {"default": NONE, "tooltip": "second file (SDXL: clip_g, Flux: t5xxl)"}),
-                "device": (DEVICES, {"default": "default", "tooltip": _DEVICE_TIP, "advanced": True}),
-                "dtype": (DTYPES, {"default": "default", "tooltip": _DTYPE_TIP, "advanced": True}),
+                **_LOAD_OPTIONS,
             },
         }
 

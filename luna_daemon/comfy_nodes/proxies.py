@@ -351,30 +351,29 @@ class DaemonVAE:
         if vae_options:
             raise DaemonUnsupported(f"VAE decode with vae_options {sorted(vae_options)} is not supported by the Luna "
                                     "Daemon (used by Hunyuan3D); load that VAE with ComfyUI's VAELoader")
-        self._image_only("VAE decode", samples_in, 4)
-        out = self._remote.call("vae_decode", lambda mid: {"model": mid, "latent": samples_in})
-        return _to_client(out["image"])
+        return self._run("VAE decode", "vae_decode", "latent", samples_in, "image")
 
     def decode_tiled(self, samples: torch.Tensor, tile_x: int | None = 64, tile_y: int | None = 64,
                      overlap: int | None = 16, tile_t: int | None = None, overlap_t: int | None = None) -> torch.Tensor:
         # tile_t / overlap_t only matter for 3-D (video) latents, which _image_only refuses:
         # ComfyUI ignores them for image VAEs too.
-        self._image_only("VAE decode_tiled", samples, 4)
-        tiled = _tiled(tile_x, tile_y, overlap, DEFAULT_DECODE_TILE)
-        out = self._remote.call("vae_decode", lambda mid: {"model": mid, "latent": samples, "tiled": tiled})
-        return _to_client(out["image"])
+        return self._run("VAE decode_tiled", "vae_decode", "latent", samples, "image",
+                         _tiled(tile_x, tile_y, overlap, DEFAULT_DECODE_TILE))
 
     def encode(self, pixel_samples: torch.Tensor) -> torch.Tensor:
-        self._image_only("VAE encode", pixel_samples, 4)
-        out = self._remote.call("vae_encode", lambda mid: {"model": mid, "pixels": pixel_samples})
-        return _to_client(out["latent"])
+        return self._run("VAE encode", "vae_encode", "pixels", pixel_samples, "latent")
 
     def encode_tiled(self, pixel_samples: torch.Tensor, tile_x: int | None = 512, tile_y: int | None = 512,
                      overlap: int | None = 64, tile_t: int | None = None, overlap_t: int | None = None) -> torch.Tensor:
-        self._image_only("VAE encode_tiled", pixel_samples, 4)
-        tiled = _tiled(tile_x, tile_y, overlap, DEFAULT_ENCODE_TILE)
-        out = self._remote.call("vae_encode", lambda mid: {"model": mid, "pixels": pixel_samples, "tiled": tiled})
-        return _to_client(out["latent"])
+        return self._run("VAE encode_tiled", "vae_encode", "pixels", pixel_samples, "latent",
+                         _tiled(tile_x, tile_y, overlap, DEFAULT_ENCODE_TILE))
+
+    def _run(self, what: str, op: str, arg: str, tensor: torch.Tensor, result: str, tiled: dict | None = None) -> torch.Tensor:
+        """One encode/decode on the daemon: an image tensor in, ``result`` out on the client's device."""
+        self._image_only(what, tensor, 4)
+        extra = {} if tiled is None else {"tiled": tiled}
+        out = self._remote.call(op, lambda mid: {"model": mid, arg: tensor, **extra})
+        return _to_client(out[result])
 
     def get_sd(self) -> dict:
         raise DaemonUnsupported(f"get_sd: the weights of {self._remote.what} live in the Luna Daemon and are not sent "

@@ -24,7 +24,7 @@ import hmac
 import secrets
 import threading
 import time
-from typing import Iterable
+from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 LOGIN_TTL = 120.0        # seconds a login link stays valid (the browser may start slowly)
@@ -98,8 +98,7 @@ class Gate:
         now = time.monotonic()
         with self._lock:
             self._purge(now)
-            # Constant-time comparison over the outstanding secrets (a handful at most).
-            match = next((s for s in self._logins if hmac.compare_digest(s.encode(), secret.encode())), None)
+            match = _find(self._logins, secret)
             if match is None:
                 return None
             del self._logins[match]
@@ -125,7 +124,7 @@ class Gate:
         now = time.monotonic()
         with self._lock:
             self._purge(now)
-            match = next((s for s in self._sessions if hmac.compare_digest(s.encode(), sid.encode())), None)
+            match = _find(self._sessions, sid)
             if match is None:
                 return False
             self._sessions[match] = now + self.session_ttl
@@ -146,3 +145,8 @@ class Gate:
 def token_matches(given: object, token: str) -> bool:
     """Constant-time check of a presented per-install token."""
     return isinstance(given, str) and bool(given) and bool(token) and hmac.compare_digest(given.encode(), token.encode())
+
+
+def _find(table: Any, value: str) -> str | None:
+    """The key of ``table`` equal to ``value``, compared in constant time (a handful of keys)."""
+    return next((k for k in table if hmac.compare_digest(k.encode(), value.encode())), None)
