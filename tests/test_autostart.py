@@ -116,17 +116,12 @@ def test_exec_line_really_starts_the_tray(tmp_path):
     with open(log, "wb") as out:
         p = subprocess.Popen(argv, cwd=str(autostart.source_root()), env=proc_env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        from luna_daemon.client import DaemonClient
+        from luna_daemon.client import DaemonUnavailable, wait_for_daemon
 
-        def pings() -> bool:
-            assert p.poll() is None, log.read_text()
-            try:
-                with DaemonClient("127.0.0.1", port, token="", timeout=5) as c:
-                    return c.ping()["pong"] is True
-            except Exception:
-                return False
-
-        wait_until(pings, 60, "the autostarted tray's daemon to answer ping")
+        try:
+            wait_for_daemon("127.0.0.1", port, 60, proc=p, token="")
+        except DaemonUnavailable as exc:
+            pytest.fail(f"the autostarted tray's daemon did not answer ping: {exc}\n{log.read_text()}")
     finally:
         assert stop_process(p) == 0, log.read_text()
 

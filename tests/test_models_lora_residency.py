@@ -308,6 +308,13 @@ def test_lora_patched_weights_count_against_the_budget(make_settings, model_dir,
         d.stop(10)
 
 
+def _wait_for_models(c: DaemonClient, n: int, timeout: float = 30) -> None:
+    """Preload runs in the background: wait (bounded) until ``n`` models are loaded."""
+    deadline = time.time() + timeout
+    while len(c.ps()) < n and time.time() < deadline:
+        time.sleep(0.1)
+
+
 def test_preload_and_warm_start(make_settings, model_dir):
     vae = str(model_dir / "vae_folder")
     clip = str(model_dir / "clip_l")
@@ -315,9 +322,7 @@ def test_preload_and_warm_start(make_settings, model_dir):
     d.start()
     try:
         c = DaemonClient(*d.address, token=d.token)
-        deadline = time.time() + 30
-        while len(c.ps()) < 2 and time.time() < deadline:
-            time.sleep(0.1)
+        _wait_for_models(c, 2)
         assert sorted(m["kind"] for m in c.ps()) == ["clip", "vae"]
         c.vae_load(str(model_dir / "vae_file" / "tiny_vae.safetensors"), dtype="bf16")
         c.close()
@@ -328,9 +333,7 @@ def test_preload_and_warm_start(make_settings, model_dir):
     d2.start()
     try:
         c = DaemonClient(*d2.address, token=d2.token)
-        deadline = time.time() + 30
-        while len(c.ps()) < 3 and time.time() < deadline:
-            time.sleep(0.1)
+        _wait_for_models(c, 3)
         models = c.ps()
         assert len(models) == 3 and {m["dtype"] for m in models} == {"fp32", "bf16"}
         c.close()

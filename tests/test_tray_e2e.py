@@ -456,7 +456,7 @@ def test_real_tray_red_when_port_taken_then_recovers(xs, real_tray):
 @pytest.mark.timeout(120)
 def test_real_tray_that_cannot_start_falls_back_to_headless(xs, tmp_path):
     """A display but no session bus: the GTK backend fails; the daemon must still serve."""
-    from luna_daemon.client import DaemonClient
+    from luna_daemon.client import DaemonUnavailable, wait_for_daemon
 
     port, monitor_port, lock_port = free_port(), free_port(), free_port()
     env = xs.env()
@@ -466,15 +466,10 @@ def test_real_tray_that_cannot_start_falls_back_to_headless(xs, tmp_path):
     proc = subprocess.Popen([sys.executable, str(TRAY_SCRIPT)], env=env, cwd=str(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        def pings() -> bool:
-            assert proc.poll() is None, "the host must keep running without its tray"
-            try:
-                with DaemonClient("127.0.0.1", port, token="", timeout=3) as c:
-                    return c.ping()["pong"] is True
-            except Exception:
-                return False
-
-        wait_until(pings, 60, "the daemon to serve without a tray")
+        try:  # fails at once if the host exits: it must keep running without its tray
+            wait_for_daemon("127.0.0.1", port, 60, proc=proc, token="")
+        except DaemonUnavailable as exc:
+            pytest.fail(f"the daemon did not serve without a tray: {exc}")
         log_text = (tmp_path / "luna" / "logs" / "luna-daemon.log").read_text()
         assert "the system tray failed" in log_text and "running the daemon headless" in log_text
     finally:

@@ -128,10 +128,16 @@ def test_healthz_follows_daemon_state(host):
     assert http_get(port, "/healthz")[:3:2] == (503, b"stopped\n")
 
 
-def test_healthz_shows_error_and_monitor_outlives_failed_daemon(make_settings):
+def _listening_socket() -> socket.socket:
+    """A port some other program holds."""
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", 0))
     blocker.listen(1)
+    return blocker
+
+
+def test_healthz_shows_error_and_monitor_outlives_failed_daemon(make_settings):
+    blocker = _listening_socket()
     taken = blocker.getsockname()[1]
     h = Host(make_settings(port=taken), log_to_stderr=False)
     h.start_monitor()
@@ -469,9 +475,7 @@ def test_dashboard_static_files_and_headers(host):
 
 # ----------------------------------------------------------------------------- lifecycle
 def test_port_in_use_is_named_and_stop_frees_the_port(make_settings):
-    blocker = socket.socket()
-    blocker.bind(("127.0.0.1", 0))
-    blocker.listen(1)
+    blocker = _listening_socket()
     taken = blocker.getsockname()[1]
     h = Host(make_settings(monitor_port=taken), log_to_stderr=False)
     try:
