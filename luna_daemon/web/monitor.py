@@ -88,6 +88,11 @@ _SECURITY_HEADERS = {
 }
 
 
+def _to_json(obj: Any) -> str:
+    """Every JSON the dashboard sends (values JSON cannot hold, e.g. paths, as text)."""
+    return json.dumps(obj, default=str)
+
+
 class _Throttle:
     """Log a kind of refusal at most once per ``interval`` seconds (with a count of the
     suppressed ones), so a hostile page retrying in a loop cannot flood the log file."""
@@ -305,11 +310,8 @@ class Monitor:
             return
         with self._lock:
             self._seq += 1
-            text = json.dumps(
-                {"type": "event", "seq": self._seq, "name": event.type, "time": event.time,
-                 "bus_seq": event.seq, "data": event.data},
-                default=str,
-            )
+            text = _to_json({"type": "event", "seq": self._seq, "name": event.type, "time": event.time,
+                             "bus_seq": event.seq, "data": event.data})
             for c in self._clients:
                 if c.snapshot_reason is not None:
                     continue  # a snapshot is due; it will cover this event
@@ -344,7 +346,7 @@ class Monitor:
         return Response(st.value, st.phrase, headers, body)
 
     def _json(self, obj: Any, status: int = 200) -> Response:
-        return self._respond(status, json.dumps(obj, default=str), "application/json")
+        return self._respond(status, _to_json(obj), "application/json")
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         gate = self.gate
@@ -504,7 +506,7 @@ class Monitor:
                 if reason is not None:
                     # Built after the lock: it may already show effects of events with a
                     # higher seq; those still arrive and are idempotent on the page.
-                    await c.ws.send(json.dumps(self._snapshot(seq, reason, c, dropped), default=str))
+                    await c.ws.send(_to_json(self._snapshot(seq, reason, c, dropped)))
                     last_status = loop.time()
                 refresh = False
                 for name, text in items:
@@ -512,8 +514,7 @@ class Monitor:
                     refresh = refresh or name in _REFRESH_ON
                 now = loop.time()
                 if (refresh and now - last_status >= REFRESH_MIN_INTERVAL) or now - last_status >= TICK:
-                    await c.ws.send(json.dumps({"type": "status", "status": self._status(),
-                                                "models": views.models(self.host)}, default=str))
+                    await c.ws.send(_to_json({"type": "status", "status": self._status(), "models": views.models(self.host)}))
                     last_status = now
                 elif refresh:
                     # Too soon after the last push: make sure the next wait ends in time.
@@ -528,7 +529,7 @@ class Monitor:
 
     async def _send(self, c: _Client, obj: dict[str, Any]) -> None:
         try:
-            await c.ws.send(json.dumps(obj, default=str))
+            await c.ws.send(_to_json(obj))
         except ConnectionClosed:
             pass
 
