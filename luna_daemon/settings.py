@@ -104,6 +104,21 @@ def _parse_list(value: Any, key: str) -> list[str]:
     return [p for p in text.split(os.pathsep) if p]
 
 
+def split_size_pairs(text: str, key: str) -> dict[str, str]:
+    """``"cuda:0=8GiB, cpu=16GiB"`` (commas or newlines) -> ``{"cuda:0": "8GiB", "cpu": "16GiB"}``;
+    a part that is not ``device=size`` is an error, never skipped."""
+    table: dict[str, str] = {}
+    for part in re.split(r"[,\n]", text):
+        part = part.strip()
+        if not part:
+            continue
+        dev, sep, size = part.partition("=")
+        if not sep or not dev.strip() or not size.strip():
+            raise SettingsError(key, f"write device=size pairs like cuda:0=8GiB, cpu=16GiB; got {part!r}")
+        table[dev.strip()] = size.strip()
+    return table
+
+
 def _parse_size_map(value: Any, key: str) -> dict[str, int]:
     if isinstance(value, str):
         text = value.strip()
@@ -112,8 +127,7 @@ def _parse_size_map(value: Any, key: str) -> dict[str, int]:
         try:
             value = json.loads(text)
         except ValueError:
-            # "cuda:0=8GiB,cpu=16GiB"
-            value = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+            value = split_size_pairs(text, key)
     if not isinstance(value, Mapping):
         raise SettingsError(key, "expected a table like {\"cuda:0\" = \"8GiB\", cpu = \"16GiB\"}")
     return {str(k): parse_size(v, f"{key}.{k}") for k, v in value.items()}

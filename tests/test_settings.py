@@ -60,6 +60,19 @@ def test_env_lists(tmp_path):
     assert s.model_roots == ["/a", "/b"] and s.preload == ["vae:x"]
 
 
+def test_env_size_table(tmp_path):
+    env = {"LUNA_HOME": str(tmp_path)}
+    s = Settings.load(env={**env, "LUNA_MAX_MODEL_BYTES": "cuda:0=8GiB, cpu=16GiB"})
+    assert s.max_model_bytes == {"cuda:0": 8 * 1024**3, "cpu": 16 * 1024**3}
+    assert Settings.load(env={**env, "LUNA_MAX_MODEL_BYTES": "cpu=1GiB\ncuda:0=2GiB"}).max_model_bytes == {
+        "cpu": 1024**3, "cuda:0": 2 * 1024**3}
+    # A part that is not device=size is an error naming the key, never silently dropped.
+    for bad in ("cuda:0", "cpu=1GiB, =2GiB", "cpu="):
+        with pytest.raises(SettingsError) as ei:
+            Settings.load(env={**env, "LUNA_MAX_MODEL_BYTES": bad})
+        assert ei.value.key == "max_model_bytes", bad
+
+
 def test_token_created_once_with_mode_0600(tmp_path):
     s = Settings.load(env={"LUNA_HOME": str(tmp_path)})
     t1 = load_or_create_token(s)

@@ -31,7 +31,7 @@ from typing import Any
 import tomlkit
 import tomlkit.exceptions
 
-from luna_daemon.settings import FOREVER, Settings, SettingsError
+from luna_daemon.settings import FOREVER, Settings, SettingsError, split_size_pairs
 
 log = logging.getLogger(__name__)
 
@@ -154,16 +154,7 @@ def _to_toml(key: str, raw: Any) -> Any:
     if key == "max_model_bytes":
         if isinstance(raw, dict):
             return {str(k).strip(): v for k, v in raw.items()}
-        table: dict[str, Any] = {}
-        for part in re.split(r"[,\n]", str(raw)):
-            part = part.strip()
-            if not part:
-                continue
-            dev, sep, size = part.partition("=")
-            if not sep or not dev.strip() or not size.strip():
-                raise SettingsError(key, f"write device=size pairs like cuda:0=8GiB, cpu=16GiB; got {part!r}")
-            table[dev.strip()] = _number_or_text(size, key)
-        return table
+        return {dev: _number_or_text(size, key) for dev, size in split_size_pairs(str(raw), key).items()}
     if key in ("keep_alive", "lora_cache_bytes"):
         value = _number_or_text(raw, key)
         if value == "":
