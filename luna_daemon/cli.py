@@ -181,11 +181,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from luna_daemon.demo import run_demo
 
     report = run_demo()
-    if args.json:
-        _json(report)
-    else:
-        for line in report["lines"]:
-            _out(line)
+    _report(args, report)
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
 
@@ -207,12 +203,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = proxy_overhead_benchmark(**kw)
     else:
         report = bench.transport_benchmark(**kw)
+    _report(args, report)
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace, report: dict) -> None:
+    """A demo / benchmark report: the whole object with --json, else its lines."""
     if args.json:
         _json(report)
     else:
         for line in report.get("lines", []):
             _out(line)
-    return EXIT_OK
 
 
 # ----------------------------------------------------------------------------- parser
