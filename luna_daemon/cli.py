@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 import time
 from typing import Any, Sequence
 
@@ -62,29 +60,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except AlreadyRunning:
         _out(ALREADY_RUNNING)
         return EXIT_FAIL
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("signal %d: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, on_signal)
-    # The 'shutdown' op (luna-daemon stop) ends a headless host too.
-    host.events.subscribe(lambda e: stop.set() if e.type == "state" and e.data["state"] == "stopped" else None)
     if not args.no_monitor:
         host.start_monitor()
     try:
-        host.daemon.start()
+        clean = host.serve()
     except DaemonStartError as exc:
         _out(f"Luna Daemon failed to start: {exc}")
         host.close(2.0)
         return EXIT_FAIL
-    log.info("Luna Daemon %s running on %s:%d (log file: %s)", __version__, settings.host, host.daemon.address[1], settings.log_file)
-    while not stop.wait(0.5):
-        pass
-    clean = host.close()
     return EXIT_OK if clean else EXIT_FAIL
 
 

@@ -8,9 +8,11 @@ log viewer stay reachable while the daemon is stopped or failed.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from typing import Any, Callable
 
+from luna_daemon import __version__
 from luna_daemon.daemon import Daemon
 from luna_daemon.events import EventBus
 from luna_daemon.instance import ALREADY_RUNNING, InstanceLock, notify_running
@@ -63,6 +65,24 @@ class Host:
             self.events.emit("warning", message=f"dashboard could not start: {exc}", level="error")
             self.monitor = None
 
+    def serve(self) -> bool:
+        """Start the daemon and serve until SIGINT / SIGTERM or a protocol ``shutdown``
+        (``luna-daemon stop``), then close. Returns whether the stop was clean; raises
+        DaemonStartError if the daemon did not start (the caller closes)."""
+        stop = threading.Event()
+        install_signal_handlers(stop.set)
+        unsubscribe = self.events.subscribe(
+            lambda e: stop.set() if e.type == "state" and e.data.get("state") == "stopped" else None)
+        try:
+            self.daemon.start()
+            log.info("Luna Daemon %s running on %s:%d (log file: %s)", __version__, self.settings.host,
+                     self.daemon.address[1], self.settings.log_file)
+            while not stop.wait(0.5):
+                pass
+            return self.close()
+        finally:
+            unsubscribe()
+
     def dashboard_url(self, page: str = "status") -> str | None:
         """URL of a dashboard page with a short-lived login secret, or None without monitor."""
         if self.monitor is None:
@@ -80,3 +100,17 @@ class Host:
         self.lock.release()
         self._closed.set()
         return clean
+
+
+def install_signal_handlers(fn: Callable[[], None]) -> None:
+    """SIGINT / SIGTERM call ``fn`` (Python allows handlers in the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        fn()
+
+    signal.signal(signal.SIGINT, handler)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, handler)

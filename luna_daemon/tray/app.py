@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from luna_daemon.host import AlreadyRunning, Host
+from luna_daemon.host import AlreadyRunning, Host, install_signal_handlers
 from luna_daemon.instance import ALREADY_RUNNING
 from luna_daemon.settings import Settings, SettingsError
 from luna_daemon.tray import autostart
@@ -129,39 +129,14 @@ def _import_pystray() -> Any:
 
 
 def run_headless(host: Host) -> int:
-    """Serve until SIGINT / SIGTERM / a protocol ``shutdown`` -- ``luna-daemon serve``'s loop."""
+    """No usable tray: serve like ``luna-daemon serve`` (the caller closes the host)."""
     from luna_daemon.daemon import DaemonStartError
 
-    stop = threading.Event()
-    _install_signal_handlers(lambda: stop.set())
-    unsubscribe = host.events.subscribe(
-        lambda e: stop.set() if e.type == "state" and e.data.get("state") == "stopped" else None)
     try:
-        try:
-            host.daemon.start()
-        except DaemonStartError as exc:
-            log.error("Luna Daemon failed to start: %s", exc)
-            return EXIT_FAIL
-        log.info("Luna Daemon running headless on %s:%d (log file: %s)", host.settings.host,
-                 host.daemon.snapshot()["port"], host.settings.log_file)
-        while not stop.wait(0.5):
-            pass
-        return EXIT_OK if host.close() else EXIT_FAIL
-    finally:
-        unsubscribe()
-
-
-def _install_signal_handlers(fn: Callable[[], None]) -> None:
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        log.info("signal %d: exiting", signum)
-        fn()
-
-    signal.signal(signal.SIGINT, handler)
-    if hasattr(signal, "SIGTERM"):
-        signal.signal(signal.SIGTERM, handler)
+        return EXIT_OK if host.serve() else EXIT_FAIL
+    except DaemonStartError as exc:
+        log.error("Luna Daemon failed to start: %s", exc)
+        return EXIT_FAIL
 
 
 def open_target(target: str) -> None:
@@ -664,7 +639,7 @@ class TrayApp:
         """Block until Exit; returns 0, or None if the tray could not be shown at all."""
         self._unsubscribe = self.host.events.subscribe(self._on_event)
         self.host.on_lock_message(self._on_lock_message)
-        _install_signal_handlers(self.request_exit)
+        install_signal_handlers(self.request_exit)
         try:
             self.icon.run(setup=self._setup)
         except Exception as exc:
