@@ -25,7 +25,7 @@ import torch
 
 from luna_daemon import __version__, protocol
 from luna_daemon.events import EventBus
-from luna_daemon.models.engines.base import DEFAULT_DECODE_TILE, DEFAULT_ENCODE_TILE, TiledArgs
+from luna_daemon.models.engines.base import DEFAULT_DECODE_TILE, DEFAULT_ENCODE_TILE, TiledArgs, is_oom
 from luna_daemon.models.registry import Registry, available_devices, device_memory
 from luna_daemon.models.uploads import store_upload
 from luna_daemon.protocol import ErrorCode, LunaError, Request
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 # Seconds; Prometheus-style cumulative buckets for request latency.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
 
 
 class ClientGone(Exception):
@@ -172,12 +171,6 @@ def _tiled(args: dict, default: TiledArgs) -> TiledArgs | None:
     return TiledArgs(**vals)
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
-
-
 # ----------------------------------------------------------------------------- the service
 class Service:
     """Dispatches ops. Thread-safe: called concurrently from connection threads."""
@@ -250,7 +243,7 @@ class Service:
         except (LunaError, ClientGone):
             raise
         except Exception as exc:
-            if _is_oom(exc):
+            if is_oom(exc):
                 raise LunaError(ErrorCode.OOM, f"out of memory: {exc}") from None
             log.warning("model call failed: %s: %s", type(exc).__name__, exc)
             raise LunaError(ErrorCode.MODEL_ERROR, f"{type(exc).__name__}: {exc}") from None

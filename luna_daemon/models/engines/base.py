@@ -16,6 +16,7 @@ model on that model's single executor thread, inside ``torch.inference_mode()``.
 from __future__ import annotations
 
 import abc
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -153,6 +154,35 @@ class Engine(abc.ABC):
 
     def close(self) -> None:
         """Release engine-global resources (caches). Called once at daemon stop."""
+
+
+# ------------------------------------------------------------------------- helpers
+def as_device(device: torch.device | str | None) -> torch.device:
+    """``None`` -> the CPU; a bare ``cuda`` -> the current CUDA device, with its index."""
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return dev
+
+
+def module_nbytes(*modules: torch.nn.Module | None) -> int:
+    """Bytes of the parameters and buffers of ``modules``, each tensor counted once."""
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        if module is None:
+            continue
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def is_oom(exc: BaseException) -> bool:
+    """An out-of-memory failure: torch's OOM error, MemoryError, or an error that says so
+    (MPS and some kernels raise a plain RuntimeError)."""
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower()
 
 
 # ------------------------------------------------------------------------- load progress

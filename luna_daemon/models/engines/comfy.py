@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import itertools
 import json
 import logging
 import sys
@@ -68,7 +67,7 @@ from typing import Any
 
 import torch
 
-from .base import ClipModel, Engine, EngineError, LoraSpec, TiledArgs, VaeModel
+from .base import ClipModel, Engine, EngineError, LoraSpec, TiledArgs, VaeModel, as_device, module_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -213,13 +212,6 @@ def _comfy_call(what: str):
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_device(device: torch.device | str | None) -> torch.device:
-    dev = torch.device("cpu") if device is None else torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    return dev
-
-
 def _paths(paths: Sequence[str] | str, what: str) -> list[Path]:
     if isinstance(paths, (str, Path)):
         paths = [str(paths)]
@@ -233,18 +225,6 @@ def _paths(paths: Sequence[str] | str, what: str) -> list[Path]:
         if not p.is_file():
             raise EngineError("not_found", f"{what} file not found: {p}")
     return out
-
-
-def _module_nbytes(module: torch.nn.Module | None) -> int:
-    if module is None:
-        return 0
-    seen: set[int] = set()
-    total = 0
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
 
 
 def _storage_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -384,7 +364,7 @@ class ComfyVae(VaeModel):
         self.source = source
         self.device = torch.device(vae.device)
         self.dtype = vae.vae_dtype
-        self._nbytes = _module_nbytes(vae.first_stage_model)
+        self._nbytes = module_nbytes(vae.first_stage_model)
         self._info = self._build_info(vae)
 
     @staticmethod
@@ -486,7 +466,7 @@ class ComfyClip(ClipModel):
         self._shapes = {k: tuple(v.shape) for k, v in state.items()}
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
         self._patchable = sorted({v for v in key_map.values() if isinstance(v, str) and v in self._shapes})
-        self._nbytes = _module_nbytes(clip.cond_stage_model)
+        self._nbytes = module_nbytes(clip.cond_stage_model)
         with self._tokenize_lock, torch.inference_mode(), _keep_root_logging():
             self._token_keys = list(clip.tokenize("").keys())
         self._info = {
@@ -779,7 +759,7 @@ class ComfyEngine(Engine):
         if len(path_list) != 1:
             raise EngineError("bad_args", f"load_vae takes exactly one path, got {len(path_list)}")
         path = path_list[0]
-        device = _as_device(device)
+        device = as_device(device)
         self._check_device(device, None)
         comfy = self.prepare()
         self._check_device(device, comfy)
@@ -816,7 +796,7 @@ class ComfyEngine(Engine):
     def load_clip(self, paths: Sequence[str], clip_type: str, device: torch.device,
                   dtype: torch.dtype | None) -> ComfyClip:
         path_list = _paths(paths, "CLIP")
-        device = _as_device(device)
+        device = as_device(device)
         self._check_device(device, None)
         comfy = self.prepare()
         self._check_device(device, comfy)

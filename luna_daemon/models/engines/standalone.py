@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from .base import (DEFAULT_DECODE_TILE, DEFAULT_ENCODE_TILE, ClipModel, Engine, EngineError, LoraSpec, TiledArgs, VaeModel,
-                   weights_read)
+                   as_device, is_oom, module_nbytes, weights_read)
 from .tiling import tiled_map_three_pass
 
 logger = logging.getLogger(__name__)
@@ -79,10 +79,6 @@ DEFAULT_LORA_CACHE_ENTRIES = 4
 # ------------------------------------------------------------------------------ helpers
 
 
-def _as_device(device: torch.device | str | None) -> torch.device:
-    return torch.device("cpu") if device is None else torch.device(device)
-
-
 def _default_dtype(device: torch.device, kind: str) -> torch.dtype:
     """The dtype used when the caller passes ``None``: fp32 on the CPU; on CUDA what ComfyUI
     picks by default (bf16 VAE where supported, fp16 text encoders)."""
@@ -91,20 +87,6 @@ def _default_dtype(device: torch.device, kind: str) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         return torch.float16
     return torch.float32
-
-
-def _module_nbytes(*modules: nn.Module | None) -> int:
-    seen: set[int] = set()
-    total = 0
-    for module in modules:
-        if module is None:
-            continue
-        for tensor in itertools.chain(module.parameters(), module.buffers()):
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
-    return total
 
 
 def _single_path(paths: Sequence[str] | str, what: str) -> Path:
@@ -231,11 +213,6 @@ def _materialise(cls: Callable[..., nn.Module], init: Mapping[str, Any] | Any, s
     for param in module.parameters():
         param.requires_grad_(False)
     return module.eval()
-
-
-def _is_oom(exc: BaseException) -> bool:
-    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom_type is not None and isinstance(exc, oom_type)) or "out of memory" in str(exc).lower()
 
 
 # ---------------------------------------------------------------------------------- VAE
@@ -405,7 +382,7 @@ class StandaloneVae(VaeModel):
         self.out_channels = int(cfg.out_channels)
         self.downscale_ratio = 2 ** (len(cfg.block_out_channels) - 1)
         self.upscale_ratio = self.downscale_ratio
-        self._nbytes = _module_nbytes(module)
+        self._nbytes = module_nbytes(module)
 
     # -- LoadedModel
 
@@ -508,7 +485,7 @@ class StandaloneVae(VaeModel):
                 tile_x, tile_y, overlap = self._tile_geometry(tiled, default)
                 return tiled_map_three_pass(fn, x, tile_x=tile_x, tile_y=tile_y, overlap=overlap, scale=scale, align=align)
         except Exception as exc:
-            if _is_oom(exc):
+            if is_oom(exc):
                 self._empty_cache()
                 how = "tiled" if tiled is not None else "untiled"
                 raise EngineError("oom", f"VAE {self.source} ran out of memory ({how}): {exc}") from exc
@@ -954,7 +931,7 @@ class StandaloneClip(ClipModel):
         self.device = device
         self.dtype = dtype
         self._lora_cache = _LruCache(lora_cache_entries, size_of=_patch_nbytes)
-        self._nbytes = _module_nbytes(*(e.module for e in encoders.values()))
+        self._nbytes = module_nbytes(*(e.module for e in encoders.values()))
         self._info = self._build_info()
 
     # -- LoadedModel
@@ -1062,7 +1039,7 @@ class StandaloneClip(ClipModel):
         try:
             hidden, pooled = enc.forward(ids.to(enc.module.device), hidden_index, params)
         except Exception as exc:
-            if _is_oom(exc):
+            if is_oom(exc):
                 raise EngineError("oom", f"text encoder {enc.key!r} ran out of memory: {exc}") from exc
             raise
         hidden = hidden.float().cpu()
@@ -1151,7 +1128,7 @@ class StandaloneEngine(Engine):
         """``paths`` = [diffusers AutoencoderKL folder | diffusers-layout ``.safetensors``]."""
         path = _single_path(paths, "load_vae")
         _check_exists(path, "VAE")
-        device = _as_device(device)
+        device = as_device(device)
         dtype = dtype or _default_dtype(device, "vae")
         try:
             module, layout = _load_autoencoder(path)
@@ -1184,7 +1161,7 @@ class StandaloneEngine(Engine):
         wanted = 1 if normalised == "sd1" else 2
         if len(paths) != wanted:
             raise EngineError("bad_args", f"clip_type {normalised} takes {wanted} path(s), got {len(paths)}")
-        device = _as_device(device)
+        device = as_device(device)
         dtype = dtype or _default_dtype(device, "clip")
         encoders: dict[str, _TextEncoder] = {}
         if normalised == "sd1":
