@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import threading
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from luna_daemon.fsutil import atomic_write
 from luna_daemon.protocol import ErrorCode, LunaError
 
 _UPLOAD_LOCK = threading.Lock()
@@ -33,16 +33,6 @@ def _upload_dir(settings: Any, registry: Any) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     registry.add_root(folder)
     return folder
-
-
-def _atomic_write(path: Path, data: bytes | memoryview) -> None:
-    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.part")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _prune_uploads(registry: Any, folder: Path, keep: set[Path]) -> None:
@@ -102,8 +92,8 @@ def store_upload(settings: Any, registry: Any, kind: str, sha: str, data: Any) -
             files = [(f"clip-{sha}-{name}.safetensors", part) for name, part in parts]
 
         for name, part in files:
-            _atomic_write(folder / name, raw if part is None else save_safetensors(part))
-        _atomic_write(manifest, json.dumps({"files": [n for n, _ in files], "clip_type": clip_type}).encode())
+            atomic_write(folder / name, raw if part is None else save_safetensors(part))
+        atomic_write(manifest, json.dumps({"files": [n for n, _ in files], "clip_type": clip_type}).encode())
         paths = [folder / n for n, _ in files]
         _prune_uploads(registry, folder, set(paths) | {manifest})
         return paths, clip_type

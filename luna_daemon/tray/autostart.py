@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import luna_daemon
+from luna_daemon.fsutil import atomic_write
 
 DESKTOP_NAME = "luna-daemon.desktop"
 LAUNCH_AGENT_LABEL = "io.github.luna-daemon.tray"
@@ -136,9 +137,9 @@ def enable(platform: str | None = None, env: Mapping[str, str] | None = None,
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if kind == "xdg":
-            _atomic_write(path, desktop_entry(argv, workdir).encode("utf-8"))
+            atomic_write(path, desktop_entry(argv, workdir).encode("utf-8"))
         elif kind == "macos":
-            _atomic_write(path, plistlib.dumps(launch_agent(argv, workdir)))
+            atomic_write(path, plistlib.dumps(launch_agent(argv, workdir)))
         else:
             _write_shortcut(path, argv, workdir)
     except OSError as exc:
@@ -238,8 +239,3 @@ def _write_shortcut(path: Path, argv: Sequence[str], workdir: Path) -> None:
     if res.returncode != 0 or not path.is_file():
         raise AutostartError(f"PowerShell could not create {path}: {(res.stderr or res.stdout).strip()[:300]}")
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
