@@ -26,6 +26,7 @@ import torch
 from luna_daemon import __version__, protocol
 from luna_daemon.events import EventBus
 from luna_daemon.models.engines.base import DEFAULT_DECODE_TILE, DEFAULT_ENCODE_TILE, TiledArgs, is_oom
+from luna_daemon.models.lora import SHA256_RE
 from luna_daemon.models.registry import Registry, available_devices, device_memory
 from luna_daemon.models.uploads import store_upload
 from luna_daemon.protocol import ErrorCode, LunaError, Request
@@ -436,7 +437,7 @@ def _clip_encode(svc: Service, args: dict, ctx: Context) -> dict:
 # ``vae_load_sd`` / ``clip_load_sd`` (the ComfyUI Checkpoint Tunnel): see models/uploads.py.
 def _sha_arg(args: dict) -> str:
     sha = _arg(args, "sha256", str).lower()
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+    if not SHA256_RE.fullmatch(sha):
         raise LunaError(ErrorCode.BAD_ARGS, "sha256 must be 64 hex digits")
     return sha
 

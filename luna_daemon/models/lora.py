@@ -41,7 +41,7 @@ from luna_daemon.protocol import ErrorCode, LunaError
 
 log = logging.getLogger(__name__)
 
-_SHA_RE = re.compile(r"[0-9a-f]{64}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")  # a content id: lower-case hex SHA-256
 # (up, down) suffix pairs, as the kohya / diffusers / PEFT writers spell them.
 _PAIRS = (
     (".lora_up.weight", ".lora_down.weight"),
@@ -258,7 +258,7 @@ class LoraCache:
                 raise LunaError(ErrorCode.BAD_ARGS, "each LoRA entry must be {lora: sha256, strength: number}")
             sha = item.get("lora", item.get("sha256"))
             strength = item.get("strength", 1.0)
-            if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
+            if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):
                 raise LunaError(ErrorCode.BAD_ARGS, "LoRA id must be the 64-hex-digit SHA-256 of the file")
             if isinstance(strength, bool) or not isinstance(strength, (int, float)):
                 raise LunaError(ErrorCode.BAD_ARGS, "LoRA strength must be a number")

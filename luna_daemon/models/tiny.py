@@ -251,11 +251,6 @@ def big_vae_shape(target_bytes: int, *, bytes_per_param: int = 4) -> tuple[tuple
     return channels, layers
 
 
-def big_vae_channels(target_bytes: int, *, bytes_per_param: int = 4) -> tuple[int, ...]:
-    """``block_out_channels`` part of ``big_vae_shape``."""
-    return big_vae_shape(target_bytes, bytes_per_param=bytes_per_param)[0]
-
-
 def make_big_vae(
     dir: str | os.PathLike,
     target_bytes: int = 300 * 1024 * 1024,

@@ -159,15 +159,6 @@ def disable(platform: str | None = None, env: Mapping[str, str] | None = None) -
     return True
 
 
-def set_enabled(on: bool, **kw) -> bool:
-    """Enable or disable; returns the state now on disk."""
-    if on:
-        enable(**kw)
-    else:
-        disable(**{k: v for k, v in kw.items() if k in ("platform", "env")})
-    return is_enabled(kw.get("platform"), kw.get("env"))
-
-
 # ----------------------------------------------------------------------------- formats
 def _desktop_quote(arg: str) -> str:
     # Desktop Entry spec, "The Exec key": quote args with reserved characters; inside

@@ -325,10 +325,6 @@ class Monitor:
                     c.queue.append((event.type, text))
                 c.poke()
 
-    @property
-    def client_count(self) -> int:
-        return len(self._clients)
-
     # ------------------------------------------------------------ HTTP
     def _respond(self, status: int, body: bytes | str, content_type: str = "text/plain; charset=utf-8",
                  extra: dict[str, str] | None = None) -> Response:
