@@ -1,7 +1,15 @@
 """``luna-daemon`` command line (thin over the client, the settings and the host).
 
 Output for people goes to stdout; ``--json`` on read commands prints machine-readable JSON.
-Exit codes: 0 ok, 1 failure (daemon error / already running), 2 usage, 3 daemon unreachable.
+Exit codes: 0 ok, 1 failure (daemon error / already running / doctor found a problem),
+2 usage, 3 daemon unreachable (nothing listens, or the port's holder is not a Luna daemon),
+4 ``serve`` stopped uncleanly (work was cut off at ``stop_timeout``).
+
+Start-up cost: this module imports only the standard library at module level, and each
+command imports what it needs when it runs. The light commands (``--version``, ``--help``,
+``status``, ``ps``, ``stop``, ``unload``, ``load``, ``logs``, ``config``, ``doctor
+--no-devices``) never import torch (tests/test_cli.py checks ``sys.modules``); ``serve``,
+``tray``, ``demo``, ``bench`` and doctor's device check do.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -18,6 +27,12 @@ from luna_daemon import __version__
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+# ``serve`` stopped, but not cleanly: work was cut off at stop_timeout (the log names it).
+# The tray's headless mode uses the same code (tray/app.py).
+EXIT_UNCLEAN = 4
+# Connect + first-answer deadline of every daemon command: a program on the port that
+# accepts and never answers costs this, not the long client_timeout meant for model work.
+HANDSHAKE_S = 3.0
 
 
 def _out(text: str = "") -> None:
@@ -37,9 +52,19 @@ def _settings(args: argparse.Namespace):
 
 
 def _client(args: argparse.Namespace):
+    """A client whose peer has answered ``hello`` within HANDSHAKE_S (else DaemonUnavailable /
+    NotLunaDaemon, naming the port's holder). Its calls then wait ``--timeout`` or
+    ``client_timeout``."""
     from luna_daemon.client import DaemonClient
 
-    return DaemonClient.from_settings(_settings(args), timeout=getattr(args, "timeout", None) or 120.0)
+    kw = {"timeout": args.timeout} if getattr(args, "timeout", None) else {}
+    c = DaemonClient.from_settings(_settings(args), connect_timeout=HANDSHAKE_S, **kw)
+    try:
+        c.verify(HANDSHAKE_S)
+    except BaseException:
+        c.close()
+        raise
+    return c
 
 
 def _mb(n: Any) -> str:
@@ -51,14 +76,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon (and the monitor) in the foreground until Ctrl-C / SIGTERM / stop."""
     from luna_daemon.daemon import DaemonStartError
     from luna_daemon.host import AlreadyRunning, Host
-    from luna_daemon.instance import ALREADY_RUNNING
 
     settings = _settings(args)
     host = Host(settings)
     try:
         host.acquire()
-    except AlreadyRunning:
-        _out(ALREADY_RUNNING)
+    except AlreadyRunning as exc:
+        _out(str(exc))  # Luna (pid) or the foreign program holding lock_port
         return EXIT_FAIL
     if not args.no_monitor:
         host.start_monitor()
@@ -68,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _out(f"Luna Daemon failed to start: {exc}")
         host.close(2.0)
         return EXIT_FAIL
-    return EXIT_OK if clean else EXIT_FAIL
+    return host.end_process(EXIT_OK if clean else EXIT_UNCLEAN)
 
 
 def cmd_tray(args: argparse.Namespace) -> int:
@@ -125,6 +149,61 @@ def cmd_unload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    """Load a model now (``luna-daemon load vae|clip PATH...``), e.g. before ComfyUI starts."""
+    if args.kind == "vae" and (len(args.paths) != 1 or args.clip_type):
+        _out("a VAE is one file or folder, without --type (that is for clip)")
+        return EXIT_USAGE
+    # The daemon runs elsewhere (its own working directory) and resolves a relative path
+    # against its model_roots: a path that exists from here is sent absolute, anything
+    # else as given ("vae/sdxl_vae.safetensors" under a model root).
+    paths = [os.path.abspath(p) if os.path.exists(p) else p for p in map(os.path.expanduser, args.paths)]
+    opts = {"device": args.device, "dtype": args.dtype, "keep_alive": args.keep_alive}
+    with _client(args) as c:
+        if args.kind == "vae":
+            done = c.vae_load(paths[0], **opts)
+        else:
+            done = c.clip_load(paths, args.clip_type or "sd1", **opts)
+    # A CLIP answer carries its state-dict key list (for LoRA mapping): not for people or scripts here.
+    done.get("info", {}).pop("state_dict", None)
+    if args.json:
+        _json(done)
+        return EXIT_OK
+    ka = done.get("keep_alive")
+    stays = "until unloaded" if ka is None or ka < 0 else f"keep_alive {ka:g}s"
+    _out(f"loaded {done['model']}  {done['kind']} on {done['device']} ({done['dtype']}), {_mb(done.get('bytes'))}, {stays}")
+    for path in done.get("paths", []):
+        _out(f"  {path}")
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from luna_daemon.doctor import FAIL, WARN, run_checks
+
+    settings, error = _settings_or_none(args)
+    findings = run_checks(settings, error, devices=not args.no_devices, config_file=getattr(args, "config", None))
+    if args.json:
+        _json([f._asdict() for f in findings])
+    else:
+        for f in findings:
+            _out(f"[{f.status:<4}] {f.check}: {f.finding}")
+            if f.fix:
+                _out(f"       fix: {f.fix}")
+        bad, warns = (sum(f.status == st for f in findings) for st in (FAIL, WARN))
+        _out(f"{bad} problem(s), {warns} warning(s)")
+    return EXIT_FAIL if any(f.status == FAIL for f in findings) else EXIT_OK
+
+
+def _settings_or_none(args: argparse.Namespace):
+    """(settings, None) or (None, the SettingsError): doctor reports a bad config as a finding."""
+    from luna_daemon.settings import SettingsError
+
+    try:
+        return _settings(args), None
+    except SettingsError as exc:
+        return None, exc
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     with _client(args) as c:
         c.shutdown()
@@ -174,12 +253,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # Each benchmark has its own default number of repeats (a tray launch takes
     # seconds, a loopback exchange milliseconds); --repeats overrides it.
     kw = {} if args.repeats is None else {"repeats": args.repeats}
+    if args.reliability:
+        from luna_daemon.reliability import run as reliability_suite  # docs/reliability.md
+
+        report = reliability_suite(quick=args.quick, progress=None if args.json else _out)
+        _report(args, report)
+        return EXIT_OK if report["ok"] else EXIT_FAIL
     if args.memory:
         report = bench.memory_benchmark(model_mb=args.model_mb, clients=args.clients)
     elif args.startup:
         from luna_daemon.tray.bench import startup_benchmark  # tray launch, or headless serve -> ping
 
         report = startup_benchmark(**kw)
+    elif args.cli:
+        from luna_daemon.cli_bench import cli_benchmark
+
+        report = cli_benchmark(**kw)
     elif args.proxy:
         from luna_daemon.comfy_nodes.bench import proxy_overhead_benchmark
 
@@ -227,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("model", nargs="?")
     u.add_argument("--all", action="store_true")
     u.set_defaults(func=cmd_unload)
+    ld = sub.add_parser("load", parents=[common], help="load a VAE or CLIP now (warm the daemon before ComfyUI starts)")
+    ld.add_argument("kind", choices=("vae", "clip"))
+    ld.add_argument("paths", nargs="+", metavar="PATH", help="one VAE; one or more CLIP text-encoder files")
+    ld.add_argument("--type", dest="clip_type", help="CLIP type: sd1 (default), sdxl, flux, ...")
+    ld.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (default: vae_device / clip_device)")
+    ld.add_argument("--dtype", help="auto, fp32, fp16, bf16 (default: vae_dtype / clip_dtype)")
+    ld.add_argument("--keep-alive", dest="keep_alive", help="how long it stays loaded when idle: 30s, 5m, forever")
+    ld.set_defaults(func=cmd_load)
     sub.add_parser("stop", parents=[common], help="stop the daemon cleanly").set_defaults(func=cmd_stop)
     c = sub.add_parser("config", parents=[common], help="show the effective settings and where each comes from")
     c.add_argument("--show", action="store_true", help="(default) print every setting with its source")
@@ -235,11 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("-n", "--lines", type=int, default=50)
     lg.add_argument("--path", action="store_true", help="print the log file's path only")
     lg.set_defaults(func=cmd_logs)
+    dr = sub.add_parser("doctor", parents=[common], help="check config, ports, lock, token, ComfyUI, engine, devices, model roots")
+    dr.add_argument("--no-devices", action="store_true", help="skip the device check (the only one that imports torch)")
+    dr.set_defaults(func=cmd_doctor)
     sub.add_parser("demo", parents=[common], help="offline proof: tiny models, a daemon, encode/decode").set_defaults(func=cmd_demo)
     b = sub.add_parser("bench", parents=[common], help="benchmarks (transport by default)")
     b.add_argument("--memory", action="store_true", help="memory sharing benchmark")
     b.add_argument("--startup", action="store_true", help="tray launch -> green")
+    b.add_argument("--cli", action="store_true", help="CLI response times (--version, --help, status, ps, config) as subprocesses")
     b.add_argument("--proxy", action="store_true", help="ComfyUI proxy per-call overhead vs in-process (needs ComfyUI: comfyui_root / COMFYUI_PATH)")
+    b.add_argument("--reliability", action="store_true", help="hostile-client suite: fuzz, floods, stop under load, killed clients, odd files, dashboard; exit 1 if anything failed")
+    b.add_argument("--quick", action="store_true", help="with --reliability: small counts (what CI runs)")
     b.add_argument("--repeats", type=int, default=None, help="samples per measurement (default: per benchmark)")
     b.add_argument("--model-mb", type=int, default=320, dest="model_mb")
     b.add_argument("--clients", type=int, default=3)
@@ -248,9 +351,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from luna_daemon.client import DaemonError, DaemonUnavailable
-    from luna_daemon.settings import SettingsError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -260,15 +360,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except SettingsError as exc:
+    except Exception as exc:
+        code = _exit_code(exc)
+        if code is None:
+            raise
+        return code
+
+
+def _exit_code(exc: Exception) -> int | None:
+    """Print a known failure and return its exit code; None for anything else."""
+    from luna_daemon.settings import SettingsError
+
+    if isinstance(exc, SettingsError):
         _out(f"invalid setting: {exc}")
         return EXIT_USAGE
-    except DaemonUnavailable as exc:
+    # Looked up, not imported: a client error can only come from a client that a command
+    # imported, and importing it up front would slow every command down.
+    client = sys.modules.get("luna_daemon.client")
+    if client is not None and isinstance(exc, client.DaemonUnavailable):
         _out(str(exc))
         return EXIT_UNAVAILABLE
-    except DaemonError as exc:
+    if client is not None and isinstance(exc, client.DaemonError):
         _out(f"daemon error ({exc.code}): {exc.message}")
         return EXIT_FAIL
+    return None
 
 
 if __name__ == "__main__":

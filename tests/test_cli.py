@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,8 +25,44 @@ def _env(tmp_path, model_dir, **extra):
     return env
 
 
-def _cli(env, *args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "luna_daemon", *args], env=env, capture_output=True, text=True, timeout=timeout)
+def _cli(env, *args, timeout=120, cwd=None):
+    return subprocess.run([sys.executable, "-m", "luna_daemon", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+# A program that is not Luna Daemon, holding a port: "silent" accepts and never answers,
+# "garbage" answers with an HTTP error, "close" hangs up at once. Its command line must not
+# mention the package (the CLI would take it for a wedged Luna process).
+_FOREIGN = r"""
+import socket, sys
+mode, port = sys.argv[1], int(sys.argv[2])
+ls = socket.socket()
+ls.bind(("127.0.0.1", port))
+ls.listen(64)
+print("ready", flush=True)
+held = []
+while True:
+    c, _ = ls.accept()
+    if mode == "close":
+        c.close()
+        continue
+    if mode == "garbage":
+        c.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n" * 4)
+    held.append(c)
+"""
+
+
+@contextlib.contextmanager
+def foreign_listener(mode: str, port: int):
+    """A real process listening on ``port`` (see _FOREIGN); yields its Popen."""
+    proc = subprocess.Popen([sys.executable, "-c", _FOREIGN, mode, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
 
 
 @pytest.fixture
@@ -96,3 +136,196 @@ def test_demo_runs_offline(tmp_path, model_dir):
     out = _cli(_env(tmp_path, model_dir), "demo", timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "results equal the same calls in-process: yes" in out.stdout and "demo OK" in out.stdout
+
+
+def _rows(stdout: str, check: str) -> list[dict]:
+    return [r for r in json.loads(stdout) if r["check"] == check]
+
+
+def _lines_with(stdout: str, text: str) -> list[str]:
+    return [ln for ln in stdout.splitlines() if text in ln]
+
+
+# ------------------------------------------------------------------ a foreign program on the daemon port
+@pytest.mark.parametrize("mode,commands", [
+    ("silent", [["status"], ["stop"], ["ps"], ["unload", "--all"], ["load", "vae", "x.safetensors"]]),
+    ("garbage", [["status"], ["stop"]]),
+    ("close", [["status"]]),
+])
+def test_daemon_commands_name_a_foreign_program_on_the_port(tmp_path, model_dir, mode, commands):
+    env = _env(tmp_path, model_dir)
+    with foreign_listener(mode, int(env["LUNA_PORT"])) as holder:
+        for args in commands:
+            # The subprocess timeout is the bound: before, status waited client_timeout (120 s)
+            # and stop / ps printed nothing for 30 s+; now the hello deadline is 3 s.
+            r = _cli(env, *args, timeout=25)
+            assert r.returncode == 3, (args, r.stdout, r.stderr)  # unreachable, as the README says
+            assert f"(pid {holder.pid})" in r.stdout and "which is not a Luna daemon" in r.stdout, (args, r.stdout)
+            assert "'port' (config.toml, LUNA_PORT or --port)" in r.stdout  # what to do
+            assert "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
+def test_a_hung_luna_daemon_is_named_as_luna_not_as_foreign(served):
+    env, proc = served
+    proc.send_signal(signal.SIGSTOP)  # the kernel still accepts connections; nothing answers
+    try:
+        r = _cli(env, "status", timeout=25)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"the Luna Daemon process on 127.0.0.1:{env['LUNA_PORT']} (" in r.stdout and f"(pid {proc.pid})" in r.stdout
+    assert "did not answer within 3 s: it may be overloaded or hung" in r.stdout and "not a Luna daemon" not in r.stdout
+    assert _cli(env, "status").returncode == 0  # and once it runs again, it answers
+
+
+# ------------------------------------------------------------------ a foreign program on the lock port
+@pytest.mark.parametrize("launch,mode", [("serve", "silent"), ("serve", "garbage"), ("tray_app.py", "garbage")])
+def test_launch_names_a_foreign_program_on_the_lock_port(tmp_path, model_dir, launch, mode):
+    env = _env(tmp_path, model_dir)
+    env.pop("DISPLAY", None)
+    lock_port = int(env["LUNA_LOCK_PORT"])
+    argv = ([sys.executable, "-m", "luna_daemon", "serve"] if launch == "serve"
+            else [sys.executable, str(Path(__file__).resolve().parents[1] / "luna_daemon" / "tray_app.py")])
+    with foreign_listener(mode, lock_port) as holder:
+        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"port {lock_port} (lock_port) is held by "), r.stdout
+    assert last.endswith(f"(pid {holder.pid}), not Luna Daemon: stop it or set lock_port "
+                         "(config.toml, LUNA_LOCK_PORT or --lock-port)"), last
+    assert "already running" not in r.stdout
+    assert last in (tmp_path / "home" / "logs" / "luna-daemon.log").read_text()  # the same text is logged
+    with pytest.raises(OSError):  # it stopped before starting anything
+        socket.create_connection(("127.0.0.1", int(env["LUNA_PORT"])), timeout=1).close()
+
+
+# ------------------------------------------------------------------ load
+def test_load_warms_the_daemon(served, model_dir):
+    env, _proc = served
+    r = _cli(env, "load", "vae", str(model_dir / "vae_folder"), "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    vae = json.loads(r.stdout)
+    assert vae["kind"] == "vae" and vae["device"] == "cpu" and vae["bytes"] > 0
+    assert vae["paths"] == [str((model_dir / "vae_folder").resolve())]
+    # A path relative to the caller's directory, as typed in a shell (relative to the model
+    # root it would not exist), and the human answer: id, device, dtype, size, keep_alive.
+    r = _cli(env, "load", "clip", f"{model_dir.name}/clip_l", "--type", "sd1", "--dtype", "fp32", "--keep-alive", "5m",
+             cwd=model_dir.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first = r.stdout.splitlines()[0].split()
+    assert first[0] == "loaded" and first[2:5] == ["clip", "on", "cpu"] and "(fp32)," in first and "keep_alive 300s" in r.stdout
+    clip_id = first[1]
+    ps = json.loads(_cli(env, "ps", "--json").stdout)
+    assert {m["id"]: m["keep_alive"] for m in ps} == {vae["model"]: -1.0, clip_id: 300.0}
+    assert _cli(env, "load", "vae", "a", "b").returncode == 2
+    assert _cli(env, "load", "vae", "a", "--type", "sdxl").returncode == 2
+    bad = _cli(env, "load", "vae", "/nonexistent/vae.safetensors")
+    assert bad.returncode == 1 and "forbidden_path" in bad.stdout, bad.stdout
+
+
+# ------------------------------------------------------------------ doctor
+def test_doctor_fails_and_names_foreign_holders(tmp_path, model_dir):
+    env = _env(tmp_path, model_dir)
+    with foreign_listener("silent", int(env["LUNA_PORT"])) as d, foreign_listener("garbage", int(env["LUNA_LOCK_PORT"])) as lk:
+        r = _cli(env, "doctor", "--json", "--no-devices", timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    [daemon] = _rows(r.stdout, "daemon port")
+    assert daemon["status"] == "fail" and f"(pid {d.pid})" in daemon["finding"] and "LUNA_PORT" in daemon["fix"]
+    [lock] = _rows(r.stdout, "lock")
+    assert lock["status"] == "fail" and f"(pid {lk.pid})" in lock["finding"] and "LUNA_LOCK_PORT" in lock["fix"]
+    assert not _rows(r.stdout, "devices")  # --no-devices
+    assert _rows(r.stdout, "model roots")[0]["status"] == "ok"
+
+
+def test_doctor_on_a_running_install(served, model_dir):
+    env, proc = served
+    r = _cli(env, "doctor", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert _lines_with(out, "[ok  ] daemon port: Luna Daemon 0.1.0 answers on port")
+    assert _lines_with(out, f"[ok  ] lock: port {env['LUNA_LOCK_PORT']} (lock_port) is held by Luna Daemon 0.1.0 (pid {proc.pid})")
+    assert _lines_with(out, f"dashboard of the Luna host (pid {proc.pid})")
+    assert _lines_with(out, "[ok  ] token:") and _lines_with(out, "accepted by the daemon")
+    assert _lines_with(out, "[ok  ] engine: engine = standalone: standalone")
+    assert _lines_with(out, "[ok  ] devices: vae_device = auto -> ")
+    assert _lines_with(out, f"[ok  ] model roots: {model_dir.resolve()}")
+    assert out.rstrip().endswith("0 problem(s), 0 warning(s)")
+
+
+def test_doctor_config_comfyui_token_and_roots(tmp_path, model_dir):
+    # A ComfyUI folder whose comfy package does not import (no comfy/options.py).
+    comfy = tmp_path / "ComfyUI" / "comfy"
+    comfy.mkdir(parents=True)
+    (comfy / "__init__.py").write_text("")
+    (comfy / "sd.py").write_text("")
+    (comfy.parent / "models").mkdir()
+    missing = tmp_path / "no-such-models"
+    env = _env(tmp_path, model_dir, LUNA_COMFYUI_ROOT=str(comfy.parent), LUNA_MODEL_ROOTS=json.dumps([str(model_dir), str(missing)]))
+    token = tmp_path / "home" / "config" / "token"
+    token.parent.mkdir(parents=True)
+    token.write_text("t0ken")
+    token.chmod(0o644)
+    r = _cli(env, "doctor", "--json", "--no-devices", timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr  # warnings only
+    [cf] = _rows(r.stdout, "ComfyUI")
+    assert cf["status"] == "warn" and str(comfy.parent) in cf["finding"] and "requirements.txt" in cf["fix"]
+    assert _rows(r.stdout, "token")[0] == {"check": "token", "status": "warn", "finding": f"{token} is readable by other users (mode 644)",
+                                           "fix": f"chmod 600 {token}"}
+    roots = {row["finding"]: row["status"] for row in _rows(r.stdout, "model roots")}
+    assert roots == {str(model_dir.resolve()): "ok", f"{missing} does not exist": "warn", str(comfy.parent / "models"): "ok"}
+    # engine = comfy with that ComfyUI, and a config file that does not parse: both fail.
+    (token.parent / "config.toml").write_text('queue_size = "many"\n')
+    r = _cli(dict(env, LUNA_ENGINE="comfy"), "doctor", "--json", "--no-devices", timeout=240)
+    assert r.returncode == 1, r.stdout + r.stderr
+    [cfg] = _rows(r.stdout, "config")
+    assert cfg["status"] == "fail" and "queue_size" in cfg["finding"] and "config.toml" in cfg["finding"]
+    assert _rows(r.stdout, "ComfyUI")[0]["status"] == "fail"  # the other checks still ran, with the env settings
+    assert _rows(r.stdout, "engine")[0]["status"] == "fail"
+
+
+def test_doctor_never_opens_a_fifo_token(tmp_path, model_dir):
+    token = tmp_path / "home" / "config" / "token"
+    token.parent.mkdir(parents=True)
+    os.mkfifo(token)  # opening it for reading would wait for a writer forever
+    r = _cli(_env(tmp_path, model_dir), "doctor", "--json", "--no-devices", timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    [row] = _rows(r.stdout, "token")
+    assert row["status"] == "fail" and str(token) in row["finding"] and "delete it" in row["fix"]
+
+
+# ------------------------------------------------------------------ start-up cost
+_PROBE = """
+import sys
+from luna_daemon.cli import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as exc:  # --version, --help
+    rc = exc.code
+sys.stdout.write("\\nTORCH=%s\\n" % ("torch" in sys.modules))
+sys.exit(rc)
+"""
+
+
+def test_light_commands_do_not_import_torch(served, model_dir, tmp_path):
+    env, proc = served
+    down = dict(env, LUNA_PORT=str(free_port()))
+    runs = [(env, ["--version"], 0), (env, ["--help"], 0), (env, ["config", "--show"], 0), (env, ["logs"], 0),
+            (down, ["status"], 3), (env, ["status"], 0), (env, ["ps"], 0),
+            (env, ["load", "vae", str(model_dir / "vae_folder")], 0), (env, ["unload", "--all"], 0),
+            (env, ["doctor", "--no-devices"], 0), (env, ["stop"], 0)]
+    for run_env, args, rc in runs:
+        r = subprocess.run([sys.executable, "-c", _PROBE, *args], env=run_env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == rc, (args, r.stdout, r.stderr)
+        assert r.stdout.rstrip().endswith("TORCH=False"), (args, "imported torch")
+    assert proc.wait(60) == 0
+
+
+def test_bench_cli_times_every_light_command():
+    r = _cli(dict(os.environ), "bench", "--cli", "--repeats", "1", "--json", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads(r.stdout)
+    assert set(rep["results"]) == {"python -c pass (floor)", "--version", "--help", "status (daemon running)",
+                                   "status (nothing on the port)", "ps", "config --show"}
+    assert all(v["median_s"] > 0 for v in rep["results"].values())
+    assert rep["results"]["--version"]["target_s"] == 0.3 and rep["results"]["status (daemon running)"]["target_s"] == 0.5

@@ -9,6 +9,7 @@ point runs the daemon headless (monitor included) under the same lock.
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 import subprocess
 import sys
@@ -26,7 +27,9 @@ from tray_helpers import (
     wait_until,
 )
 
-from luna_daemon.instance import ALREADY_RUNNING, InstanceLock, notify_running
+from luna_daemon import __version__
+from luna_daemon.instance import ALREADY_RUNNING, InstanceLock, LockOwner, notify_running, who_holds_lock
+from luna_daemon.netutil import port_holder
 
 SERVE = [sys.executable, "-m", "luna_daemon", "serve"]
 CLI_TRAY = [sys.executable, "-m", "luna_daemon", "tray"]
@@ -85,9 +88,11 @@ def test_second_launch_is_refused_and_first_is_asked_to_show(first, first_launch
     inst = first(LAUNCHES[first_launch])
     r = inst.second(LAUNCHES[second_launch])
     assert r.returncode != 0, r
-    assert r.stdout.strip().splitlines()[-1] == ALREADY_RUNNING, r.stdout
+    # the first instance is named by its pid (its lock answers the second launch's "show")
+    refusal = f"{ALREADY_RUNNING} (pid {inst.proc.pid})"
+    assert r.stdout.strip().splitlines()[-1] == refusal, r.stdout
     # the refusal is logged too (the shared log file of this LUNA_HOME)
-    wait_until(lambda: ALREADY_RUNNING in inst.log.read_text(), 10, "the refusal in the log")
+    wait_until(lambda: refusal in inst.log.read_text(), 10, "the refusal in the log")
     wait_until(lambda: "another launch asked this instance to show" in inst.log.read_text(), 10,
                "the first instance to receive 'show'")
     assert inst.proc.poll() is None, "the first instance must keep running"
@@ -114,11 +119,16 @@ def test_lock_message_reaches_the_owner():
     try:
         other = InstanceLock("127.0.0.1", lock.port)
         assert other.acquire() is False  # exclusive, even within one process
+        # "hello" only asks who is there: answered, never passed on to the owner
+        assert who_holds_lock("127.0.0.1", lock.port) == LockOwner(True, os.getpid(), __version__)
         assert notify_running("127.0.0.1", lock.port, "show") is True
         wait_until(lambda: got == ["show"], 5, "the message")
+        assert other.refusal() == f"{ALREADY_RUNNING} (pid {os.getpid()})"
+        wait_until(lambda: got == ["show", "show"], 5, "the refusal's own 'show'")
     finally:
         lock.release()
     assert notify_running("127.0.0.1", lock.port, "show", timeout=1) is False
+    assert who_holds_lock("127.0.0.1", lock.port, timeout=1) is None
 
 
 def test_relaunch_right_after_a_lock_conversation_is_not_refused():
@@ -129,7 +139,7 @@ def test_relaunch_right_after_a_lock_conversation_is_not_refused():
     port = lock.port
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(b"show\n")
-        assert s.recv(16) == b"ok\n"
+        assert s.recv(128) == f"ok LUNA-LOCK {os.getpid()} {__version__}\n".encode()
         assert s.recv(16) == b""  # the owner closed its end first
     lock.release()
     again = InstanceLock("127.0.0.1", port)
@@ -137,3 +147,17 @@ def test_relaunch_right_after_a_lock_conversation_is_not_refused():
         assert again.acquire(), "nothing holds the lock, yet it cannot be taken"
     finally:
         again.release()
+
+
+def test_port_holder_names_the_listening_process():
+    import psutil
+
+    with socket.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        port = ls.getsockname()[1]
+        assert port_holder(port) is None  # bound, not listening
+        ls.listen(1)
+        holder = port_holder(port)
+        assert (holder.pid, holder.name) == (os.getpid(), psutil.Process().name())
+        assert str(holder) == f"{psutil.Process().name()} (pid {os.getpid()})"
+    assert port_holder(port) is None
