@@ -30,8 +30,9 @@ def _load():
             sys.path.append(here)
     import luna_daemon
 
-    where = os.path.dirname(os.path.dirname(os.path.abspath(luna_daemon.__file__)))
-    if os.path.normcase(where) != os.path.normcase(here):
+    # realpath: a checkout linked into custom_nodes is still the package's own folder.
+    where = os.path.dirname(os.path.dirname(os.path.realpath(luna_daemon.__file__)))
+    if os.path.normcase(where) != os.path.normcase(os.path.realpath(here)):
         _log.warning("Luna Daemon nodes: using the luna_daemon package installed at %s, not the one in %s", where, here)
     from luna_daemon.comfy_nodes import NODE_CLASS_MAPPINGS as classes
     from luna_daemon.comfy_nodes import NODE_DISPLAY_NAME_MAPPINGS as names

@@ -232,6 +232,46 @@ def test_fake_comfy_import_time_facts():
     assert out["mm_import"] == "AssertionError: Torch not compiled with CUDA enabled"
 
 
+_LOCATION_PROBE = textwrap.dedent("""
+    import json, logging, sys
+    sys.path.insert(0, {repo!r})
+    warnings = []
+    class H(logging.Handler):
+        def emit(self, r):
+            if r.levelno >= logging.WARNING:
+                warnings.append(r.getMessage())
+    logging.getLogger("luna_daemon").addHandler(H())
+    from luna_daemon.models.engines.comfy import ComfyEngine
+    from luna_daemon.settings import Settings
+    settings = Settings.load(env={{"LUNA_HOME": {home!r}}}, overrides={{"engine": "comfy"}})
+    engine = ComfyEngine(settings, {link!r})  # a symlink to the fake ComfyUI root
+    for _ in range(3):  # every load calls prepare()
+        modules = engine.prepare()
+    import comfy
+    same_root = list(warnings)
+    other = ComfyEngine(settings, {other!r})
+    for _ in range(3):
+        other.prepare()
+    print(json.dumps({{"comfy_file": comfy.__file__, "root": str(modules.root), "same_root": same_root,
+                      "other_root": warnings[len(same_root):]}}))
+""")
+
+
+def test_comfy_namespace_package_location_is_checked_once(tmp_path):
+    """Real ComfyUI's ``comfy`` has no __init__.py (``__file__`` is None): the engine finds its
+    folder from ``__path__`` (symlinks resolved) and warns about a mismatch once, not per load."""
+    link = tmp_path / "ComfyUI-link"
+    link.symlink_to(FAKE_ROOT, target_is_directory=True)
+    other = tmp_path / "OtherComfyUI"
+    other.mkdir()
+    out = _run_probe(_LOCATION_PROBE.format(repo=str(REPO), home=str(tmp_path / "home"), link=str(link),
+                                            other=str(other)))
+    assert out["comfy_file"] is None  # the fake is a namespace package, like ComfyUI's
+    assert out["root"] == str(FAKE_ROOT.resolve())
+    assert out["same_root"] == []
+    assert len(out["other_root"]) == 1 and str(other) in out["other_root"][0], out["other_root"]
+
+
 def test_unavailable_device_lists_devices(engine, models):
     bad = torch.device(f"cuda:{torch.cuda.device_count() + 1}")
     with pytest.raises(EngineError) as err:

@@ -9,6 +9,7 @@ Luna proxy and once on the native object ComfyUI itself would have built, inside
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -244,9 +246,10 @@ _ENTRY_PROBE = textwrap.dedent("""
 """)
 
 
-def _probe_entry(block: str = "") -> dict:
-    code = _ENTRY_PROBE.format(block=block, init=str(REPO / "__init__.py"), repo=str(REPO))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+def _probe_entry(block: str = "", folder: Path = REPO, pythonpath: str = "") -> dict:
+    """Import ``folder/__init__.py`` as ComfyUI imports a custom node, in a fresh process."""
+    code = _ENTRY_PROBE.format(block=block, init=str(folder / "__init__.py"), repo=str(folder))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
                           cwd=str(REPO.parent), check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -267,6 +270,23 @@ def test_root_init_with_a_missing_dependency_logs_and_exports_nothing(package):
     out = _probe_entry(block=package)
     assert out["classes"] == [] and out["names"] == {}
     assert any("Luna Daemon nodes are disabled" in line and package in line for line in out["logs"]), out["logs"]
+
+
+def test_root_init_through_a_symlinked_checkout_does_not_warn(tmp_path):
+    """custom_nodes/luna-daemon -> the checkout: the luna_daemon package is the checkout's own
+    (paths compared after resolving symlinks); a really different package is still named."""
+    custom_nodes = tmp_path / "ComfyUI" / "custom_nodes"
+    custom_nodes.mkdir(parents=True)
+    link = custom_nodes / "luna-daemon"
+    link.symlink_to(REPO, target_is_directory=True)
+    out = _probe_entry(folder=link, pythonpath=str(REPO))  # luna_daemon imported by its real path
+    assert len(out["classes"]) == 4
+    assert not any("using the luna_daemon package installed at" in line for line in out["logs"]), out["logs"]
+    elsewhere = custom_nodes / "old-copy"
+    elsewhere.mkdir()
+    (elsewhere / "__init__.py").write_bytes((REPO / "__init__.py").read_bytes())
+    out = _probe_entry(folder=elsewhere, pythonpath=str(REPO))
+    assert any("using the luna_daemon package installed at" in line and str(REPO) in line for line in out["logs"])
 
 
 def test_root_init_under_another_package_name_reuses_luna_daemon():
@@ -801,66 +821,145 @@ def test_comfy_fallback_local_loads_natively_with_a_warning(tmp_path, models, na
         connection.reset()
 
 
-def test_forbidden_path_error_says_to_set_comfyui_root(conn, tmp_path, native):
+def test_forbidden_path_hint_names_the_setting_that_helps(conn, tmp_path, models, native):
     outside = comfy_models.write_vae(tmp_path / "elsewhere" / "v.safetensors")
+    # This daemon already has comfyui_root = this ComfyUI's folder: only model_roots helps.
     with pytest.raises(DaemonError) as err:
         proxies.load_vae(conn, str(outside))
-    assert err.value.code == "forbidden_path" and "comfyui_root" in err.value.message
-    assert "model_roots" in err.value.message
-
-
-def test_start_daemon_if_missing_launches_and_waits(tmp_path, models, native, monkeypatch):
-    settings = _settings(tmp_path / "home", models, port=free_port(), start_daemon_if_missing=True)
-    started: list = []
-
-    class FakeProcess:
-        returncode = None
-
-        def poll(self):
-            return None
-
-    def fake_spawn(command):
-        started.append(command)
-        d = Daemon(settings)
-        d.start()
-        started.append(d)
-        return FakeProcess()
-
-    monkeypatch.setattr(connection, "spawn_detached", fake_spawn)
-    connection.configure(settings)
+    message = err.value.message
+    assert err.value.code == "forbidden_path" and "set comfyui_root" not in message, message
+    assert f'add "{outside.parent}" to model_roots' in message and conn.settings.config_file in message
+    # A daemon without comfyui_root: setting it to this ComfyUI's folder is the advice.
+    d = Daemon(_settings(tmp_path / "home", models, comfyui_root="", engine="standalone"))
+    d.start()
+    client = DaemonClient(*d.address, token=d.token, timeout=30)
     try:
+        with pytest.raises(DaemonError) as err:
+            proxies.load_vae(connection.Connection(d.settings, client), str(outside))
+        assert f'set comfyui_root = "{native.folder_paths.base_path}"' in err.value.message, err.value.message
+        assert str(outside.parent) in err.value.message
+    finally:
+        client.close()
+        d.stop(10)
+
+
+def _write_config(home: Path, models: Path, **extra) -> dict:
+    """A config.toml in ``home`` (LUNA_HOME) for a daemon process on free ports."""
+    values = {"port": free_port(), "monitor_port": free_port(), "lock_port": free_port(), "engine": "comfy",
+              "comfyui_root": str(FAKE_ROOT), "model_roots": [str(models)], **extra}
+    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]  # JSON strings/lists/bools are TOML too
+    (home / "config").mkdir(parents=True, exist_ok=True)
+    (home / "config" / "config.toml").write_text("\n".join(lines) + "\n")
+    return values
+
+
+def _comfyui_env(monkeypatch, home: Path) -> None:
+    """This process as a ComfyUI whose Luna settings live in ``home``; no display."""
+    for key in [k for k in os.environ if k.startswith("LUNA_")] + ["DISPLAY", "WAYLAND_DISPLAY", "COMFYUI_PATH"]:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LUNA_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _stop_daemon_process(proc, settings) -> None:
+    """Ask the daemon to stop (it unloads and exits); kill it if it does not within 30 s."""
+    try:
+        with contextlib.suppress(DaemonError, DaemonUnavailable), DaemonClient.from_settings(settings, timeout=10) as c:
+            c.call("shutdown")  # (already gone: the wait below returns at once)
+    finally:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def daemon_process(models, native, tmp_path_factory):
+    """A real ``luna-daemon serve`` process (engine = comfy on the fake ComfyUI root): unlike
+    the in-process daemon it does not share this ComfyUI's ``comfy.cli_args``."""
+    home = tmp_path_factory.mktemp("process_home")
+    _write_config(home, models)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LUNA_") and k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env.update(LUNA_HOME=str(home), HF_HUB_OFFLINE="1")
+    settings = Settings.load(env={"LUNA_HOME": str(home)})
+    with open(home / "serve.out", "wb") as out:  # the child keeps its own copy
+        proc = subprocess.Popen([sys.executable, "-m", "luna_daemon", "serve", "--no-monitor"], env=env,
+                                cwd=str(REPO), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    client = DaemonClient.from_settings(settings, timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while not connection.Connection(settings, client).is_running():
+            assert proc.poll() is None and time.monotonic() < deadline, (home / "serve.out").read_text()[-3000:]
+            time.sleep(0.2)
+        yield type("Proc", (), {"settings": settings, "client": client, "proc": proc})
+    finally:
+        client.close()
+        _stop_daemon_process(proc, settings)
+
+
+def test_comfyui_precision_flags_reach_the_daemon(daemon_process, native, models, monkeypatch):
+    """ComfyUI started with --fp16-vae / --fp32-text-enc: the loaders send the dtypes this
+    ComfyUI's model_management picks, so the daemon (its own process, no such flags) computes
+    what the native loaders do; a dtype chosen on the node still wins."""
+    monkeypatch.setattr(native.comfy.cli_args.args, "fp16_vae", True)
+    monkeypatch.setattr(native.comfy.cli_args.args, "fp32_text_enc", True)
+    conn = connection.configure(daemon_process.settings, daemon_process.client)
+    try:
+        config = json.loads((models / "vae" / "tiny_vae.json").read_text())
+        with torch.inference_mode():
+            sd = native.comfy.utils.load_torch_file(str(models / "vae" / "tiny_vae.safetensors"))
+            ref_vae = native.comfy.sd.VAE(sd=sd, config=config)
+            ref_clip = native.nodes.CLIPLoader().load_clip("clip_l.safetensors", type="stable_diffusion")[0]
         vae = run(luna_nodes.LunaVAELoader().load_vae, "tiny_vae.safetensors")[0]
-        assert isinstance(vae, DaemonVAE) and len(started) == 2
-        assert started[0] == connection.launch_command()
-        run(luna_nodes.LunaVAELoader().load_vae, "tiny_vae.safetensors")  # running now: no second launch
-        assert len(started) == 2
+        assert ref_vae.vae_dtype == vae.vae_dtype == torch.float16
+        latent = {"samples": torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(11))}
+        want = run(native.nodes.VAEDecode().decode, ref_vae, latent)[0]
+        assert close(run(native.nodes.VAEDecode().decode, vae, latent)[0], want)
+        tunnelled = run(proxies.tunnel_vae, conn, ref_vae)  # the checkpoint path sends the VAE's dtype too
+        assert close(run(native.nodes.VAEDecode().decode, tunnelled, latent)[0], want)
+        clip = run(luna_nodes.LunaCLIPLoader().load_clip, "clip_l.safetensors", "sd1")[0]
+        weights = clip.cond_stage_model.state_dict()
+        assert weights["clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"].dtype == torch.float32
+        same_cond(text_encode(native, clip, PROMPTS[1]), text_encode(native, ref_clip, PROMPTS[1]))
+        explicit = run(luna_nodes.LunaVAELoader().load_vae, "tiny_vae.safetensors", dtype="fp32")[0]
+        assert explicit.vae_dtype == torch.float32
     finally:
         connection.reset()
-        for item in started:
-            if isinstance(item, Daemon):
-                item.stop(10)
 
 
-def test_launcher_is_started_detached(monkeypatch):
-    seen = {}
-
-    class P:
-        def __init__(self, command, **kwargs):
-            seen.update(kwargs, command=command)
-
-    monkeypatch.setattr(connection.subprocess, "Popen", P)
-    command = connection.launch_command()
-    if os.name == "nt":
-        assert command[-1].endswith("start_tray_daemon.bat")
-    else:
-        assert command == ["bash", str(REPO / "start_tray_daemon.sh")]
-    connection.spawn_detached(command)
-    assert seen["stdin"] == seen["stdout"] == seen["stderr"] == subprocess.DEVNULL
-    if os.name == "nt":
-        assert seen["creationflags"] & 0x08000000
-    else:
-        assert seen["start_new_session"] is True
-    assert str(REPO) in seen["env"]["PYTHONPATH"].split(os.pathsep)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the started process from /proc")
+def test_start_daemon_if_missing_starts_comfyuis_python_and_waits(tmp_path, models, native, monkeypatch, caplog):
+    """start_daemon_if_missing: the daemon is started with this interpreter (not a launcher
+    venv), detached, and the first call waits for it with progress lines, then succeeds."""
+    home = tmp_path / "home"
+    _write_config(home, models, engine="auto", start_daemon_if_missing=True)
+    _comfyui_env(monkeypatch, home)
+    monkeypatch.setattr(connection, "PROGRESS_EVERY_S", 0.2)  # a start takes seconds: several lines
+    settings = Settings.load()
+    command = connection.launch_command(settings)
+    assert command[:4] == [sys.executable, "-m", "luna_daemon", "serve"], command  # no display: serve
+    conn = connection.configure(settings)
+    proc = None
+    try:
+        with caplog.at_level(logging.INFO, logger="luna_daemon.comfy"):
+            vae = run(luna_nodes.LunaVAELoader().load_vae, "tiny_vae.safetensors")[0]
+            proc = conn.launched
+            run(luna_nodes.LunaVAELoader().load_vae, "tiny_vae.safetensors")  # running now: no second start
+        assert isinstance(vae, DaemonVAE) and proc is not None and conn.launched is proc
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[0].decode() == sys.executable and b"serve" in argv
+        assert os.getsid(proc.pid) == proc.pid  # its own session: outlives this ComfyUI
+        assert os.path.realpath(f"/proc/{proc.pid}/fd/0") == os.devnull
+        assert conn.client.call("status")["engine"] == "comfy"  # ComfyUI's packages: the comfy engine
+        messages = [r.getMessage() for r in caplog.records if r.name == "luna_daemon.comfy"]
+        assert sum("was not running" in m for m in messages) == 1, messages
+        assert any(m.startswith("waiting for Luna Daemon") for m in messages), messages
+        assert any(m.startswith("Luna Daemon is up") for m in messages), messages
+    finally:
+        connection.reset()
+        if proc is not None:
+            _stop_daemon_process(proc, settings)
 
 
 # ------------------------------------------------------------------------------ benchmark

@@ -7,9 +7,10 @@
 * Every call goes through :meth:`Connection.call`. When the daemon cannot be reached it
   raises :class:`~luna_daemon.client.DaemonUnavailable` whose message says how to start it
   (:data:`START_HINT`), after trying to start it first when ``start_daemon_if_missing`` is
-  set: the tray launcher is started detached (no console, own session) and the call waits
-  for the daemon's ping. The tray's single-instance lock (port 19299) keeps that to one
-  daemon even when several ComfyUI instances start it at once.
+  set: ``<ComfyUI's Python> -m luna_daemon tray`` (``serve`` without a display) is started
+  detached (no console, own session) and the call waits for the daemon's ping, logging
+  progress every 2 s. The single-instance lock (port 19299) keeps that to one daemon even
+  when several ComfyUI instances start it at once.
 * ``comfy_fallback = "local"`` is read here (:attr:`Connection.fallback_local`); the loader
   nodes act on it.
 """
@@ -29,7 +30,8 @@ from typing import Any
 log = logging.getLogger("luna_daemon.comfy")
 
 START_HINT = "start the Luna Daemon tray app (start_tray_daemon.bat / .sh) or run `luna-daemon serve`"
-LAUNCH_WAIT_S = 90.0  # first launch of the tray launcher may create its venv
+LAUNCH_WAIT_S = 90.0  # a cold start imports torch and ComfyUI's comfy package
+PROGRESS_EVERY_S = 2.0  # "waiting for Luna Daemon…" lines in ComfyUI's log while it starts
 
 
 class Connection:
@@ -125,70 +127,141 @@ class Connection:
         return True
 
     # ------------------------------------------------------------------ start
+    @property
+    def launched(self) -> subprocess.Popen | None:
+        """The daemon process this connection started (None if it started none)."""
+        return self._launched
+
     def start_daemon_if_missing(self) -> bool:
-        """With ``start_daemon_if_missing`` set: launch the tray app detached (once per
-        process while it is still running) and wait for the daemon to answer ping."""
-        if not getattr(self.settings, "start_daemon_if_missing", False):
+        """With ``start_daemon_if_missing`` set: start the daemon with this ComfyUI's Python,
+        detached (once per process while that process lives), and wait for its ping, logging
+        progress. True when the daemon answers."""
+        settings = self.settings
+        if not getattr(settings, "start_daemon_if_missing", False):
             return False
         with self._launch_lock:
             if self.is_running():
                 return True
+            output = launch_output_path(settings)
             if self._launched is None or self._launched.poll() is not None:
-                command = launch_command()
+                command = launch_command(settings)
                 try:
-                    self._launched = spawn_detached(command)
+                    self._launched = spawn_detached(command, output=output, env=launch_env(settings))
                 except OSError as exc:
-                    log.error("Luna Daemon is not running and could not be started (%s: %s)", command, exc)
+                    log.error("Luna Daemon is not running and could not be started (%s: %s)", " ".join(command), exc)
                     return False
-                log.warning("Luna Daemon was not running: started %s (start_daemon_if_missing = true)",
-                            " ".join(command))
-            deadline = time.monotonic() + LAUNCH_WAIT_S
-            while time.monotonic() < deadline:
-                if self.is_running():
-                    log.info("Luna Daemon is up at %s", self.address)
-                    return True
-                if self._launched is not None and self._launched.poll() not in (None, 0):
-                    log.error("the Luna Daemon launcher exited with code %s", self._launched.returncode)
+                log.warning("Luna Daemon was not running at %s: started it with this ComfyUI's Python "
+                            "(start_daemon_if_missing = true): %s; its output: %s", self.address, " ".join(command),
+                            output)
+            return self._wait_for_launch(output)
+
+    def _wait_for_launch(self, output: Path | None) -> bool:
+        from luna_daemon.instance import ALREADY_RUNNING
+
+        started = time.monotonic()
+        next_note = started + PROGRESS_EVERY_S
+        while (waited := time.monotonic() - started) < LAUNCH_WAIT_S:
+            if self.is_running():
+                log.info("Luna Daemon is up at %s (after %.1f s)", self.address, waited)
+                return True
+            proc = self._launched
+            if proc is not None and proc.poll() is not None:
+                tail = _tail(output)
+                # A daemon another ComfyUI started at the same moment holds the lock: ours
+                # exits saying so, and that daemon answers soon. Anything else is a failure.
+                if ALREADY_RUNNING not in tail:
+                    log.error("the Luna Daemon process exited with code %s before answering%s (output: %s; daemon "
+                              "log: %s)", proc.returncode, f": {tail}" if tail else "", output,
+                              getattr(self.settings, "log_file", "luna-daemon logs --path"))
                     return False
-                time.sleep(0.25)
-        log.error("Luna Daemon did not answer within %.0f s after being started", LAUNCH_WAIT_S)
+            if time.monotonic() >= next_note:
+                log.info("waiting for Luna Daemon at %s… (%.0f s)", self.address, waited)
+                next_note += PROGRESS_EVERY_S
+            time.sleep(0.25)
+        log.error("Luna Daemon did not answer within %.0f s after being started (output: %s)", LAUNCH_WAIT_S, output)
         return False
 
 
-def repo_root() -> Path:
-    """The checkout this package runs from (where the start_tray_daemon.* launchers are)."""
+def _tail(path: Path | None, limit: int = 2000) -> str:
+    """The last ``limit`` characters of a launch output file, one line ("" if none)."""
+    try:
+        data = path.read_bytes()[-limit:] if path is not None else b""
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in data.decode("utf-8", "replace").splitlines() if line.strip())
+
+
+def package_root() -> Path:
+    """The folder holding the ``luna_daemon`` package these nodes run (the checkout)."""
     return Path(__file__).resolve().parents[2]
 
 
-def launch_command() -> list[str]:
-    """The command that starts the tray app: the repo's launcher when present, else
-    ``python -m luna_daemon tray`` with this interpreter."""
-    root = repo_root()
-    if os.name == "nt":
-        launcher = root / "start_tray_daemon.bat"
-        if launcher.is_file():
-            return [os.environ.get("COMSPEC", "cmd.exe"), "/c", str(launcher)]
-    else:
-        launcher = root / "start_tray_daemon.sh"
-        if launcher.is_file():
-            return ["bash", str(launcher)]
-    return [sys.executable, "-m", "luna_daemon", "tray"]
+def has_display(env: Any = None, platform: str | None = None) -> bool:
+    """Whether a tray icon can be shown: the decision start_tray_daemon.sh makes (Windows
+    and macOS always; elsewhere DISPLAY or WAYLAND_DISPLAY)."""
+    env = os.environ if env is None else env
+    platform = platform or sys.platform
+    return platform in ("win32", "darwin") or bool(env.get("DISPLAY") or env.get("WAYLAND_DISPLAY"))
 
 
-def spawn_detached(command: list[str]) -> subprocess.Popen:
-    """Start ``command`` with no console window, in its own session / process group, with no
-    inherited standard streams, so it outlives this ComfyUI and never blocks it."""
-    env = dict(os.environ)
-    root = str(repo_root())
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    kwargs: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
-                              "stderr": subprocess.DEVNULL, "cwd": root, "env": env, "close_fds": True}
+def launch_command(settings: Any = None) -> list[str]:
+    """``<this Python> -m luna_daemon tray`` (``serve`` without a display) ``[--config FILE]``.
+
+    ComfyUI's own interpreter: it has ComfyUI's packages, so the daemon can run ComfyUI's
+    ``comfy`` code (engine = comfy); the start_tray_daemon.* launchers would build their own
+    venv without them."""
+    command = [sys.executable, "-m", "luna_daemon", "tray" if has_display() else "serve"]
+    config = getattr(settings, "config_file", "") or ""
+    if config and Path(config).is_file():
+        command += ["--config", config]
+    return command
+
+
+def launch_env(settings: Any = None) -> dict[str, str]:
+    """Variables the started daemon needs besides this process's environment: the
+    ``luna_daemon`` package on ``PYTHONPATH``, and this ComfyUI as ``COMFYUI_PATH`` when
+    Luna's settings name no ComfyUI (so the daemon finds the same ComfyUI)."""
+    extra = {"PYTHONPATH": str(package_root()) + (os.pathsep + os.environ["PYTHONPATH"]
+                                                  if os.environ.get("PYTHONPATH") else "")}
+    known = getattr(settings, "comfyui_path", None)
+    base = getattr(sys.modules.get("folder_paths"), "base_path", None)
+    if base and callable(known) and known() is None and (Path(base) / "comfy" / "sd.py").is_file():
+        extra["COMFYUI_PATH"] = str(base)
+    return extra
+
+
+def launch_output_path(settings: Any = None) -> Path | None:
+    """Where the started daemon's stdout/stderr go (crashes before its log starts)."""
+    log_dir = getattr(settings, "log_dir", "") or ""
+    return Path(log_dir) / "comfyui-launch.out" if log_dir else None
+
+
+def spawn_detached(command: list[str], *, output: Path | None = None, env: dict[str, str] | None = None
+                   ) -> subprocess.Popen:
+    """Start ``command`` detached, so it outlives this ComfyUI and never blocks it: own session
+    (POSIX) / DETACHED_PROCESS + own process group (Windows), stdin from the null device,
+    stdout and stderr to ``output`` (rewritten per start) or the null device."""
+    full_env = {**os.environ, **(env or {})}
+    sink: Any = subprocess.DEVNULL
+    if output is not None:
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            sink = open(output, "wb")  # noqa: SIM115 - the child keeps its own copy
+        except OSError as exc:
+            log.warning("cannot write the Luna Daemon launch output to %s (%s); discarding it", output, exc)
+    kwargs: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": sink,
+                              "stderr": subprocess.STDOUT if sink is not subprocess.DEVNULL else subprocess.DEVNULL,
+                              "cwd": str(package_root()), "env": full_env, "close_fds": True}
     if os.name == "nt":
-        kwargs["creationflags"] = (getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)
+        kwargs["creationflags"] = (getattr(subprocess, "DETACHED_PROCESS", 0x00000008)
                                    | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x00000200))
     else:
         kwargs["start_new_session"] = True
-    return subprocess.Popen(command, **kwargs)
+    try:
+        return subprocess.Popen(command, **kwargs)
+    finally:
+        if sink is not subprocess.DEVNULL:
+            sink.close()
 
 
 # ---------------------------------------------------------------------- the singleton

@@ -13,11 +13,16 @@ runs. ``INPUT_TYPES`` never talks to the daemon (ComfyUI calls it on every page 
 Daemon down: the loaders raise the error from :mod:`.connection` (how to start it), or with
 ``comfy_fallback = "local"`` load the files in this ComfyUI with ``comfy.sd`` and log a
 warning.
+
+Precision: a loader left on ``dtype = default`` sends the dtype this ComfyUI would use
+(:func:`comfy_dtype`: its precision flags and device), so the daemon computes like a native
+load in this ComfyUI.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +40,9 @@ CLIP_TYPES = ["sd1", "sd2", "sdxl", "sdxl_refiner", "sd3", "flux", "stable_casca
 NONE = "None"
 
 _DEVICE_TIP = "where the daemon runs it; default = the daemon's vae_device / clip_device setting"
-_DTYPE_TIP = "weight precision in the daemon; default = the daemon's vae_dtype / clip_dtype setting"
+_DTYPE_TIP = ("weight precision in the daemon; default = what this ComfyUI would use (its --fp16-vae / --bf16-vae / "
+              "--fp32-vae, --fp16-text-enc ... flags and its device), else the daemon's vae_dtype / clip_dtype")
+_warned_dtypes: set[str] = set()
 
 
 def _filenames(kind: str) -> list[str]:
@@ -65,6 +72,50 @@ def _check_file(kind: str, name: Any) -> bool | str:
     except Exception:
         log.debug("cannot check %s in ComfyUI's %s folders", name, kind, exc_info=True)
     return True
+
+
+def comfy_dtype(kind: str, device: str = "default") -> str | None:
+    """The weight dtype this ComfyUI would give a ``"vae"`` / ``"clip"`` on ``device``
+    (``"default"``: its own vae / text-encoder device), as a wire name (fp32 / fp16 / bf16),
+    from its ``comfy.model_management``: ``vae_dtype`` / ``text_encoder_dtype``, which read
+    the precision flags. None outside ComfyUI, when its choice depends on the VAE model (no
+    flag on an fp16/bf16-capable device: the daemon's comfy engine then chooses the same way
+    from the VAE's working dtypes) or when the daemon cannot store it (fp8)."""
+    mm = sys.modules.get("comfy.model_management")  # only an imported one: never set up comfy here
+    if mm is None:
+        return None
+    import torch
+
+    from .proxies import wire_dtype
+
+    try:
+        if kind == "vae":
+            dev = _torch_device(device) or mm.vae_device()
+            # A VAE gets the first of its working dtypes the device runs well unless a flag
+            # decides. Asking with different lists tells the two apart: one answer = decided.
+            lists = ([], [torch.float16, torch.bfloat16, torch.float32], [torch.bfloat16, torch.float16, torch.float32])
+            picks = {mm.vae_dtype(dev, allowed) for allowed in lists}
+            if len(picks) != 1:
+                return None
+            chosen = picks.pop()
+        else:
+            chosen = mm.text_encoder_dtype(_torch_device(device) or mm.text_encoder_device())
+    except Exception:  # a ComfyUI without these functions: the daemon decides
+        log.debug("comfy.model_management could not say which %s dtype it would use", kind, exc_info=True)
+        return None
+    name = wire_dtype(chosen)
+    if name is None and str(chosen) not in _warned_dtypes:
+        _warned_dtypes.add(str(chosen))
+        log.warning("this ComfyUI would store the %s as %s; the Luna Daemon stores fp32, fp16 or bf16 only, so it "
+                    "uses its %s_dtype setting", "VAE" if kind == "vae" else "text encoder", chosen, kind)
+    return name
+
+
+def _load_dtype(kind: str, device: str, dtype: str) -> str:
+    """The node's dtype when the user chose one, else this ComfyUI's own choice."""
+    if dtype not in (None, "", "default"):
+        return dtype
+    return comfy_dtype(kind, device) or "default"
 
 
 def _unavailable():
@@ -173,7 +224,7 @@ class LunaVAELoader:
         path = _full_path("vae", vae_name)
         conn = connection.get_connection()
         try:
-            return (proxies.load_vae(conn, path, device=device, dtype=dtype),)
+            return (proxies.load_vae(conn, path, device=device, dtype=_load_dtype("vae", device, dtype)),)
         except _unavailable() as exc:
             if not conn.fallback_local:
                 raise
@@ -223,7 +274,7 @@ class LunaCLIPLoader:
             paths.append(_full_path("text_encoders", clip_name2))
         conn = connection.get_connection()
         try:
-            return (proxies.load_clip(conn, paths, type, device=device, dtype=dtype),)
+            return (proxies.load_clip(conn, paths, type, device=device, dtype=_load_dtype("clip", device, dtype)),)
         except _unavailable() as exc:
             if not conn.fallback_local:
                 raise

@@ -27,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
+import re
 import sys
 import threading
 import warnings
@@ -675,15 +677,33 @@ def _device_dtype_args(device: str | None, dtype: str | None) -> dict:
     return out
 
 
+def _daemon_roots(conn: Any, message: str) -> list[Path]:
+    """The model roots the daemon reads, from its ``forbidden_path`` message ("... outside
+    the configured model_roots (a, b)"); else what this side's settings (the same config
+    file) resolve to."""
+    found = re.search(r"model_roots \((.*)\)\s*$", message)
+    if found:
+        return [Path(os.path.realpath(p)) for p in found.group(1).split(", ") if p]
+    resolve = getattr(conn.settings, "resolved_model_roots", None)
+    return [Path(os.path.realpath(p)) for p in resolve()] if callable(resolve) else []
+
+
 def _forbidden_hint(conn: Any, exc: DaemonError, path: str) -> DaemonError:
+    """A ``forbidden_path`` error plus what to change: ``comfyui_root`` only when the daemon
+    does not already read this ComfyUI's ``models`` folder, else ``model_roots``."""
     if exc.code != "forbidden_path":
         return exc
-    folder_paths = sys.modules.get("folder_paths")
-    base = getattr(folder_paths, "base_path", None)
-    where = f'comfyui_root = "{base}"' if base else "comfyui_root to this ComfyUI's folder"
+    base = getattr(sys.modules.get("folder_paths"), "base_path", None)
+    folder = Path(path).parent
     config = getattr(conn.settings, "config_file", "") or "the Luna Daemon config.toml"
-    return DaemonError(exc.code, f"{exc.message}. The Luna Daemon only reads model files under its model_roots: set "
-                                 f"{where} (or add {Path(path).parent} to model_roots) in {config} and restart the daemon")
+    if base and Path(os.path.realpath(base)) / "models" not in _daemon_roots(conn, exc.message):
+        advice = f'set comfyui_root = "{base}" (this ComfyUI\'s folder) or add "{folder}" to model_roots'
+    elif base:
+        advice = f'add "{folder}" to model_roots (the daemon already reads this ComfyUI\'s models folder)'
+    else:
+        advice = f'add "{folder}" to model_roots (or set comfyui_root to this ComfyUI\'s folder)'
+    return DaemonError(exc.code, f"{exc.message}. The Luna Daemon only reads model files under its model_roots: "
+                                 f"{advice} in {config}, then restart the daemon")
 
 
 def load_vae(conn: Any, path: str, *, device: str | None = None, dtype: str | None = None) -> DaemonVAE:
@@ -745,6 +765,26 @@ def _state_blob(sd: dict[str, torch.Tensor]) -> tuple[bytes, str]:
     return blob, hashlib.sha256(blob).hexdigest()
 
 
+def wire_dtype(dtype: Any) -> str | None:
+    """The daemon's name (fp32 / fp16 / bf16) of a torch dtype; None for one it cannot store."""
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
+
+
+def _dtype_arg(dtype: Any) -> dict:
+    """``{"dtype": "fp16"}`` for a dtype the daemon stores, else {} (the daemon decides)."""
+    name = wire_dtype(dtype)
+    return {"dtype": name} if name else {}
+
+
+def _storage_dtype(sd: dict) -> torch.dtype | None:
+    """The floating dtype holding most of the weights (a few scalars may be fp32)."""
+    sizes: dict[torch.dtype, int] = {}
+    for t in sd.values():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+    return max(sizes, key=sizes.__getitem__) if sizes else None
+
+
 def _register(conn: Any, op: str, blob: bytes, sha: str, extra: dict | None = None) -> dict:
     """Load by hash; upload the bytes only when the daemon does not have them yet."""
     args = {"sha256": sha, **(extra or {})}
@@ -759,7 +799,8 @@ def _register(conn: Any, op: str, blob: bytes, sha: str, extra: dict | None = No
     return conn.call(op, {**args, "data": data})
 
 
-def _weak_reload(conn: Any, native: Any, op: str, sd_fn: Callable[[Any], dict]) -> Callable[[], dict]:
+def _weak_reload(conn: Any, native: Any, op: str, sd_fn: Callable[[Any], dict],
+                 extra: dict | None = None) -> Callable[[], dict]:
     ref = weakref.ref(native)
 
     def reload() -> dict:
@@ -768,7 +809,7 @@ def _weak_reload(conn: Any, native: Any, op: str, sd_fn: Callable[[Any], dict]) 
             raise DaemonError("not_found", "the checkpoint this proxy came from is no longer loaded in ComfyUI; re-run the "
                                            "checkpoint loader and the Luna Checkpoint Tunnel")
         blob, sha = _state_blob(sd_fn(obj))
-        return _register(conn, op, blob, sha)
+        return _register(conn, op, blob, sha, extra)
 
     return reload
 
@@ -802,10 +843,11 @@ def tunnel_vae(conn: Any, native: Any) -> Any:
     if cached is not None:
         return cached
     blob, sha = _state_blob(native.get_sd())
-    answer = _register(conn, "vae_load_sd", blob, sha)
+    extra = _dtype_arg(getattr(native, "vae_dtype", None))  # the dtype this ComfyUI chose for it
+    answer = _register(conn, "vae_load_sd", blob, sha, extra)
     del blob
     proxy = DaemonVAE(_Remote(conn, "vae", answer, f"checkpoint VAE {sha[:12]}",
-                              reload=_weak_reload(conn, native, "vae_load_sd", lambda v: v.get_sd())))
+                              reload=_weak_reload(conn, native, "vae_load_sd", lambda v: v.get_sd(), extra)))
     with _TUNNEL_LOCK:
         _TUNNEL_CACHE[native] = proxy
     return proxy
@@ -824,11 +866,14 @@ def tunnel_clip(conn: Any, native: Any) -> Any:
     with _TUNNEL_LOCK:
         cached = _TUNNEL_CACHE.get(native)
     if cached is None:
-        blob, sha = _state_blob(_unpatched_clip_weights(native))
-        answer = _register(conn, "clip_load_sd", blob, sha)
+        weights = _unpatched_clip_weights(native)
+        extra = _dtype_arg(_storage_dtype(weights))  # the dtype this ComfyUI stores it in
+        blob, sha = _state_blob(weights)
+        del weights
+        answer = _register(conn, "clip_load_sd", blob, sha, extra)
         del blob
         remote = _Remote(conn, "clip", answer, f"checkpoint CLIP {sha[:12]}",
-                         reload=_weak_reload(conn, native, "clip_load_sd", _unpatched_clip_weights))
+                         reload=_weak_reload(conn, native, "clip_load_sd", _unpatched_clip_weights, extra))
         local_class = type(getattr(native, "cond_stage_model", None)).__name__
         if remote.info.get("model_class") not in (None, local_class):
             log.warning("Luna Checkpoint Tunnel: the daemon built %s for a %s text encoder",
