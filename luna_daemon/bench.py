@@ -9,12 +9,14 @@ Everything is measured side by side in one run, as ratios, because the machine i
 * ``memory_benchmark``: one daemon holding a >= 300 MB model, N client processes
   encoding through it; RSS growth of the daemon and of each client vs N in-process copies.
 
-The daemon and the raw server run as separate processes, as in real use.
+The daemon and the raw server run as separate processes, as in real use. Every temp
+folder and child process is removed / ended on the way out, also on failure or Ctrl-C.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import os
@@ -141,14 +143,35 @@ def _comparable(cpus: dict[str, int | None], raw: str) -> bool | None:
     return (r == c) == (d == c)
 
 
+def _end_process(proc: subprocess.Popen, wait: float = 10.0) -> None:
+    """Make sure a child has ended: give it ``wait`` seconds to exit by itself (it was
+    asked to), then terminate, then kill; close its pipes."""
+    for action in (None, proc.terminate, proc.kill):
+        if proc.poll() is not None:
+            break
+        if action is not None:
+            action()
+        try:
+            proc.wait(wait if action is None else 10.0)
+        except subprocess.TimeoutExpired:
+            pass
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
 class _RawPeer:
     """Client side of the raw loopback exchange (request of req_n bytes, reply rep_n)."""
 
     def __init__(self, req_n: int, rep_n: int, cpus: set[int] | None = None):
         self.proc = subprocess.Popen([sys.executable, "-c", _RAW_SERVER, str(req_n), str(rep_n)], stdout=subprocess.PIPE,
                                      text=True, preexec_fn=_pin(cpus))
-        port = int(self.proc.stdout.readline())
-        self.sock = socket.create_connection(("127.0.0.1", port))
+        try:
+            port = int(self.proc.stdout.readline())
+            self.sock = socket.create_connection(("127.0.0.1", port))
+        except BaseException:
+            _end_process(self.proc, 0.0)
+            raise
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.req = bytearray(req_n)
         self.rep = bytearray(rep_n)
@@ -161,19 +184,32 @@ class _RawPeer:
             got += self.sock.recv_into(self.view[got:])
 
     def close(self) -> None:
-        self.sock.close()
-        self.proc.wait(10)
+        self.sock.close()  # the peer exits when its client goes away
+        _end_process(self.proc)
 
 
 @contextmanager
 def daemon_process(model_roots: list[str], extra_env: dict[str, str] | None = None,
-                   cpus: set[int] | None = None) -> Iterator[tuple[int, str, subprocess.Popen]]:
+                   cpus: set[int] | None = None, home: str | None = None) -> Iterator[tuple[int, str, subprocess.Popen]]:
     """Start ``luna-daemon serve`` in a subprocess on free ports; yield (port, token, proc).
 
-    ``extra_env`` adds or replaces ``LUNA_*`` settings (the default engine is standalone)."""
+    ``extra_env`` adds or replaces ``LUNA_*`` settings (the default engine is standalone);
+    ``home`` is its LUNA_HOME (default: a new temporary folder, removed afterwards). On the
+    way out -- also on an error or Ctrl-C -- the daemon is stopped (``shutdown``, then
+    terminate / kill)."""
+    with contextlib.ExitStack() as stack:
+        if home is None:
+            # ignore_cleanup_errors: a file a killed daemon held open (Windows) must not
+            # turn the benchmark's result into an error.
+            home = stack.enter_context(tempfile.TemporaryDirectory(prefix="luna-bench-", ignore_cleanup_errors=True))
+        yield stack.enter_context(_serve(home, model_roots, extra_env, cpus))
+
+
+@contextmanager
+def _serve(home: str, model_roots: list[str], extra_env: dict[str, str] | None,
+           cpus: set[int] | None) -> Iterator[tuple[int, str, subprocess.Popen]]:
     from luna_daemon.client import DaemonClient, DaemonUnavailable, wait_for_daemon
 
-    home = tempfile.mkdtemp(prefix="luna-bench-")
     port = free_port()
     env = dict(os.environ, LUNA_HOME=home, LUNA_PORT=str(port), LUNA_MONITOR_PORT=str(free_port()),
                LUNA_LOCK_PORT=str(free_port()), LUNA_MODEL_ROOTS=json.dumps(model_roots), LUNA_ENGINE="standalone",
@@ -181,22 +217,22 @@ def daemon_process(model_roots: list[str], extra_env: dict[str, str] | None = No
     env.update(extra_env or {})  # may replace the defaults above (LUNA_ENGINE=comfy)
     proc = subprocess.Popen([sys.executable, "-m", "luna_daemon", "serve", "--no-monitor"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_pin(cpus))
+    token: str | None = None
     try:
-        wait_for_daemon("127.0.0.1", port, 60, proc=proc)
-    except DaemonUnavailable as exc:
-        proc.kill()
-        raise RuntimeError(f"benchmark daemon did not start: {exc}") from None
-    token = (Path(home) / "config" / "token").read_text().strip()
-    try:
+        try:
+            wait_for_daemon("127.0.0.1", port, 60, proc=proc)
+        except DaemonUnavailable as exc:
+            raise RuntimeError(f"benchmark daemon did not start: {exc}") from None
+        token = (Path(home) / "config" / "token").read_text().strip()
         yield port, token, proc
     finally:
-        try:
-            with DaemonClient("127.0.0.1", port, token=token, timeout=30) as c:
-                c.shutdown()
-            proc.wait(60)
-        except Exception:
-            proc.kill()
-            proc.wait(10)
+        if token is not None and proc.poll() is None:
+            try:
+                with DaemonClient("127.0.0.1", port, token=token, timeout=30) as c:
+                    c.shutdown()
+            except Exception as exc:  # any failure: it is ended below either way
+                log.debug("benchmark daemon did not take shutdown: %s", exc)
+        _end_process(proc, 60.0 if token is not None else 0.0)
 
 
 def _transport_once(cl: set[int] | None, sv: set[int] | None, repeats: int, work: str, vae_path: Path,
@@ -208,9 +244,13 @@ def _transport_once(cl: set[int] | None, sv: set[int] | None, repeats: int, work
     req_n, rep_n = latent.numel() * 4, 4 * IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2] * IMAGE_SHAPE[3]
     small_latent = torch.randn(1, 4, 64, 64)  # -> 512x512 image
     old_affinity = os.sched_getaffinity(0) if cl and hasattr(os, "sched_getaffinity") else None
-    raw = _RawPeer(req_n, rep_n, sv)
-    ping_raw = _RawPeer(1, 1, sv)
-    try:
+    with contextlib.ExitStack() as stack:
+        if old_affinity is not None:
+            stack.callback(os.sched_setaffinity, 0, old_affinity)
+        raw = _RawPeer(req_n, rep_n, sv)
+        stack.callback(raw.close)
+        ping_raw = _RawPeer(1, 1, sv)
+        stack.callback(ping_raw.close)
         with daemon_process([work], cpus=sv) as (port, token, _proc):
             if old_affinity is not None:
                 os.sched_setaffinity(0, cl)
@@ -241,22 +281,21 @@ def _transport_once(cl: set[int] | None, sv: set[int] | None, repeats: int, work
                 }, max(4, repeats // 10))  # ~0.5 s per decode on 2 CPUs
                 pool.shutdown()
             client.close()
-    finally:
-        if old_affinity is not None:
-            os.sched_setaffinity(0, old_affinity)
-        raw.close()
-        ping_raw.close()
     return {**t, **p, **d, "cpus": {"bulk": bulk_cpus, "ping": ping_cpus}}
 
 
 def transport_benchmark(repeats: int = 100) -> dict[str, Any]:
     """See the module docstring. Returns medians, ratios and human-readable lines."""
+    with tempfile.TemporaryDirectory(prefix="luna-bench-models-", ignore_cleanup_errors=True) as work:
+        return _transport_report(repeats, work)
+
+
+def _transport_report(repeats: int, work: str) -> dict[str, Any]:
     from luna_daemon.models import tiny
 
     req_n = 4 * 1 * 4 * 128 * 128
     rep_n = 4 * IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2] * IMAGE_SHAPE[3]
     mb = (req_n + rep_n) / 1e6
-    work = tempfile.mkdtemp(prefix="luna-bench-models-")
     vae_path = tiny.make_tiny_vae(Path(work) / "vae", layout="file", seed=0)
     report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]},
@@ -338,12 +377,18 @@ def warm_up(client: Any, small_vae: Path) -> None:
 
 
 def memory_benchmark(model_mb: int = 320, clients: int = 3, encodes: int = 3) -> dict[str, Any]:
+    """See the module docstring. The model file (``model_mb``) lives in a temp folder that
+    is removed afterwards, as is every client process, also on failure or Ctrl-C."""
+    with tempfile.TemporaryDirectory(prefix="luna-bench-mem-", ignore_cleanup_errors=True) as work:
+        return _memory_report(model_mb, clients, encodes, work)
+
+
+def _memory_report(model_mb: int, clients: int, encodes: int, work: str) -> dict[str, Any]:
     import psutil
 
     from luna_daemon.client import DaemonClient
     from luna_daemon.models import tiny
 
-    work = tempfile.mkdtemp(prefix="luna-bench-mem-")
     path = tiny.make_big_vae(Path(work), target_bytes=model_mb * 1024 * 1024)
     small = tiny.make_tiny_vae(Path(work) / "warmup", layout="file")
     model_bytes = path.stat().st_size
@@ -358,9 +403,15 @@ def memory_benchmark(model_mb: int = 320, clients: int = 3, encodes: int = 3) ->
             # Encoder and decoder once each, so every weight page is resident.
             c.vae_decode(model_id, c.vae_encode(model_id, torch.zeros(1, 64, 64, 3)))
         after_load = dproc.memory_info().rss
-        procs = [subprocess.Popen([sys.executable, "-c", _CLIENT_SCRIPT, str(port), token, model_id, str(encodes)],
-                                  stdout=subprocess.PIPE, text=True) for _ in range(clients)]
-        results = [json.loads(p.communicate(timeout=900)[0].strip().splitlines()[-1]) for p in procs]
+        procs: list[subprocess.Popen] = []
+        try:
+            for _ in range(clients):
+                procs.append(subprocess.Popen([sys.executable, "-c", _CLIENT_SCRIPT, str(port), token, model_id, str(encodes)],
+                                              stdout=subprocess.PIPE, text=True))
+            results = [json.loads(p.communicate(timeout=900)[0].strip().splitlines()[-1]) for p in procs]
+        finally:
+            for p in procs:
+                _end_process(p, 0.0)
         after_clients = dproc.memory_info().rss
     client_growth = [r["peak"] - r["base"] for r in results]
     report = {

@@ -8,8 +8,10 @@ What a caller can rely on:
 * Errors are typed: :class:`DaemonUnavailable` (cannot connect / connection lost) and
   :class:`DaemonError` (the daemon answered with an error; ``.code`` is the protocol
   code such as ``"not_found"``). A client-side timeout is ``DaemonError("timeout")``.
-* Idempotent ops (everything but ``shutdown``) are retried once, transparently, on a
-  fresh connection when a pooled connection turns out to be dead (daemon restarted).
+* A pooled connection the daemon closed while it sat idle (idle timeout, eviction when
+  the daemon is full, restart) is noticed before anything is sent and replaced, for
+  every op. Idempotent ops (everything but ``shutdown``) are also retried once,
+  transparently, on a fresh connection when the connection dies during the call.
 * Tensors go in and come out as torch tensors; results alias the received buffer.
 """
 
@@ -21,13 +23,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from luna_daemon import protocol, transport
 from luna_daemon.protocol import ErrorCode, Limits, LunaError
 from luna_daemon.settings import Settings, read_token
+
+if TYPE_CHECKING:  # torch is imported only by calls that carry tensors (the CLI never does)
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,12 @@ _POOL_MAX = 8
 
 class DaemonUnavailable(ConnectionError):
     """The daemon cannot be reached (not running, wrong port, connection lost)."""
+
+
+class NotLunaDaemon(DaemonUnavailable):
+    """Something accepts connections on the daemon port but does not answer ``hello`` as a
+    Luna daemon (a foreign program, or a Luna process too wedged to answer). The message
+    names the process holding the port where the OS lets us see it."""
 
 
 class DaemonError(LunaError):
@@ -110,12 +119,26 @@ class DaemonClient:
             self._token = read_token(self._settings or Settings.load())
         return self._token
 
-    def _checkout(self) -> tuple[_Connection, bool]:
+    def _checkout(self, *, fresh: bool = False) -> tuple[_Connection, bool]:
+        """A live pooled connection (most recently used first), else a new one (unless
+        ``fresh``). Returns (connection, reused)."""
+        while not fresh:
+            with self._lock:
+                if self._closed:
+                    raise DaemonUnavailable("client is closed")
+                if not self._pool:
+                    break
+                conn = self._pool.pop()
+            # The daemon closes idle connections (idle_timeout, or eviction when it is full
+            # of connections); one closed while pooled shows its FIN here, before anything
+            # is sent, so even a non-idempotent op is never sent on it. (A close that races
+            # with the send remains: the one retry in call() covers idempotent ops.)
+            if not conn.channel.peer_gone():
+                return conn, True
+            conn.close()
         with self._lock:
             if self._closed:
                 raise DaemonUnavailable("client is closed")
-            if self._pool:
-                return self._pool.pop(), True
         return _Connection(self.host, self.port, self.connect_timeout), False
 
     def _checkin(self, conn: _Connection) -> None:
@@ -138,7 +161,7 @@ class DaemonClient:
         token = self.token if op not in ("ping", "hello") else None
         buffers, _keep = protocol.request(req_id, op, args, token)
         for attempt in (0, 1):
-            conn, reused = self._checkout()
+            conn, reused = self._checkout(fresh=attempt > 0)
             try:
                 conn.channel.send(buffers, timeout)
                 if check is not None:
@@ -196,6 +219,48 @@ class DaemonClient:
     def hello(self) -> dict:
         return self.call("hello")
 
+    def verify(self, timeout: float = 3.0) -> dict:
+        """``hello`` with a short deadline; returns its answer. Control commands call this
+        first, so that a program on the port that is not a Luna daemon costs ``timeout``
+        seconds instead of the long ``timeout`` meant for model work.
+
+        Raises DaemonUnavailable when nothing listens, NotLunaDaemon when the peer accepts
+        but does not answer, closes, or answers something that is not a Luna v1 ``hello``.
+        A Luna daemon's own error answer (``busy``, ``stopping``) stays a DaemonError."""
+        conn, _ = self._checkout()  # refused -> DaemonUnavailable: nothing listens
+        self._checkin(conn)
+        try:
+            answer = self.call("hello", timeout=timeout)
+        except DaemonUnavailable:
+            raise self._not_luna("closed the connection without answering") from None
+        except LunaError as exc:
+            # timeout: no answer in time; fatal framing codes: the bytes that came back are
+            # not a Luna frame (a daemon never answers a valid hello with those).
+            if exc.code == ErrorCode.TIMEOUT.value:
+                raise self._not_luna(f"did not answer within {timeout:g} s") from None
+            if exc.code in {c.value for c in protocol.FATAL_CODES} or not isinstance(exc, DaemonError):
+                raise self._not_luna(f"answered something that is not the Luna protocol ({exc.message})") from None
+            raise
+        if not isinstance(answer, dict) or answer.get("protocol") != protocol.VERSION:
+            raise self._not_luna(f"answered hello without Luna protocol version {protocol.VERSION}")
+        return answer
+
+    def _not_luna(self, why: str) -> NotLunaDaemon:
+        from luna_daemon.netutil import PortHolder, port_holder
+
+        with self._lock:  # pooled connections talk to a foreign peer: never reuse them
+            pool, self._pool = self._pool, []
+        for c in pool:
+            c.close()
+        holder = port_holder(self.port) or PortHolder()
+        if holder.is_luna:
+            return NotLunaDaemon(
+                f"the Luna Daemon process on {self.host}:{self.port} ({holder}) accepted the connection but {why}: "
+                "it may be overloaded or hung; see 'luna-daemon logs', or restart it")
+        return NotLunaDaemon(
+            f"port {self.port} on {self.host} is held by {holder}, which is not a Luna daemon (it {why}): "
+            "stop that program, or give Luna another port with 'port' (config.toml, LUNA_PORT or --port)")
+
     def status(self) -> dict:
         return self.call("status")
 
@@ -237,6 +302,8 @@ class DaemonClient:
 
     def lora_put(self, data: bytes | bytearray | memoryview, sha256: str | None = None, name: str | None = None) -> dict:
         """Upload a LoRA file's bytes (use when the daemon cannot read the client's file)."""
+        import torch
+
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
         return self.call("lora_put", _drop_none(data=buf, sha256=sha256, name=name))
 

@@ -12,8 +12,15 @@ What a caller can rely on:
   :class:`DaemonStartError` with the reason). Calling it while running is a no-op.
 * ``stop(deadline)``: closes the listener, answers ``stopping`` to new requests, lets
   in-flight requests finish (up to ``deadline`` seconds), unloads every model and
-  releases memory, closes connections, joins threads, ends ``stopped``. Idempotent and
-  callable from any thread (concurrent calls wait for the same stop).
+  releases memory, closes connections, joins threads, ends ``stopped``. It returns within
+  ``deadline + STOP_GRACE`` (+ the final memory release) whatever is stuck: every wait
+  after the in-flight one shares that one deadline, and what still runs then (a model
+  call inside C code, which cannot be interrupted) is abandoned -- daemon threads, named
+  in a WARNING log line, its model's memory not freed until the call returns. Returns
+  False (unclean) if anything was cut off. Idempotent and callable from any thread
+  (concurrent calls wait for the same stop).
+* The protocol ``shutdown`` op calls ``on_shutdown`` if a host set it (``serve`` ends
+  itself), otherwise it stops the daemon in the background.
 * Every state change is an event ``state`` on ``events`` with ``state`` and ``detail``.
 """
 
@@ -22,7 +29,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from luna_daemon.events import EventBus
 from luna_daemon.models.engines import select_engine
@@ -40,6 +48,16 @@ STATES = (STOPPED, STARTING, RUNNING, STOPPING, ERROR)
 # The colour every face shows for a state (the tray additionally needs its own ping to
 # succeed before it shows green).
 STATE_COLOURS = {STOPPED: "gray", STARTING: "yellow", RUNNING: "green", STOPPING: "yellow", ERROR: "red"}
+
+# How long past its deadline a stop may take for unloading models, closing connections and
+# joining threads -- one shared deadline for all of them; what still runs then is abandoned.
+STOP_GRACE = 1.5
+# Executors were all told to stop at once, so an idle one ends in milliseconds; a stop whose
+# in-flight deadline is already spent still gives them this long before abandoning them.
+EXECUTOR_GRACE = 0.5
+# The cleanup thread's own steps end by the shared deadline; this covers what is not a wait
+# (engine close, gc + emptying device caches) before the stop stops waiting for it.
+CLEANUP_SLACK = 0.5
 
 
 class DaemonStartError(RuntimeError):
@@ -60,6 +78,10 @@ class Daemon:
         self.service: Service | None = None
         self.engine: Any = None
         self.lora_cache: Any = None
+        # The protocol ``shutdown`` op's action; None = stop the daemon (see _on_shutdown_op).
+        self.on_shutdown: Callable[[], None] | None = None
+        self.unclean_stops = 0  # stops that cut something off (Host.end_process reads it)
+        self._last_stop_clean = True  # what stop() answers once stopped (concurrent callers)
         self._lifecycle = threading.RLock()  # serialises start/stop
         self._state_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -93,6 +115,7 @@ class Daemon:
                 return
             self._set_state(STARTING)
             self._stopped.clear()
+            self._last_stop_clean = True
             try:
                 self._start_components()
                 self._verify_ping(timeout)
@@ -102,7 +125,7 @@ class Daemon:
                 reason = str(exc) if isinstance(exc, (PortInUse, DaemonStartError)) else f"{type(exc).__name__}: {exc}"
                 if not isinstance(exc, (PortInUse, DaemonStartError)):
                     log.exception("daemon failed to start")
-                self._teardown(deadline=2.0)
+                self._teardown(deadline=2.0)  # what a failed start cut off does not matter
                 self._set_state(ERROR, reason)
                 self.events.emit("warning", message=f"daemon failed to start: {reason}", level="error")
                 raise DaemonStartError(reason) from None
@@ -114,7 +137,7 @@ class Daemon:
         self.lora_cache = LoraCache(self.settings, self.registry, self.events)
         self.service = Service(
             self.settings, self.registry, self.events, self.token,
-            status_provider=self.snapshot, on_shutdown=self.request_stop, lora_cache=self.lora_cache,
+            status_provider=self.snapshot, on_shutdown=self._on_shutdown_op, lora_cache=self.lora_cache,
         )
         self.server = Server(self.settings, self.service, self.events)
         self.address = self.server.start()
@@ -147,48 +170,108 @@ class Daemon:
             log.exception("preload failed")
 
     # ------------------------------------------------------------ stop
+    def _on_shutdown_op(self) -> None:
+        # Read at call time: a host may set or clear on_shutdown while the daemon runs.
+        hook = self.on_shutdown
+        if hook is not None:
+            hook()
+        else:
+            self.request_stop()
+
     def request_stop(self) -> None:
         """Stop from a request handler without deadlocking on our own in-flight request."""
         threading.Thread(target=self.stop, name="luna-stop", daemon=True).start()
 
     def stop(self, deadline: float | None = None) -> bool:
-        """Stop cleanly. Returns True if in-flight work finished within ``deadline``."""
+        """Stop (see the module docstring). Returns True if clean; False if something was
+        cut off -- then a WARNING log line and a ``warning`` event name what, and the
+        ``stopped`` state's detail says so. On a stopped daemon it returns how its last
+        stop went (a caller that raced another stop -- a signal during the dashboard's
+        Stop -- learns the truth about it)."""
         deadline = self.settings.stop_timeout if deadline is None else deadline
         with self._lifecycle:
             if self.state in (STOPPED,):
-                return True
+                return self._last_stop_clean
             if self.state == ERROR and self.server is None:
                 return True
             self._set_state(STOPPING)
-            clean = self._teardown(deadline)
+            cut = self._teardown(deadline)
             self.started_at = None
-            self._set_state(STOPPED, "" if clean else f"stop deadline of {deadline:.0f}s exceeded; unfinished requests were cut off")
-            if not clean:
-                self.events.emit("warning", message=f"stop deadline of {deadline:.0f}s exceeded", level="warning")
-            return clean
+            self._last_stop_clean = not cut
+            if not cut:
+                self._set_state(STOPPED)
+                return True
+            self.unclean_stops += 1
+            message = f"stop deadline of {deadline:g}s exceeded; cut off: " + "; ".join(cut)
+            log.warning(message)
+            self._set_state(STOPPED, f"stop deadline of {deadline:g}s exceeded; unfinished work was cut off (see the log)")
+            self.events.emit("warning", message=message, level="warning")
+            return False
 
-    def _teardown(self, deadline: float) -> bool:
-        t_end = time.monotonic() + deadline
-        clean = True
+    def _teardown(self, deadline: float) -> list[str]:
+        """Close everything: in-flight requests get ``deadline`` seconds, everything after
+        them shares one deadline ``STOP_GRACE`` later. Returns what was cut off (empty if
+        the stop was clean)."""
+        t_soft = time.monotonic() + deadline
+        t_hard = t_soft + STOP_GRACE
+        cut: list[str] = []
         server, self.server = self.server, None
         if server is not None:
             server.close_listener()
-            clean = server.wait_idle(max(0.0, t_end - time.monotonic()))
-        if self.registry is not None:
+            if not server.wait_idle(_left(t_soft)):
+                cut += server.in_flight_requests() or ["requests still in flight"]
+        registry, lora_cache, engine = self.registry, self.lora_cache, self.engine
+        step = ["starting"]
+
+        def run(name: str, fn: Callable[[], Any]) -> None:
+            step[0] = name
             try:
-                self._remember_models()
-            finally:
-                self.registry.close(max(0.5, t_end - time.monotonic()))
-        if self.lora_cache is not None:
-            self.lora_cache.clear()
-        if server is not None:
-            server.close_connections()
-        if self.engine is not None:
-            self.engine.close()
+                fn()
+            except Exception as exc:
+                log.exception("stop: %s failed", name)
+                cut.append(f"{name} failed ({type(exc).__name__}: {exc})")
+
+        def cleanup() -> None:
+            # Its own thread: a step can block on something a stuck call holds (ComfyUI's
+            # process-wide lock, a model's executor), and the stop must not wait past t_hard.
+            leaked: list[str] = []
+            run("saving the loaded-model list", self._remember_models)
+            if registry is not None:
+                run("unloading models", lambda: leaked.extend(self._close_registry(registry, t_soft, t_hard)))
+                cut.extend(leaked)
+            if lora_cache is not None:
+                run("clearing the LoRA cache", lora_cache.clear)
+            if server is not None and not server.close_connections(_left(t_hard)):
+                cut.append("connection threads still busy, left behind")
+            if not leaked:
+                # Not while a call is stuck: the engine's close takes the lock it may hold,
+                # and the stuck model's own late release runs release_memory (a full gc, a
+                # second or more under load) once the call returns.
+                if engine is not None:
+                    run("closing the engine", engine.close)
+                run("releasing memory", release_memory)
+            step[0] = "done"
+
+        worker = threading.Thread(target=cleanup, name="luna-stop-cleanup", daemon=True)
+        worker.start()
+        worker.join(_left(t_hard) + CLEANUP_SLACK)
+        if worker.is_alive():
+            cut.append(f"cleanup still {step[0]} at the deadline, left running in the background")
+            if server is not None:
+                server.close_connections(0)  # at least every socket is shut (idempotent)
         self.registry = self.service = self.engine = self.lora_cache = None
-        release_memory()
         self._stopped.set()
-        return clean
+        return list(cut)
+
+    @staticmethod
+    def _close_registry(registry: Registry | None, t_soft: float, t_hard: float) -> list[str]:
+        """Unload every model (until t_soft, at least EXECUTOR_GRACE, never past t_hard);
+        returns the models whose call was still running (abandoned, memory not freed)."""
+        if registry is None:
+            return []
+        timeout = min(max(_left(t_soft), EXECUTOR_GRACE), _left(t_hard))
+        return [f"model {Path(r['paths'][0]).name} ({r['id']}) still running a call: unloaded, memory not freed"
+                for r in registry.close(timeout) if not r["freed"]]
 
     def _remember_models(self) -> None:
         if self.settings.warm_start and self.registry is not None:
@@ -198,3 +281,7 @@ class Daemon:
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
+
+
+def _left(end: float) -> float:
+    return max(0.0, end - time.monotonic())

@@ -23,6 +23,10 @@ unpickles or evaluates anything.
 
 Tensors inside ``args`` / ``result`` are referenced as ``{"$tensor": "<name>"}``; tuples
 (ComfyUI token chunks are lists of tuples) as ``{"$tuple": [...]}``. See docs/protocol.md.
+
+torch is imported lazily, the first time a frame carries tensors or a tensor is packed:
+the CLI's tensor-less calls (ping, status, ps, stop...) never import it. Every value a
+peer sent that ends up in an error message is shown cut short (:func:`shown`).
 """
 
 from __future__ import annotations
@@ -30,11 +34,14 @@ from __future__ import annotations
 import enum
 import math
 import struct
+import sys
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 MAGIC = b"LUNA"
 VERSION = 1
@@ -45,6 +52,12 @@ HARD_MAX_HEADER = 1024 * 1024
 MAX_TENSORS = 256
 MAX_NDIM = 8
 MAX_JSON_DEPTH = 64
+MAX_ID_CHARS = 256  # a string request id longer than this is bad_frame (it is echoed in every answer)
+MAX_MESSAGE_CHARS = 4096  # error messages are cut to this: an answer must always fit its header
+_SHOWN_CHARS = 64  # how much of a peer's string an error message or log line repeats
+# torch computes a zero-sized tensor's storage size over *all* dims in 64 bits, so
+# [2**62, 2**62, 0] overflows inside torch.empty although it holds no byte.
+_MAX_EXTENT = 2**62
 
 
 class Kind(enum.IntEnum):
@@ -94,16 +107,52 @@ class LunaError(Exception):
 ProtocolError = LunaError  # name used where the failure is about framing
 
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# The dtype allowlist by wire name, with item sizes: descriptors are validated without torch.
+DTYPE_ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "uint8": 1, "bool": 1}
+_dtype_maps_cache: tuple[dict, dict] | None = None
+
+
+def _dtype_maps() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    """(wire name -> torch dtype, torch dtype -> wire name); imports torch on first use."""
+    global _dtype_maps_cache
+    if _dtype_maps_cache is None:
+        import torch
+
+        by_name = {name: getattr(torch, name) for name in DTYPE_ITEMSIZE}
+        _dtype_maps_cache = (by_name, {v: k for k, v in by_name.items()})
+    return _dtype_maps_cache
+
+
+def __getattr__(name: str) -> Any:
+    # ``protocol.DTYPES`` / ``DTYPE_NAMES`` (PEP 562): built, and torch imported, on first use.
+    if name == "DTYPES":
+        return _dtype_maps()[0]
+    if name == "DTYPE_NAMES":
+        return _dtype_maps()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def shown(value: Any, limit: int = _SHOWN_CHARS) -> str:
+    """A peer-sent value for an error message or a log line, never longer than about
+    ``limit`` characters: strings are cut, containers are named by type only (their repr
+    could be a megabyte, or too deep for repr)."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} chars)"
+    if value is None or isinstance(value, (bool, float)) or (isinstance(value, int) and value.bit_length() <= 64):
+        return repr(value)
+    return f"<{type(value).__name__}>"
+
+
+def echo_id(value: Any) -> int | str | None:
+    """The id to put in an answer to a request whose header had ``id`` = ``value``: the
+    value itself when it is a valid request id (an int that JSON can carry, or a string
+    of at most ``MAX_ID_CHARS``), else None -- an id that cannot be echoed is answered
+    with ``null``."""
+    if type(value) is int:
+        return value if -2**63 <= value < 2**64 else None
+    if type(value) is str and len(value) <= MAX_ID_CHARS:
+        return value
+    return None
 
 
 @dataclass(frozen=True)
@@ -177,29 +226,33 @@ def decode_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     return header
 
 
-def _descriptor(d: Any, body_len: int) -> tuple[str, torch.dtype, tuple[int, ...], int, int]:
-    if not isinstance(d, dict):
+def _descriptor(d: Any, body_len: int) -> tuple[str, str, tuple[int, ...], int, int]:
+    """Validate one descriptor -> (name, dtype name, shape, offset, nbytes). Raises only
+    bad_frame, whatever JSON ``d`` is (messages show peer values cut short)."""
+    if type(d) is not dict:
         raise ProtocolError(ErrorCode.BAD_FRAME, "tensor descriptor must be an object")
     name, dtype_name, shape, offset, nbytes = (d.get(k) for k in ("name", "dtype", "shape", "offset", "nbytes"))
-    if not isinstance(name, str) or not name or len(name) > 128:
+    if type(name) is not str or not name or len(name) > 128:
         raise ProtocolError(ErrorCode.BAD_FRAME, "tensor name must be a non-empty string (<= 128 chars)")
-    if dtype_name not in DTYPES:
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: dtype {dtype_name!r} not allowed (allowed: {', '.join(DTYPES)})")
-    if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(type(s) is int and s >= 0 for s in shape):
+    # type() first: a list or object dtype is not hashable, and the lookup would raise TypeError.
+    itemsize = DTYPE_ITEMSIZE.get(dtype_name) if type(dtype_name) is str else None
+    if itemsize is None:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: dtype {shown(dtype_name)} not allowed (allowed: {', '.join(DTYPE_ITEMSIZE)})")
+    if type(shape) is not list or len(shape) > MAX_NDIM or not all(type(s) is int and s >= 0 for s in shape):
         raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: shape must be a list of <= {MAX_NDIM} non-negative ints")
     if type(offset) is not int or type(nbytes) is not int or offset < 0 or nbytes < 0:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: offset/nbytes must be non-negative ints")
-    dtype = DTYPES[dtype_name]
-    itemsize = torch.empty((), dtype=dtype).element_size()
     # Python ints do not overflow: a hostile shape cannot wrap this product around.
     expected = math.prod(shape) * itemsize
     if expected != nbytes:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: shape {shape} x {itemsize} B = {expected} != nbytes {nbytes}")
+    if not expected and math.prod(s for s in shape if s) * itemsize > _MAX_EXTENT:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: empty tensor of shape {shape} is too large to describe")
     if offset % ALIGN:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: offset {offset} not {ALIGN}-byte aligned")
     if offset + nbytes > body_len:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: bytes {offset}..{offset + nbytes} outside the body ({body_len} B)")
-    return name, dtype, tuple(shape), offset, nbytes
+    return name, dtype_name, tuple(shape), offset, nbytes
 
 
 def decode_tensors(descriptors: Any, body: bytearray | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -223,8 +276,12 @@ def decode_tensors(descriptors: Any, body: bytearray | torch.Tensor) -> dict[str
     for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
         if start_b < end_a:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"tensors {name_a!r} and {name_b!r} overlap")
+    import torch  # the first frame with tensors imports it (a no-op afterwards)
+
+    by_name = _dtype_maps()[0]
     out: dict[str, torch.Tensor] = {}
-    for name, dtype, shape, offset, nbytes in parsed:
+    for name, dtype_name, shape, offset, nbytes in parsed:
+        dtype = by_name[dtype_name]
         if nbytes == 0:
             out[name] = torch.empty(shape, dtype=dtype)
             continue
@@ -234,20 +291,20 @@ def decode_tensors(descriptors: Any, body: bytearray | torch.Tensor) -> dict[str
         else:
             # frombuffer shares memory with ``body`` (a writable bytearray, so no warning
             # and no copy); the tensor keeps the buffer alive.
-            flat = torch.frombuffer(body, dtype=dtype, count=nbytes // _itemsize(dtype), offset=offset)
+            flat = torch.frombuffer(body, dtype=dtype, count=nbytes // DTYPE_ITEMSIZE[dtype_name], offset=offset)
         out[name] = flat.view(shape)
     return out
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def decode_frame(prefix: Prefix, header_bytes: bytes | bytearray, body: bytearray | torch.Tensor) -> Frame:
-    """Decode a complete frame whose prefix was already validated."""
+def decode_frame(prefix: Prefix, header_bytes: bytes | bytearray, body: bytearray | torch.Tensor,
+                 header: dict[str, Any] | None = None) -> Frame:
+    """Decode a complete frame whose prefix was already validated. ``header``: the result
+    of ``decode_header(header_bytes)`` when the caller already has it (the server looks
+    at the header before it receives the body). Raises only LunaError (bad_frame)."""
     if len(header_bytes) != prefix.header_len or len(body) != prefix.body_len:
         raise ProtocolError(ErrorCode.BAD_FRAME, "frame truncated")
-    header = decode_header(header_bytes)
+    if header is None:
+        header = decode_header(header_bytes)
     descriptors = header.get("tensors")
     tensors = decode_tensors(descriptors, body) if descriptors is not None else {}
     # One walk resolves the markers and bounds the nesting (our walkers recurse). It is
@@ -283,6 +340,8 @@ def _json_default(obj: Any) -> Any:
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """A read-only byte view of a CPU tensor (copies only if not contiguous / not CPU)."""
+    import torch  # already imported: ``t`` is a tensor
+
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -304,15 +363,16 @@ def encode_frame(kind: Kind, header: dict[str, Any], tensors: dict[str, torch.Te
     descriptors = []
     chunks: list[memoryview | bytes] = []
     offset = 0
+    names = _dtype_maps()[1] if tensors else {}
     for name, t in (tensors or {}).items():
-        if t.dtype not in DTYPE_NAMES:
+        if t.dtype not in names:
             raise ProtocolError(ErrorCode.BAD_ARGS, f"tensor {name!r}: dtype {t.dtype} cannot be sent")
         pad = (-offset) % ALIGN
         if pad:
             chunks.append(bytes(pad))
             offset += pad
         data = _tensor_bytes(t)
-        descriptors.append({"name": name, "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "offset": offset, "nbytes": data.nbytes})
+        descriptors.append({"name": name, "dtype": names[t.dtype], "shape": list(t.shape), "offset": offset, "nbytes": data.nbytes})
         if data.nbytes:
             chunks.append(data)
         offset += data.nbytes
@@ -343,6 +403,7 @@ def pack_value(value: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") 
     Tensors are moved into ``tensors`` under generated names and replaced by
     ``{"$tensor": name}``; tuples become ``{"$tuple": [...]}``. Dicts and lists that hold
     nothing to replace are returned as they are (no copy): most results are plain JSON.
+    Never imports torch: if no one imported it, no value can be a tensor.
     """
     kind = type(value)
     if kind in _SCALARS:
@@ -362,7 +423,8 @@ def pack_value(value: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") 
                     out = dict(value)
                 out[k] = packed
         return out
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
         name = f"{prefix}{len(tensors)}"
         while name in tensors:
             name += "_"
@@ -377,8 +439,8 @@ def pack_value(value: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") 
         return value
     if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
         return value.item()  # a numpy scalar: the Python number
-    if isinstance(value, torch.dtype):
-        return DTYPE_NAMES.get(value, str(value))
+    if torch is not None and isinstance(value, torch.dtype):
+        return _dtype_maps()[1].get(value, str(value))
     raise ProtocolError(ErrorCode.BAD_ARGS, f"cannot send a value of type {type(value).__name__}")
 
 
@@ -392,7 +454,7 @@ def unpack_value(value: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -
             if "$tensor" in value:
                 name = value["$tensor"]
                 if not isinstance(name, str) or name not in tensors:
-                    raise ProtocolError(ErrorCode.BAD_FRAME, f"reference to unknown tensor {name!r}")
+                    raise ProtocolError(ErrorCode.BAD_FRAME, f"reference to unknown tensor {shown(name)}")
                 return tensors[name]
             items = value.get("$tuple")
             if type(items) is list:
@@ -422,7 +484,11 @@ def ok_response(req_id: Any, result: Any) -> list:
 
 
 def error_response(req_id: Any, code: ErrorCode | str, message: str) -> list:
+    """An error answer; ``message`` is cut to MAX_MESSAGE_CHARS so that it always fits.
+    ``req_id`` must be echoable (see :func:`echo_id`)."""
     code = ErrorCode(code).value
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "..."
     return encode_frame(Kind.RESPONSE, {"id": req_id, "ok": False, "error": {"code": code, "message": message or code}})
 
 
@@ -435,22 +501,26 @@ class Request:
 
 
 def parse_request(frame: Frame) -> Request:
-    """Validate a request frame's header (its tensor references are already resolved)."""
+    """Validate a request frame's header (its tensor references are already resolved).
+    Raises only LunaError (bad_frame); answer it with ``echo_id(frame.header.get("id"))``."""
     h = frame.header
     if frame.kind != 1:  # Kind.REQUEST
         raise ProtocolError(ErrorCode.BAD_FRAME, "expected a request frame")
     req_id = h.get("id")
-    # 0 is a perfectly good id (an earlier tool treated it as "no id" and hung).
-    if type(req_id) is not int and not isinstance(req_id, str):
-        raise ProtocolError(ErrorCode.BAD_FRAME, "request 'id' must be an int or string")
+    # 0 is a perfectly good id (an earlier tool treated it as "no id" and hung). A
+    # "$tensor" or "$tuple" id is already a tensor / tuple here, and refused. The test
+    # is echo_id's, inlined: every request pays it.
+    kind = type(req_id)
+    if not ((kind is int and -2**63 <= req_id < 2**64) or (kind is str and len(req_id) <= MAX_ID_CHARS)):
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"request 'id' must be a 64-bit int or a string of <= {MAX_ID_CHARS} chars")
     op = h.get("op")
-    if not isinstance(op, str) or not op:
+    if type(op) is not str or not op:
         raise ProtocolError(ErrorCode.BAD_FRAME, "request 'op' must be a non-empty string")
     args = h.get("args", {})
-    if not isinstance(args, dict):
+    if type(args) is not dict:
         raise ProtocolError(ErrorCode.BAD_FRAME, "request 'args' must be an object")
     token = h.get("token")
-    if token is not None and not isinstance(token, str):
+    if token is not None and type(token) is not str:
         raise ProtocolError(ErrorCode.BAD_FRAME, "'token' must be a string")
     return Request(req_id, op, args, token)
 
@@ -462,10 +532,12 @@ def parse_response(frame: Frame) -> tuple[Any, bool, Any]:
         raise ProtocolError(ErrorCode.BAD_FRAME, "expected a response frame")
     if h.get("ok") is True:
         return h.get("id"), True, h.get("result")
-    err = h.get("error") or {}
+    err = h.get("error")
+    if type(err) is not dict:
+        err = {}
     code = err.get("code", "internal")
     try:
         code = ErrorCode(code).value
-    except ValueError:
+    except (ValueError, TypeError):  # TypeError: an unhashable code (a list)
         code = ErrorCode.INTERNAL.value
     return h.get("id"), False, (code, str(err.get("message") or code))

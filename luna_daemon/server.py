@@ -3,7 +3,10 @@
 One accept thread, one thread per connection. A connection carries any number of
 requests, one at a time. Limits come from Settings: header/body size (checked before
 allocation), ``frame_timeout`` (a started frame must complete), ``idle_timeout``
-(between frames), ``max_connections`` (extra connections get ``busy`` and are closed).
+(between frames), ``max_connections`` (when full, a newcomer is admitted by evicting the
+least valuable connection, see ``_evict_locked``; only if every connection has an
+authenticated request in flight does it get ``busy``). Idle and slow connection threads
+sleep in the kernel (``SO_RCVTIMEO``), so a flood of them costs memory, not CPU.
 
 Shutdown is two-phase so that nothing hangs and nothing is cut off mid-answer:
 ``close_listener()`` stops accepting and makes every *new* request answer ``stopping``;
@@ -14,6 +17,7 @@ every socket and joins the threads. All three are idempotent and thread-safe.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import logging
 import socket
 import threading
@@ -22,12 +26,29 @@ from typing import Any
 
 from luna_daemon import protocol, transport
 from luna_daemon.events import EventBus
+from luna_daemon.logs import RateLimitedLog
 from luna_daemon.netutil import bind_listener as bind_listener_
 from luna_daemon.protocol import ErrorCode, Limits, LunaError
 from luna_daemon.service import ClientGone, Service
 from luna_daemon.settings import Settings
 
 log = logging.getLogger(__name__)
+# Lines any local program can cause (bad frames, refused bodies, failed answers) pass
+# through this, keyed by (category, peer host). One per process, like the log file it
+# protects.
+_wire_log = RateLimitedLog(log)
+
+
+def _host(peer: str) -> str:
+    return peer.rsplit(":", 1)[0]
+
+
+class _BodyRefused(LunaError):
+    """A frame's body was refused from its header; carries the id to answer with."""
+
+    def __init__(self, exc: LunaError, req_id: int | str | None):
+        super().__init__(exc.code, exc.message)
+        self.req_id = req_id
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
@@ -37,13 +58,23 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 class _Conn:
-    """One client connection (state shared with the server for shutdown)."""
+    """One client connection (state shared with the server for shutdown and admission).
+
+    The admission fields are read and written under ``Server._lock``: the accept loop
+    picks an eviction victim from them while connection threads update them."""
 
     def __init__(self, sock: socket.socket, peer: str):
         self.sock = sock
         self.channel = transport.Channel(sock)
         self.peer = peer
         self.thread: threading.Thread | None = None
+        # When it last did something useful: connected, or finished answering a request.
+        # Bytes of a frame still arriving do not count, so a slow-loris peer dribbling a
+        # never-ending frame ages like an idle one.
+        self.last_active = time.monotonic()
+        self.busy = False  # a request is in flight (received whole, not yet answered)
+        self.authenticated = False  # it once sent a request carrying the right token
+        self.evicted = False  # closed to admit a newcomer: a frame that arrives now is not run
 
     def wait(self, fut: cf.Future) -> Any:
         """Wait for queued work while watching the client: if it disconnects, cancel."""
@@ -75,6 +106,8 @@ class Server:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
+        self._running: dict[int, tuple[str, str, float]] = {}  # in-flight: (op, peer, start)
+        self._seq = 0
         self.stopping = False
         self._closed = False
         self.address: tuple[str, int] | None = None
@@ -97,6 +130,14 @@ class Server:
     def in_flight(self) -> int:
         with self._lock:
             return self._in_flight
+
+    def in_flight_requests(self) -> list[str]:
+        """The requests now in flight, e.g. ``"vae_decode from 127.0.0.1:5012 (running 7.1s)"``
+        (what a stop that missed its deadline cuts off)."""
+        now = time.monotonic()
+        with self._lock:
+            running = sorted(self._running.values(), key=lambda r: r[2])
+        return [f"{op} from {peer} (running {now - t0:.1f}s)" for op, peer, t0 in running]
 
     def close_listener(self) -> None:
         """Stop accepting; new requests on open connections now answer ``stopping``."""
@@ -122,8 +163,11 @@ class Server:
                 self._idle.wait(remaining)
         return True
 
-    def close_connections(self, join_timeout: float = 5.0) -> None:
-        """Close every connection and join the connection threads."""
+    def close_connections(self, join_timeout: float = 5.0) -> bool:
+        """Close every connection and join the connection threads, all within one
+        ``join_timeout``. Returns False if a thread was still running then (stuck in a
+        request; it is a daemon thread and is left behind)."""
+        end = time.monotonic() + join_timeout
         with self._lock:
             self._closed = True
             conns = list(self._conns)
@@ -132,7 +176,8 @@ class Server:
         me = threading.current_thread()
         for c in conns:
             if c.thread is not None and c.thread is not me:
-                c.thread.join(join_timeout)
+                c.thread.join(max(0.0, end - time.monotonic()))
+        return not any(c.thread is not None and c.thread is not me and c.thread.is_alive() for c in conns)
 
     # ------------------------------------------------------------ accept
     def _accept_loop(self) -> None:
@@ -153,25 +198,68 @@ class Server:
                 time.sleep(0.1)
                 continue
             conn = _Conn(sock, f"{addr[0]}:{addr[1]}")
+            limit = self.settings.max_connections
             with self._lock:
-                full = len(self._conns) >= self.settings.max_connections
+                victim = self._evict_locked() if len(self._conns) >= limit else None
+                full = len(self._conns) >= limit
                 if not full:
                     self._conns.add(conn)
+            if victim is not None:
+                # No answer on the victim: a pooled DaemonClient connection sees the close
+                # before its next send (peer_gone) and opens a fresh one; a frame parked
+                # in its buffer would be mistaken for the answer to that next request.
+                _wire_log.info(("evict", _host(victim.peer)), "max_connections=%d reached: closed %s (%s, idle %.1fs) to admit %s",
+                               limit, victim.peer, "authenticated" if victim.authenticated else "never authenticated",
+                               time.monotonic() - victim.last_active, conn.peer)
+                _shutdown_socket(victim.sock)  # wakes its thread out of recv/send; it then exits
             if full:
-                log.warning("refusing %s: max_connections=%d reached", conn.peer, self.settings.max_connections)
-                self._send_error_and_close(conn, None, LunaError(ErrorCode.BUSY, f"too many connections (max_connections={self.settings.max_connections})"))
+                _wire_log.warning(("busy", _host(conn.peer)), "refusing %s: max_connections=%d reached, every connection has a request in flight", conn.peer, limit)
+                self._send_error_and_close(conn, None, LunaError(
+                    ErrorCode.BUSY, f"too many connections (max_connections={limit}), each with a request in flight; "
+                    "retry shortly, or raise max_connections"))
                 continue
             conn.thread = threading.Thread(target=self._serve_conn, args=(conn,), name=f"luna-conn-{conn.peer}", daemon=True)
             conn.thread.start()
 
+    def _evict_locked(self) -> _Conn | None:
+        """Pick the least valuable connection, mark it evicted and drop it from the count
+        (caller holds ``_lock`` and shuts its socket down). None if all are protected.
+
+        Order: never-authenticated idle ones, then never-authenticated ones with a request
+        in flight, then authenticated idle ones; longest idle (``last_active``) first in
+        each group. An authenticated request in flight is never cut off. Unauthenticated
+        requests are only ping, hello or an error answer: one stays in flight only while
+        its peer does not read the answer, so evicting it loses nothing, and a flood that
+        pipelines pings without reading cannot pin its slots for ``frame_timeout``.
+
+        There is deliberately no per-process cap: mapping a loopback peer port to a pid
+        means scanning every process's sockets (psutil.net_connections), far too costly
+        on each accept of a flood, and a flooder can fork anyway. Eviction alone already
+        guarantees that a newcomer gets in. O(max_connections), under the lock; only
+        when the server is full."""
+        best: _Conn | None = None
+        best_rank: tuple[bool, bool, float] | None = None
+        for c in self._conns:
+            if c.busy and c.authenticated:
+                continue
+            rank = (c.authenticated, c.busy, c.last_active)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = c, rank
+        if best is not None:
+            best.evicted = True
+            self._conns.discard(best)
+        return best
+
     # ------------------------------------------------------------ per connection
     def _serve_conn(self, conn: _Conn) -> None:
         self.events.emit("client_connected", client=conn.peer, clients=self.connection_count)
+        admit = functools.partial(self._admit_body, conn)  # built once, not per frame
         try:
             while True:
                 try:
                     frame = conn.channel.read_frame(
-                        self.limits, idle_timeout=self.settings.idle_timeout, frame_timeout=self.settings.frame_timeout
+                        self.limits, idle_timeout=self.settings.idle_timeout, frame_timeout=self.settings.frame_timeout,
+                        admit=admit,
                     )
                 except transport.PeerClosed:
                     return
@@ -182,13 +270,20 @@ class Server:
                     self._send_error_and_close(conn, None, LunaError(ErrorCode.TIMEOUT, f"frame not received within frame_timeout={self.settings.frame_timeout}s ({exc})"))
                     return
                 except LunaError as exc:
-                    log.warning("bad frame from %s: %s", conn.peer, exc.message)
-                    self._send_error_and_close(conn, None, exc)
+                    _wire_log.warning((exc.code, _host(conn.peer)), "%s from %s: %s", exc.code, conn.peer, exc.message)
+                    self._send_error_and_close(conn, getattr(exc, "req_id", None), exc)
                     return
                 except OSError:
                     return
                 if not self._handle_frame(conn, frame):
                     return
+        except Exception:  # noqa: BLE001 -- the thread's last line of defence
+            # A bug, not a client error (those are LunaErrors above): logged, rate-limited
+            # since a client may trigger it again and again, answered, and the connection
+            # closed -- never a raw traceback from threading's excepthook.
+            _wire_log.exception(("internal", _host(conn.peer)), "connection %s failed unexpectedly; closed it", conn.peer)
+            self._send_error_and_close(conn, None, LunaError(
+                ErrorCode.INTERNAL, "the daemon failed on this connection (a bug, logged); reconnect and retry"))
         finally:
             with self._lock:
                 self._conns.discard(conn)
@@ -197,18 +292,26 @@ class Server:
 
     def _handle_frame(self, conn: _Conn, frame: protocol.Frame) -> bool:
         """Answer one frame. Returns False when the connection must close."""
-        req_id = frame.header.get("id")
         try:
             req = protocol.parse_request(frame)
         except LunaError as exc:
-            self._send_error_and_close(conn, req_id, exc)
+            _wire_log.warning((exc.code, _host(conn.peer)), "bad request from %s: %s", conn.peer, exc.message)
+            self._send_error_and_close(conn, protocol.echo_id(frame.header.get("id")), exc)
             return False
+        authenticated = conn.authenticated or self.service.token_ok(req.token)
         with self._lock:
+            if conn.evicted:  # evicted while this frame arrived: drop it unrun (see _evict_locked)
+                return False
+            conn.authenticated = authenticated
             if self.stopping:
                 refused = True
             else:
                 refused = False
+                conn.busy = True
                 self._in_flight += 1
+                self._seq += 1
+                key = self._seq
+                self._running[key] = (req.op[:64], conn.peer, time.monotonic())  # a client-chosen name: cut
         if refused:
             return self._send(conn, protocol.error_response(req.id, ErrorCode.STOPPING, "the daemon is stopping"))
         try:
@@ -224,21 +327,36 @@ class Server:
             return self._send(conn, buffers)
         finally:
             with self._idle:
+                self._running.pop(key, None)
                 self._in_flight -= 1
                 if not self._in_flight:
                     self._idle.notify_all()
+                conn.busy, conn.last_active = False, time.monotonic()  # idle from now on (eviction order)
 
     def _send(self, conn: _Conn, buffers: list) -> bool:
         try:
             conn.channel.send(buffers, self.settings.frame_timeout)
             return not self._closed
         except OSError as exc:
-            log.info("could not answer %s: %s", conn.peer, exc)
+            _wire_log.info(("send", _host(conn.peer)), "could not answer %s: %s", conn.peer, exc)
             return False
 
-    def _send_error_and_close(self, conn: _Conn, req_id: Any, exc: LunaError) -> None:
+    def _admit_body(self, conn: _Conn, prefix: protocol.Prefix, header: dict) -> None:
+        """transport's ``admit``: a body is received only for an authenticated request."""
         try:
-            conn.channel.send(protocol.error_response(req_id, exc.code, exc.message), 2.0)
+            self.service.admit_body(header.get("op"), header.get("token"))
+        except LunaError as exc:
+            raise _BodyRefused(exc, protocol.echo_id(header.get("id"))) from None
+        with self._lock:
+            # An authenticated upload is under way: a connection flood must not evict it
+            # mid-body (it would count as a never-authenticated idle connection until the
+            # frame completes). _handle_frame resets ``busy`` once it is answered.
+            conn.authenticated = conn.busy = True
+
+    def _send_error_and_close(self, conn: _Conn, req_id: Any, exc: LunaError) -> None:
+        """Answer ``exc`` (an id that cannot be echoed becomes null) and close."""
+        try:
+            conn.channel.send(protocol.error_response(protocol.echo_id(req_id), exc.code, exc.message), 2.0)
         except OSError:
             pass
         _shutdown_socket(conn.sock)

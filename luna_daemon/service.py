@@ -34,6 +34,10 @@ from luna_daemon.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Requests for an op that does not exist are counted under this one label: their names are
+# never stored (a client could otherwise grow the stats, status and /metrics without bound).
+UNKNOWN_OP_LABEL = "(unknown)"
+
 # Seconds; Prometheus-style cumulative buckets for request latency.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -58,7 +62,9 @@ class Stats:
 
     ``record`` is on every request's path, so it is O(1): latency counts are stored per
     bucket (not cumulative; see ``cumulative_buckets``) and the requests-per-minute
-    window keeps one counter per second.
+    window keeps one counter per second. Keys are bounded: an op name that is not a
+    registered op is recorded as ``UNKNOWN_OP_LABEL``, and outcomes are ``ok``,
+    ``cancelled`` or an error code.
     """
 
     started: float = field(default_factory=time.time)
@@ -70,6 +76,8 @@ class Stats:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, op: str, outcome: str, seconds: float) -> None:
+        if op not in _OPS:
+            op = UNKNOWN_OP_LABEL
         sec = int(time.time())
         idx = bisect.bisect_left(LATENCY_BUCKETS, seconds)
         with self.lock:
@@ -200,16 +208,36 @@ class Service:
     def ops_for_service(self) -> list[str]:
         return sorted(n for n, (_, _, kinds) in _OPS.items() if self.settings.service in kinds)
 
+    def token_ok(self, token: Any) -> bool:
+        # Constant-time; surrogatepass: a str from outside JSON may hold lone surrogates.
+        return (type(token) is str and bool(token)
+                and hmac.compare_digest(token.encode("utf-8", "surrogatepass"), self.token.encode()))
+
+    def admit_body(self, op: Any, token: Any) -> None:
+        """Raise LunaError unless a request for ``op`` carrying ``token`` may have a body.
+
+        Only authenticated requests may: the token must be right (else ``unauthorized``)
+        and ``op`` an op that requires it (else ``bad_frame``: ping, hello and unknown ops
+        take no body). The server asks this from the header alone, before it receives any
+        body byte, so a client without the token cannot make the daemon buffer a body."""
+        if not self.token_ok(token):
+            raise LunaError(ErrorCode.UNAUTHORIZED, "a request with a body needs the daemon's token "
+                            "(missing or wrong; the client reads it from the daemon's config dir)")
+        entry = _OPS.get(op) if type(op) is str else None
+        if entry is None or not entry[1]:
+            raise LunaError(ErrorCode.BAD_FRAME, f"op {protocol.shown(op)} takes no request body")
+
     def handle(self, req: Request, ctx: Context) -> Any:
         """Run one request. Returns the result or raises LunaError."""
         t0 = time.perf_counter()
         outcome = "ok"
+        label = req.op if req.op in _OPS else UNKNOWN_OP_LABEL  # never a client's name in stats / events
         try:
             entry = _OPS.get(req.op)
             if entry is None:
-                raise LunaError(ErrorCode.UNKNOWN_OP, f"unknown op {req.op!r}; known: {', '.join(self.ops_for_service())}")
+                raise LunaError(ErrorCode.UNKNOWN_OP, f"unknown op {protocol.shown(req.op)}; known: {', '.join(self.ops_for_service())}")
             fn, needs_auth, kinds = entry
-            if needs_auth and not (req.token and hmac.compare_digest(req.token.encode(), self.token.encode())):
+            if needs_auth and not self.token_ok(req.token):
                 raise LunaError(ErrorCode.UNAUTHORIZED, "missing or wrong token (the client reads it from the daemon's config dir)")
             if self.settings.service not in kinds:
                 raise LunaError(ErrorCode.UNKNOWN_OP, f"op {req.op!r} is not offered by a {self.settings.service!r} daemon")
@@ -226,11 +254,11 @@ class Service:
             raise LunaError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}") from None
         finally:
             dt = time.perf_counter() - t0
-            self.stats.record(req.op, outcome, dt)
+            self.stats.record(label, outcome, dt)
             if outcome == "cancelled":
                 log.info("%s from %s cancelled: the client disconnected", req.op, ctx.client)
             elif outcome != "ok":
-                self.events.emit("request_failed", op=req.op, code=outcome, client=ctx.client, ms=dt * 1000)
+                self.events.emit("request_failed", op=label, code=outcome, client=ctx.client, ms=dt * 1000)
             elif req.op not in ("ping", "hello", "status", "ps"):
                 self.events.emit("request", op=req.op, client=ctx.client, ms=dt * 1000)
 
@@ -273,12 +301,12 @@ class Service:
             self.events.emit("warning", message=msg, model=model_id)
             return self.run(ctx, model_id, lambda m: call(m, default))
 
-    def load(self, kind: str, paths: list[str], args: dict, clip_type: str | None = None) -> dict:
+    def load(self, kind: str, paths: list[str], args: dict, clip_type: str | None = None, *, internal: bool = False) -> dict:
         """Load (or reuse) a model with the request's device / dtype / keep_alive; the answer
-        of every ``*_load`` op."""
+        of every ``*_load`` op. ``internal``: ``paths`` are the daemon's own (uploads)."""
         entry = self.registry.load(
             kind, paths, device=_arg(args, "device", str, None), dtype=_arg(args, "dtype", str, None),
-            clip_type=clip_type, keep_alive=args.get("keep_alive"),
+            clip_type=clip_type, keep_alive=args.get("keep_alive"), internal=internal,
         )
         return {"model": entry.id, **entry.describe(full=True)}
 
@@ -445,7 +473,7 @@ def _sha_arg(args: dict) -> str:
 def _load_uploaded(svc: Service, kind: str, args: dict) -> dict:
     sha = _sha_arg(args)
     paths, clip_type = store_upload(svc.settings, svc.registry, kind, sha, args.get("data"))
-    out = {**svc.load(kind, [str(p) for p in paths], args, clip_type), "sha256": sha}
+    out = {**svc.load(kind, [str(p) for p in paths], args, clip_type, internal=True), "sha256": sha}
     if clip_type is not None:
         out["clip_type"] = clip_type
     return out
@@ -484,10 +512,12 @@ def _lora_put(svc: Service, args: dict, ctx: Context) -> dict:
 
 @op("lora_load", service="full clip")
 def _lora_load(svc: Service, args: dict, ctx: Context) -> dict:
+    cache = _lora_cache(svc)
     path = svc.registry.resolve_path(_arg(args, "path", str))
     if path.suffix.lower() not in (".safetensors", ".sft"):
         raise LunaError(ErrorCode.BAD_ARGS, f"{path.name}: only .safetensors LoRA files are accepted (pickle-based formats are never loaded)")
-    return _lora_cache(svc).load_path(path)
+    with svc.registry.confine():  # the file read must stay inside the model roots too
+        return cache.load_path(path)
 
 
 @op("lora_list", service="full clip")

@@ -21,8 +21,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10 (some ComfyUI installs)
     import tomli as tomllib  # type: ignore[no-redef]
 from dataclasses import dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Mapping
+
+from luna_daemon import fsutil
+from luna_daemon.protocol import ErrorCode, LunaError
 
 APP_NAME = "luna-daemon"
 CONFIG_FILE = "config.toml"
@@ -133,6 +136,37 @@ def _parse_size_map(value: Any, key: str) -> dict[str, int]:
     return {str(k): parse_size(v, f"{key}.{k}") for k, v in value.items()}
 
 
+def too_broad_model_root(root: PurePath, home: PurePath | None) -> str | None:
+    """Why the (resolved) folder ``root`` may never be a model root, or None if it may.
+
+    A filesystem root (``/``, ``C:\\``, a UNC share), the home folder itself and every
+    folder above it would let a client read any file of the user (SSH keys, browser
+    profiles) by naming it a "model". Pure: works for Windows paths on any OS."""
+    if root.parent == root:
+        return "is a filesystem root"
+    if home is not None:
+        if root == home:
+            return "is your home folder"
+        if root in home.parents:
+            return "contains your home folder"
+    return None
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    try:
+        return p.resolve()  # symlinks are judged by what they point to
+    except (OSError, RuntimeError):
+        return p.absolute()
+
+
+def _home() -> Path | None:
+    try:
+        return Path.home().resolve()
+    except (OSError, RuntimeError, KeyError):
+        return None  # no home folder known: only filesystem roots are refused
+
+
 _CHOICES = {
     "engine": ("auto", "comfy", "standalone"),
     "service": ("full", "vae", "clip"),
@@ -210,11 +244,12 @@ class Settings:
         s._apply_dirs(env)
         path = Path(config_file) if config_file else Path(s.config_dir) / CONFIG_FILE
         s.config_file = str(path)
-        if path.is_file():
-            try:
-                data = tomllib.loads(path.read_text(encoding="utf-8"))
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise SettingsError("config_file", f"cannot read {path}: {exc}") from None
+        try:  # a regular file of at most fsutil.SMALL_FILE_CAP (a FIFO would hang the start)
+            data = (tomllib.loads(fsutil.read_small(path, "config file").decode("utf-8"))
+                    if fsutil.present(path, "config file") else None)
+        except (LunaError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError("config_file", f"cannot read {path}: {getattr(exc, 'message', exc)}") from None
+        if data is not None:
             s._merge(data, "file", strict=True)
         s._merge({k[5:].lower(): v for k, v in env.items() if k.startswith("LUNA_") and k != "LUNA_HOME"}, "env", strict=False)
         if overrides:
@@ -295,6 +330,12 @@ class Settings:
             raise SettingsError("max_body_bytes", "must be at least 1 KiB")
         if self.max_connections < 1 or self.queue_size < 1:
             raise SettingsError("max_connections" if self.max_connections < 1 else "queue_size", "must be >= 1")
+        home = _home() if self.model_roots else None
+        for root in self.model_roots:
+            why = too_broad_model_root(_resolved(root), home)
+            if why:
+                raise SettingsError("model_roots", f"{root!r} {why}; a model folder must hold model files (e.g. "
+                                    "~/ComfyUI/models), never a filesystem root, your home folder or a folder above it")
 
     # ---------------------------------------------------------------- derived paths
     @property
@@ -371,7 +412,11 @@ def load_or_create_token(settings: Settings) -> str:
 
 def read_token(settings: Settings) -> str | None:
     """The stored token, or None if there is none yet (a daemon has never run here)."""
-    try:
-        return settings.token_path.read_text(encoding="ascii").strip() or None
-    except FileNotFoundError:
+    if not fsutil.present(settings.token_path, "token file"):
         return None
+    try:
+        return fsutil.read_small(settings.token_path, "token file", 4096).decode("ascii").strip() or None
+    except LunaError as exc:
+        if exc.code == ErrorCode.NOT_FOUND.value:
+            return None  # removed just now
+        raise

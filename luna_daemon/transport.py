@@ -4,7 +4,9 @@
 clocks: ``idle_timeout`` for the first byte (a connection may sit idle between requests)
 and ``frame_timeout`` for the rest once a frame has started (a slow-loris peer cannot
 hold a thread forever). Lengths are validated by :func:`protocol.parse_prefix` *before*
-the header and body buffers are allocated.
+the header and body buffers are allocated, and a reader that passes ``admit`` sees the
+decoded header of a frame with a body before any body buffer exists (the server refuses
+bodies of unauthenticated requests there). torch is imported only to receive a big body.
 
 Speed matters here (``ping`` must stay within 2x the raw loopback round trip):
 
@@ -27,17 +29,21 @@ import struct
 import sys
 import time
 from collections.abc import Callable
-
-import torch
+from typing import Any
 
 from luna_daemon import protocol
-from luna_daemon.protocol import Frame, Limits
+from luna_daemon.protocol import Frame, Limits, Prefix
+
+# admit(prefix, header): called before a frame's body is received; raises to refuse it.
+Admit = Callable[[Prefix, dict[str, Any]], None]
 
 _BUF = 64 * 1024
 # recv_into at most this much per call: keeps deadline checks responsive and avoids
 # WSAENOBUFS on Windows for huge single receives.
 _CHUNK = 8 * 1024 * 1024
 _KERNEL_TIMEOUTS = sys.platform != "win32" and hasattr(socket, "SO_RCVTIMEO")
+# A non-blocking peek where the platform has MSG_DONTWAIT (not Windows).
+_PEEK_NOWAIT = (socket.MSG_PEEK | socket.MSG_DONTWAIT) if hasattr(socket, "MSG_DONTWAIT") else None
 
 
 def _readable(sock: socket.socket, timeout: float) -> bool:
@@ -162,9 +168,16 @@ class Channel:
                 raise ConnectionResetError(f"peer closed the connection mid-frame ({got}/{n} bytes)")
             got += k
 
-    def read_frame(self, limits: Limits, *, idle_timeout: float | None, frame_timeout: float | None) -> Frame:
+    def read_frame(self, limits: Limits, *, idle_timeout: float | None, frame_timeout: float | None,
+                   admit: Admit | None = None) -> Frame:
         """Read one complete frame. Raises PeerClosed, IdleTimeout, FrameTimeout,
-        ConnectionError, or LunaError for an invalid frame (before reading its body)."""
+        ConnectionError, or LunaError for an invalid frame (before reading its body).
+
+        ``admit(prefix, header)``, if given, is called for every frame that has a body,
+        with the decoded (not yet marker-resolved) header, before the body is received:
+        whatever it raises propagates and the rest of the frame is left unread (the
+        caller must close the connection). A small frame may already sit whole in the
+        64 KiB receive buffer by then; no body buffer has been allocated for it."""
         if self._start == self._end:
             self._start = self._end = 0
             self._recv_timeout(idle_timeout)
@@ -187,27 +200,37 @@ class Channel:
         end = start + pre.header_len
         if end + pre.body_len <= self._end and pre.body_len < _BUF // 2:
             # The usual small frame: prefix, header and body all came in the buffer.
-            header = self._buf[start:end]
+            header_bytes = self._buf[start:end]
             body = self._buf[end:end + pre.body_len]
             self._start = end + pre.body_len
-            return protocol.decode_frame(pre, header, body)
+            if admit is None or not pre.body_len:  # ping and other control ops: one decode
+                return protocol.decode_frame(pre, header_bytes, body)
+            header = protocol.decode_header(header_bytes)
+            admit(pre, header)
+            return protocol.decode_frame(pre, header_bytes, body, header)
         if deadline is None and frame_timeout is not None:
             deadline = time.monotonic() + frame_timeout
         self._start = start
         if end <= self._end:
-            header = self._buf[start:end]
+            header_bytes = self._buf[start:end]
             self._start = end
         else:
-            header = bytearray(pre.header_len)
-            self._read_exact_into(memoryview(header), deadline)
+            header_bytes = bytearray(pre.header_len)
+            self._read_exact_into(memoryview(header_bytes), deadline)
+        header = None
+        if admit is not None and pre.body_len:
+            header = protocol.decode_header(header_bytes)
+            admit(pre, header)
         if pre.body_len:
+            import torch  # only a big body needs it (a no-op once imported)
+
             # Not zero-filled (a bytearray would be): every byte is received below, and
             # the frame is dropped if any is missing.
             body: bytearray | torch.Tensor = torch.empty(pre.body_len, dtype=torch.uint8)
             self._read_exact_into(memoryview(body.numpy()), deadline)
         else:
             body = bytearray()
-        return protocol.decode_frame(pre, header, body)
+        return protocol.decode_frame(pre, header_bytes, body, header)
 
     def wait_readable(self, check: Callable[[], None], deadline: float | None, interval: float = 0.1) -> None:
         """Block until data can be read, calling ``check()`` about every ``interval``
@@ -228,9 +251,13 @@ class Channel:
         if self._end > self._start:
             return False
         try:
+            if _PEEK_NOWAIT is not None:
+                # One syscall (the client checks every pooled connection before reuse, so
+                # this is on every call's path): poll() + recv cost twice as much.
+                return self.sock.recv(1, _PEEK_NOWAIT) == b""
             if not _readable(self.sock, 0):
                 return False
-            # select said readable, so this recv cannot block.
+            # poll said readable, so this recv cannot block.
             return self.sock.recv(1, socket.MSG_PEEK) == b""
         except (BlockingIOError, InterruptedError):
             return False

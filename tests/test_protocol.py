@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings as hsettings, strategies as st
 
+from hostile_frames import encode as _hostile_bytes, hostile_frame
 from luna_daemon import protocol
 from luna_daemon.protocol import ALIGN, DTYPES, Kind, Limits, ProtocolError
 
@@ -262,3 +263,106 @@ def test_no_pickle_or_torch_load_in_package():
                 continue
             offenders.append(f"{path.relative_to(PKG)}: {line.strip()}")
     assert not offenders, offenders
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+
+def _decoded_or_typed(data: bytes):
+    """decode + parse_request, as the server runs them: only LunaError may come out, its
+    message stays short, and an answer to the frame can always be encoded."""
+    try:
+        frame = protocol.decode_bytes(data)
+    except ProtocolError as exc:
+        assert len(exc.message) < 1000, exc.message[:200]
+        protocol.error_response(None, exc.code, exc.message)
+        return None
+    try:
+        req = protocol.parse_request(frame)
+    except ProtocolError as exc:
+        assert exc.code == "bad_frame" and len(exc.message) < 1000
+        rid = protocol.echo_id(frame.header.get("id"))
+        assert rid is None or rid == frame.header.get("id")
+        protocol.decode_bytes(b"".join(bytes(b) for b in protocol.error_response(rid, exc.code, exc.message)))
+        return None
+    # A request that parsed: its id can be echoed in an answer.
+    protocol.decode_bytes(b"".join(bytes(b) for b in protocol.error_response(req.id, "unknown_op", "x")))
+    return req
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(hostile_frame())
+def test_hostile_headers_raise_only_typed_errors(frame):
+    header, body = frame
+    _decoded_or_typed(_hostile_bytes(header, body))
+
+
+@pytest.mark.parametrize("desc", [
+    {"name": "t", "dtype": ["float32"], "shape": [1], "offset": 0, "nbytes": 4},   # unhashable dtype
+    {"name": "t", "dtype": {"a": 1}, "shape": [1], "offset": 0, "nbytes": 4},
+    {"name": "t", "dtype": "float32", "shape": [2**62, 2**62, 0], "offset": 0, "nbytes": 0},  # torch.empty overflows
+    {"name": "t", "dtype": "float32", "shape": [0, 2**64 - 1], "offset": 0, "nbytes": 0},
+    {"name": "t", "dtype": "uint8", "shape": [True, 4], "offset": 0, "nbytes": 4},
+    {"name": "t", "dtype": "uint8", "shape": [4.0], "offset": 0, "nbytes": 4},
+    {"name": "t", "dtype": "uint8", "shape": [4], "offset": 0.0, "nbytes": 4},
+    {"name": ["t"], "dtype": "uint8", "shape": [4], "offset": 0, "nbytes": 4},
+])
+def test_hostile_descriptor_is_bad_frame(desc):
+    assert _code(_tensor_frame([desc], bytes(64))) == "bad_frame"
+
+
+def test_empty_tensor_with_large_dims_still_decodes():
+    # Zero-sized tensors with big (but representable) dims are legal and decode.
+    frame = protocol.decode_bytes(_tensor_frame([{"name": "t", "dtype": "float32", "shape": [0, 2**40], "offset": 0, "nbytes": 0}], b""))
+    assert frame.tensors["t"].shape == (0, 2**40)
+
+
+def test_tensor_reference_as_id_is_bad_frame_answered_with_null():
+    t = torch.arange(4, dtype=torch.float32)
+    data = protocol.encode_bytes(Kind.REQUEST, {"id": {"$tensor": "t"}, "op": "status", "args": {}}, {"t": t})
+    frame = protocol.decode_bytes(data)
+    with pytest.raises(ProtocolError) as ei:
+        protocol.parse_request(frame)
+    assert ei.value.code == "bad_frame"
+    assert protocol.echo_id(frame.header["id"]) is None
+    for bad in ([1], {"a": 1}, 1.5, True, 2**64, "x" * (protocol.MAX_ID_CHARS + 1), (1,)):
+        assert protocol.echo_id(bad) is None
+    for good in (0, -2**63, 2**64 - 1, "", "x" * protocol.MAX_ID_CHARS):
+        assert protocol.echo_id(good) == good
+
+
+def test_peer_values_in_messages_are_cut():
+    long = "x" * 100_000
+    assert len(protocol.shown(long)) < 100 and "100000 chars" in protocol.shown(long)
+    assert protocol.shown([[[1]]] * 10_000) == "<list>"
+    with pytest.raises(ProtocolError) as ei:
+        protocol.decode_bytes(_tensor_frame([{"name": "t", "dtype": long, "shape": [1], "offset": 0, "nbytes": 4}], bytes(64)))
+    assert len(ei.value.message) < 300
+    with pytest.raises(ProtocolError) as ei:
+        protocol.decode_bytes(_frame({"id": 1, "op": "x", "args": {"t": {"$tensor": long}}}))
+    assert len(ei.value.message) < 300
+    # An answer always fits: a huge message is cut, not refused with too_large.
+    answer = protocol.decode_bytes(b"".join(bytes(b) for b in protocol.error_response(1, "model_error", "y" * (2 << 20))))
+    assert len(protocol.parse_response(answer)[2][1]) <= protocol.MAX_MESSAGE_CHARS + 3
+
+
+def test_parse_response_of_hostile_error_field():
+    for err in ([1], "boom", {"code": ["x"]}, {"code": {"a": 1}, "message": 5}):
+        frame = protocol.decode_bytes(protocol.encode_bytes(Kind.RESPONSE, {"id": 1, "ok": False, "error": err}))
+        _, ok, (code, message) = protocol.parse_response(frame)
+        assert not ok and code == "internal" and message
+
+
+def test_protocol_imports_without_torch():
+    # The CLI's control calls must not pay for importing torch (issue 12).
+    import subprocess
+    import sys
+
+    code = ("import sys; from luna_daemon import protocol; "
+            "f = protocol.decode_bytes(b''.join(bytes(b) for b in protocol.request(3, 'ping', {'a': (1, [2])})[0])); "
+            "r = protocol.parse_request(f); assert r.args == {'a': (1, [2])}; "
+            "protocol.ok_response(3, {'pong': True}); "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert protocol.DTYPES['bool'] is __import__('torch').bool")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

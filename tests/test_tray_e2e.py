@@ -62,7 +62,7 @@ def tray_app(tmp_path, monkeypatch):
 # Part 1: TrayApp with a headless pystray backend
 # =============================================================================================
 def test_trayapp_colours_tell_the_truth(tray_app):
-    from luna_daemon.client import DaemonClient
+    from luna_daemon import protocol
 
     app, host, thread, result = tray_app(max_connections=1)
     icon = app.icon
@@ -83,16 +83,13 @@ def test_trayapp_colours_tell_the_truth(tray_app):
     assert app.state.clients == 0 and app.view.colour == "green"
 
     # Saturate the daemon (max_connections=1): the real ping is refused -> red with the reason.
-    holder = DaemonClient("127.0.0.1", port, token=host.daemon.token, timeout=10)
-
-    def take_the_only_slot() -> bool:
-        try:
-            holder.ping()  # its pooled connection stays open and holds the slot
-            return True
-        except Exception:  # a tray probe held the slot at that instant
-            return False
-
-    wait_until(take_the_only_slot, 10, "the only connection slot")
+    # Only an authenticated request in flight holds a slot against newcomers (idle ones are
+    # evicted): an echo whose 32 MB answer is not read keeps it in flight.
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    holder.connect(("127.0.0.1", port))
+    holder.sendall(b"".join(bytes(b) for b in protocol.request(1, "echo", {"reply_shape": [8 * 1024 * 1024]}, host.daemon.token)[0]))
+    wait_until(lambda: host.daemon.server.in_flight == 1, 10, "the echo answer to hold the only slot")
     try:
         wait_until(lambda: app.view.colour == "red", 10, "red while the daemon refuses connections")
         assert "max_connections" in app.view.title, app.view.title

@@ -278,6 +278,38 @@ def test_settings_precision_change_writes_toml_and_offers_restart(page, running,
         assert c.vae_load(str(model_dir / "vae_folder"))["dtype"] == "fp16"
 
 
+def test_scope_widening_settings_are_read_only_and_refused(page, running, tmp_path):
+    config = Path(running.settings.config_file)
+    open_dashboard(page, running, "settings")
+    for key in ("comfyui_root", "model_roots", "port", "monitor_port"):
+        expect(page.locator(f"#f-{key}")).not_to_be_editable()
+        expect(page.locator(f"#f-{key} ~ .hint")).to_contain_text("config.toml")
+    expect(page.locator("#f-engine")).to_be_disabled()
+    expect(page.locator("#f-vae_dtype")).to_be_enabled()
+    expect(page.locator("#f-keep_alive")).to_be_editable()
+    # Forcing the field open (as a script on the page could): the server still refuses,
+    # and says so next to the field; nothing is written.
+    evil = tmp_path / "evil"
+    (evil / "comfy").mkdir(parents=True)
+    (evil / "comfy" / "sd.py").write_text("raise SystemExit('imported from a web page')\n", encoding="utf-8")
+    page.evaluate("""(path) => { const e = document.getElementById("f-comfyui_root");
+        e.readOnly = false; e.value = path; e.dispatchEvent(new Event("input", { bubbles: true })); }""", str(evil))
+    page.click("#settings-save")
+    expect(page.locator("#f-comfyui_root ~ .err")).to_contain_text("cannot be changed from the dashboard", timeout=WAIT_MS)
+    expect(page.locator("#settings-msg")).to_contain_text("Not saved")
+    shot(page, "settings-read-only")
+    assert not config.exists()
+    assert running.settings.comfyui_root != str(evil)
+
+
+def test_logs_page_without_login_shows_no_log_lines(page, running):
+    page.goto(f"http://127.0.0.1:{running.monitor.port}/#page=logs")
+    expect(page.locator("#conn-label")).to_have_text("live", timeout=WAIT_MS)
+    expect(page.locator("#log-view")).to_contain_text("only to a logged-in page", timeout=WAIT_MS)
+    expect(page.locator("#log-view")).not_to_contain_text("daemon running")
+    expect(page.locator("#log-download")).to_be_disabled()
+
+
 # ----------------------------------------------------------------------------- foreign pages
 class _EvilHandler(http.server.BaseHTTPRequestHandler):
     target = 0

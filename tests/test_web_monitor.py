@@ -64,6 +64,11 @@ def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tup
         conn.close()
 
 
+def bearer(host) -> dict[str, str]:
+    """The header a script that read the token file sends to a session-only endpoint."""
+    return {"Authorization": f"Bearer {host.daemon.token}"}
+
+
 def ws_connect(port: int, **kw):
     return connect(f"ws://127.0.0.1:{port}/ws", open_timeout=WAIT, **kw)
 
@@ -150,7 +155,7 @@ def test_healthz_shows_error_and_monitor_outlives_failed_daemon(make_settings):
         # The dashboard and the logs are still served: that is when they matter most.
         status, _, body = http_get(h.monitor.port, "/api/status")
         assert status == 200 and json.loads(body)["state"] == "error"
-        status, _, body = http_get(h.monitor.port, "/api/logs?since=0")
+        status, _, body = http_get(h.monitor.port, "/api/logs?since=0", bearer(h))
         assert any("failed" in line["message"] or "in use" in line["message"] for line in json.loads(body)["lines"])
         with ws_connect(h.monitor.port) as ws:
             snap = recv_json(ws)
@@ -251,7 +256,7 @@ def test_cross_site_fetch_of_api_is_refused(host):
     assert http_get(port, "/api/status", {"Origin": "http://evil.example"})[0] == 403
     assert http_get(port, "/api/logs", {"Sec-Fetch-Site": "cross-site"})[0] == 403
     assert http_get(port, "/api/logs", {"Sec-Fetch-Site": "same-site"})[0] == 403
-    assert http_get(port, "/api/logs", {"Sec-Fetch-Site": "same-origin"})[0] == 200
+    assert http_get(port, "/api/logs", {"Sec-Fetch-Site": "same-origin", **bearer(host)})[0] == 200
 
 
 # ----------------------------------------------------------------------------- authority
@@ -331,7 +336,10 @@ def test_snapshot_on_connect_then_events_follow_a_model_load(running, dclient, m
         assert snap["type"] == "snapshot" and snap["reason"] == "connect"
         assert snap["status"]["state"] == "running" and snap["status"]["colour"] == "green"
         assert snap["models"] == []
-        assert isinstance(snap["logs"], list) and snap["logs"], "the snapshot carries the recent log"
+        assert login(ws, token=running.daemon.token)["ok"]
+        snap, _ = recv_until(ws, lambda m: m.get("type") == "snapshot")
+        assert snap["reason"] == "login"
+        assert isinstance(snap["logs"], list) and snap["logs"], "a logged-in snapshot carries the recent log"
         assert snap["settings"]["file"] == running.settings.config_file
         last = snap["seq"]
 
@@ -447,14 +455,14 @@ def test_bad_messages_get_errors_and_size_is_limited(host):
 # ----------------------------------------------------------------------------- HTTP routes
 def test_logs_api_since(host):
     logging.getLogger("luna_daemon.tests").warning("marker-%s", "7731")
-    status, _, body = http_get(host.monitor.port, "/api/logs?since=0")
+    status, _, body = http_get(host.monitor.port, "/api/logs?since=0", bearer(host))
     data = json.loads(body)
     assert status == 200
     hit = [line for line in data["lines"] if line["message"] == "marker-7731"]
     assert hit and hit[0]["level"] == "WARNING" and data["last"] >= hit[0]["seq"]
-    status, _, body = http_get(host.monitor.port, f"/api/logs?since={data['last']}")
+    status, _, body = http_get(host.monitor.port, f"/api/logs?since={data['last']}", bearer(host))
     assert json.loads(body)["lines"] == [] or all(l["seq"] > data["last"] for l in json.loads(body)["lines"])
-    status, headers, body = http_get(host.monitor.port, "/api/logfile")
+    status, headers, body = http_get(host.monitor.port, "/api/logfile", bearer(host))
     assert status == 200 and b"marker-7731" in body
     assert "attachment" in headers["content-disposition"]
 
@@ -514,7 +522,7 @@ def test_settings_save_validates_and_keeps_user_keys(make_settings, tmp_path):
     config = tmp_path / "home" / "config" / "config.toml"
     config.parent.mkdir(parents=True)
     config.write_text('# mine\nstop_timeout = "20s"\nlog_level = "DEBUG"\nvae_dtype = "fp32"  # small VAEs\n', encoding="utf-8")
-    h = Host(make_settings(), log_to_stderr=False)
+    h = Host(make_settings(clip_dtype="fp32"), log_to_stderr=False)
     h.start_monitor()
     try:
         assert h.settings.config_file == str(config)
@@ -522,35 +530,42 @@ def test_settings_save_validates_and_keeps_user_keys(make_settings, tmp_path):
             snap = recv_json(ws)
             desc = snap["settings"]
             assert desc["choices"]["device"] == settings_io.device_choices(available_devices())
-            assert desc["fields"]["vae_dtype"] == {"value": "fp32", "source": "file", "overridden": False, "restart": "daemon"}
-            assert desc["fields"]["engine"]["overridden"] is True  # set by a flag in this test
+            assert desc["fields"]["vae_dtype"] == {"value": "fp32", "source": "file", "overridden": False,
+                                                   "restart": "daemon", "locked": False, "hint": ""}
+            assert desc["fields"]["clip_dtype"]["overridden"] is True  # set by a flag in this test
             assert login(ws, token=h.daemon.token)["ok"]
 
             bad = request(ws, {"type": "save_settings", "values": {
-                "vae_dtype": "fp64", "clip_device": "cuda:7", "port": "abc", "keep_alive": "soon",
-                "model_roots": str(tmp_path / "missing"), "token": "x"}}, 1)
-            assert bad["ok"] is False
+                "vae_dtype": "fp64", "clip_device": "cuda:7", "max_model_bytes": "cpu", "keep_alive": "soon",
+                "lora_cache_bytes": "lots", "notifications": "perhaps"}}, 1)
+            assert bad["ok"] is False and bad["error"]["code"] == "invalid"
             errors = bad["result"]["errors"]
+            assert set(bad["result"]["codes"].values()) == {"invalid"}
             assert "fp16" in errors["vae_dtype"] and "fp64" in errors["vae_dtype"]
             assert "cuda:7" in errors["clip_device"] and "not a device" in errors["clip_device"]
-            assert "port" in errors["port"] and "keep_alive" not in errors["keep_alive"] and "duration" in errors["keep_alive"]
-            assert "does not exist" in errors["model_roots"]
-            assert "cannot be changed" in errors["token"]
+            assert "device=size" in errors["max_model_bytes"] and "byte size" in errors["lora_cache_bytes"]
+            assert "keep_alive" not in errors["keep_alive"] and "duration" in errors["keep_alive"]
+            assert "true or false" in errors["notifications"]
+            # A setting that is not on the page is read-only too; a made-up key is unknown.
+            bad = request(ws, {"type": "save_settings", "values": {"token": "x", "max_body_bytes": "1GiB"}}, 3)
+            assert bad["error"]["code"] == "read_only"
+            assert "unknown setting" in bad["result"]["errors"]["token"]
+            assert "cannot be changed from the dashboard" in bad["result"]["errors"]["max_body_bytes"]
             assert config.read_text(encoding="utf-8").startswith("# mine"), "nothing written on error"
 
             ok = request(ws, {"type": "save_settings", "values": {
                 "vae_dtype": "fp16", "keep_alive": "30m", "notifications": False, "max_model_bytes": "cpu=2GiB",
-                "engine": "auto", "monitor_port": "19999"}}, 2)
+                "clip_dtype": "fp16"}}, 2)
             assert ok["ok"] is True, ok
             res = ok["result"]
             assert set(res["restart"]) == {"vae_dtype", "keep_alive"}
-            assert res["app_restart"] == [] and res["overridden"] == ["engine", "monitor_port"]  # both set by flags here
+            assert res["overridden"] == ["clip_dtype"]  # set by a flag here
             snap2, _ = recv_until(ws, lambda m: m.get("type") == "snapshot")
             assert snap2["settings"]["fields"]["vae_dtype"]["value"] == "fp16"
 
         data = tomllib.loads(config.read_text(encoding="utf-8"))
         assert data["vae_dtype"] == "fp16" and data["keep_alive"] == "30m" and data["notifications"] is False
-        assert data["max_model_bytes"] == {"cpu": "2GiB"} and data["monitor_port"] == 19999
+        assert data["max_model_bytes"] == {"cpu": "2GiB"} and data["clip_dtype"] == "fp16"
         assert data["stop_timeout"] == "20s" and data["log_level"] == "DEBUG", "the user's keys are kept"
         text = config.read_text(encoding="utf-8")
         assert text.startswith('# mine\nstop_timeout = "20s"\nlog_level = "DEBUG"\n'), "comments and layout are kept"
@@ -559,10 +574,201 @@ def test_settings_save_validates_and_keeps_user_keys(make_settings, tmp_path):
         # Applied to the live settings the daemon starts from, except flag/env overrides.
         assert h.settings.vae_dtype == "fp16" and h.settings.keep_alive == 1800.0
         assert h.settings.max_model_bytes == {"cpu": 2 * 1024**3} and h.settings.notifications is False
-        assert h.settings.engine == "standalone"
+        assert h.settings.clip_dtype == "fp32", "the flag keeps winning"
         # And the file loads cleanly through the normal loader.
         from luna_daemon.settings import Settings
 
         assert Settings.load(config, env={"LUNA_HOME": str(tmp_path / "home")}).vae_dtype == "fp16"
     finally:
         h.close(5)
+
+
+# ----------------------------------------------------------------------------- hostile input (issue 11)
+def last_log_seq(host) -> int:
+    lines = host.log_tail.since(0, 5000)
+    return lines[-1]["seq"] if lines else 0
+
+
+def errors_logged(host, since: int) -> list[dict]:
+    """Log records after ``since`` that are errors or carry a traceback."""
+    return [line for line in host.log_tail.since(since, 5000)
+            if line["level"] in ("ERROR", "CRITICAL") or "Traceback" in line["text"]]
+
+
+def raw_http(port: int, path: str, headers: list[tuple[str, str]]) -> tuple[int, bytes]:
+    """One GET with exactly these header lines (duplicates and all); the status and body."""
+    head = f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+        s.sendall(head.encode("latin-1"))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def test_duplicate_or_malformed_host_and_origin_get_400(host):
+    port = host.monitor.port
+    good = f"127.0.0.1:{port}"
+    cases = {
+        "two Host": [("Host", good), ("Host", good)],
+        "two different Host": [("Host", good), ("Host", f"evil.example:{port}")],
+        "Host list": [("Host", f"{good}, evil.example")],
+        "Host with userinfo": [("Host", f"user@{good}")],
+        "empty Host": [("Host", "")],
+        "no Host": [],
+        "two Origin": [("Host", good), ("Origin", f"http://{good}"), ("Origin", f"http://{good}")],
+        "Origin not a URL": [("Host", good), ("Origin", "javascript:alert(1)")],
+        "Origin broken IPv6": [("Host", good), ("Origin", "http://[::1")],
+        "two Sec-Fetch-Site": [("Host", good), ("Sec-Fetch-Site", "same-origin"), ("Sec-Fetch-Site", "cross-site")],
+    }
+    mark = last_log_seq(host)
+    for path in ("/api/status", "/ws", "/", "/healthz"):
+        for name, headers in cases.items():
+            status, body = raw_http(port, path, headers)
+            assert status == 400, (path, name, status, body)
+            assert 0 < len(body) < 300 and b"Traceback" not in body, (path, name, body)
+    # A path that urlsplit would read as a broken IPv6 netloc is just not found.
+    assert raw_http(port, "//[", [("Host", good)])[0] == 404
+    # The good request still works, and the server logged no error or traceback.
+    assert raw_http(port, "/api/status", [("Host", good)])[0] == 200
+    assert errors_logged(host, mark) == []
+
+
+def test_unexpected_error_in_a_route_is_a_short_500_and_one_log_line(host, monkeypatch):
+    from luna_daemon.web import views
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the models view exploded")
+
+    # Fault injection into a dependency of the route (the route's error handling is
+    # what is under test): a view that fails the way a half-torn-down daemon can.
+    monkeypatch.setattr(views, "models", broken)
+    mark = last_log_seq(host)
+    status, headers, body = http_get(host.monitor.port, "/api/models")
+    assert status == 500 and headers["content-type"].startswith("text/plain")
+    assert len(body) < 200 and b"Traceback" not in body and b"exploded" not in body
+    lines = errors_logged(host, mark)
+    assert len(lines) == 1, lines
+    assert "/api/models" in lines[0]["message"] and "exploded" in lines[0]["message"]
+    assert "Traceback" not in lines[0]["text"] and "\n" not in lines[0]["text"]
+    # The server keeps answering.
+    assert http_get(host.monitor.port, "/api/status")[0] == 200
+
+
+def test_deep_or_odd_websocket_messages_get_typed_errors(host):
+    mark = last_log_seq(host)
+    with ws_connect(host.monitor.port) as ws:
+        recv_json(ws)
+        ws.send("[" * 50_000)  # under the size limit; recursion would blow up the parser
+        err, _ = recv_until(ws, lambda m: m.get("type") == "error")
+        assert err["error"]["code"] == "bad_message" and "nested" in err["error"]["message"]
+        deep: object = "x"
+        for _ in range(40):
+            deep = [deep]
+        ws.send(json.dumps({"type": "ping", "id": 1, "pad": deep}))
+        err, _ = recv_until(ws, lambda m: m.get("type") == "error")
+        assert err["error"]["code"] == "bad_message" and "nested" in err["error"]["message"]
+        for i, odd in enumerate([["stop"], {"a": 1}, None, 7], start=10):
+            reply = request(ws, {"type": odd}, i)
+            assert reply["ok"] is False and reply["error"]["code"] == "bad_message", odd
+        ws.send(json.dumps({"type": "ping", "id": 100}))
+        assert recv_until(ws, lambda m: m.get("type") == "pong" and m.get("id") == 100)[0]
+        # Far over the size limit: a clean 1009 close, not an internal error (1011).
+        ws.send("[" * 200_000)
+        with pytest.raises(ConnectionClosed) as exc:
+            for _ in range(100):
+                ws.recv(timeout=WAIT)
+        assert exc.value.rcvd is not None and exc.value.rcvd.code == 1009
+    assert MAX_MESSAGE <= 64 * 1024
+    assert errors_logged(host, mark) == []
+
+
+# ----------------------------------------------------------------------------- sessions per endpoint
+def test_log_endpoints_need_a_session_health_and_metrics_stay_open(host):
+    port = host.monitor.port
+    logging.getLogger("luna_daemon.tests").warning("private-prompt-%s", "5512")
+    for path in ("/api/logs?since=0", "/api/logfile"):
+        for creds in ({}, {"X-Luna-Session": "made-up"}, {"Authorization": "Bearer wrong"},
+                      {"Authorization": f"Basic {host.daemon.token}"}):
+            status, headers, body = http_get(port, path, creds)
+            assert status == 401, (path, creds)
+            assert b"5512" not in body and b"session" in body, body
+    for path, want in (("/healthz", 503), ("/metrics", 200), ("/api/status", 200), ("/api/models", 200), ("/", 200)):
+        assert http_get(port, path)[0] == want, path
+
+    # The page's session (from the tray's login link) and the token both unlock them.
+    with ws_connect(port) as ws:
+        recv_json(ws)
+        session = login(ws, secret=secret_of(host.dashboard_url("logs")))["session"]
+    status, _, body = http_get(port, "/api/logs?since=0", {"X-Luna-Session": session})
+    assert status == 200 and any(line["message"] == "private-prompt-5512" for line in json.loads(body)["lines"])
+    status, _, body = http_get(port, "/api/logfile", {"Authorization": f"Bearer {host.daemon.token}"})
+    assert status == 200 and b"private-prompt-5512" in body
+
+
+def test_websocket_without_a_session_gets_no_log_lines(host):
+    noisy = logging.getLogger("luna_daemon.tests")
+    noisy.warning("private-prompt-4411")
+    with ws_connect(host.monitor.port) as ws:
+        snap = recv_json(ws)
+        assert snap["type"] == "snapshot" and snap["logs"] == []
+        last = snap["seq"]
+        noisy.warning("private-prompt-4412")
+        hidden, seen = recv_until(ws, lambda m: m.get("type") == "event")
+        assert hidden["name"] == "hidden" and hidden["seq"] == last + 1, "the stream stays gap-free"
+        assert "private-prompt" not in json.dumps([hidden, *seen])
+
+        assert login(ws, token=host.daemon.token)["ok"]
+        snap, _ = recv_until(ws, lambda m: m.get("type") == "snapshot")
+        assert snap["reason"] == "login" and snap["authenticated"] is True
+        assert {"private-prompt-4411", "private-prompt-4412"} <= {line["message"] for line in snap["logs"]}
+        noisy.warning("private-prompt-4413")
+        ev, _ = recv_until(ws, lambda m: m.get("type") == "event" and m["name"] == "log")
+        assert ev["data"]["line"]["message"] == "private-prompt-4413"
+
+
+# ----------------------------------------------------------------------------- scope-widening settings
+SCOPE_KEYS = ("port", "monitor_port", "model_roots", "comfyui_root", "engine")
+
+
+def test_dashboard_cannot_widen_what_the_daemon_runs_or_reads(running, tmp_path):
+    d = running.daemon
+    port = running.monitor.port
+    config = running.settings.config_file
+    before = {k: getattr(running.settings, k) for k in (*SCOPE_KEYS, "preload", "allowed_origins")}
+    # A folder that passes for a ComfyUI root: the daemon would import its comfy/sd.py.
+    evil = tmp_path / "evil"
+    (evil / "comfy").mkdir(parents=True)
+    (evil / "comfy" / "sd.py").write_text("raise SystemExit('imported code from a web page')\n", encoding="utf-8")
+    with ws_connect(port, origin=f"http://127.0.0.1:{port}") as ws:
+        fields = recv_json(ws)["settings"]["fields"]
+        for key in SCOPE_KEYS:
+            assert fields[key]["locked"] is True, key
+            assert "config.toml" in fields[key]["hint"], key
+        for key in settings_io.EDITABLE:
+            assert fields[key]["locked"] is False, key
+        assert login(ws, secret=secret_of(running.dashboard_url("settings")))["ok"]
+
+        widen = {"comfyui_root": str(evil), "model_roots": "/", "engine": "comfy", "port": "19283",
+                 "monitor_port": "19285", "preload": "vae:/etc/passwd", "log_dir": str(tmp_path),
+                 "allowed_origins": "http://evil.example"}
+        for i, msg in enumerate([{"type": "save_settings", "values": widen},
+                                 # the token in the message does not unlock them either
+                                 {"type": "save_settings", "values": widen, "token": d.token},
+                                 # one locked key spoils the whole save
+                                 {"type": "save_settings", "values": {"vae_dtype": "fp16", "comfyui_root": str(evil)}}],
+                                start=1):
+            reply = request(ws, msg, i)
+            assert reply["ok"] is False and reply["error"]["code"] == "read_only", reply
+            errors = reply["result"]["errors"]
+            assert set(errors) == set(msg["values"]) - {"vae_dtype"}, errors
+            for key, text in errors.items():
+                assert "cannot be changed from the dashboard" in text and "config.toml" in text, (key, text)
+            assert not __import__("os").path.exists(config), "nothing written"
+        assert {k: getattr(running.settings, k) for k in before} == before
+        assert running.settings.vae_dtype != "fp16"
+        # A restart from the page starts the same daemon as before.
+        reply = request(ws, {"type": "restart"}, 9)
+        assert reply["ok"] is True and d.state == "running"
+    assert d.snapshot()["engine"] == "standalone"

@@ -5,10 +5,11 @@ What a caller can rely on:
 * A LoRA is identified by the SHA-256 of its file content -- never by its name, so two
   different files called ``style.safetensors`` never collide and a renamed copy hits.
 * ``put`` (bytes uploaded by a client that cannot share files with the daemon) and
-  ``load_path`` (a file under ``model_roots``) parse safetensors only (no pickle).
+  ``load_path`` (a regular file under ``model_roots``) parse safetensors only (no pickle).
 * The parsed weights live within ``lora_cache_bytes``. Making room evicts the least
   recently used entries; a LoRA larger than the whole budget is refused with
-  ``too_large`` **before** anything is evicted.
+  ``too_large`` **before** anything is evicted -- and, judged from the safetensors header,
+  before its tensors are read.
 * ``resolve_stack`` turns a request's ``[{lora, strength}]`` into engine
   :class:`LoraSpec` objects keyed by the target model's ``patchable_keys()``.
 
@@ -30,12 +31,14 @@ import hashlib
 import logging
 import re
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
+from luna_daemon import fsutil
 from luna_daemon.models.engines.base import LoraSpec
 from luna_daemon.protocol import ErrorCode, LunaError
 
@@ -85,16 +88,16 @@ class ParsedLora:
         return {"sha256": self.sha256, "name": self.name, "modules": len(self.modules), "bytes": self.nbytes}
 
 
-def parse_lora(state: dict[str, torch.Tensor], sha256: str, name: str = "") -> ParsedLora:
-    """Extract the text-encoder low-rank pairs from a LoRA state dict."""
-    modules: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, float | None]] = {}
-    for key in state:
+def _te_pairs(keys: Any) -> Iterator[tuple[str, str, str, str, str]]:
+    """The text-encoder low-rank pairs among a LoRA's tensor names:
+    ``(up key, down key, alpha key, encoder tag, canonical module)``. UNet keys are skipped."""
+    keys = dict.fromkeys(keys)  # ordered: with duplicates of one module, the last one wins, as before
+    for key in keys:
         for up_sfx, down_sfx in _PAIRS:
             if not key.endswith(up_sfx):
                 continue
             base = key[: -len(up_sfx)]
-            down = state.get(base + down_sfx)
-            if down is None:
+            if base + down_sfx not in keys:
                 continue
             tag, mod = _exact_target(base)
             for pfx, t in (_KOHYA_PREFIX if tag is None else {}).items():
@@ -110,26 +113,57 @@ def parse_lora(state: dict[str, torch.Tensor], sha256: str, name: str = "") -> P
                         break
             if tag is None:
                 continue  # a UNet key (lora_unet_*, unet.*): not ours
-            alpha_t = state.get(base + ".alpha")
-            alpha = float(alpha_t.item()) if isinstance(alpha_t, torch.Tensor) and alpha_t.numel() == 1 else None
-            up, down = state[key], down
-            if up.ndim < 2 or down.ndim < 2 or up.shape[1] != down.shape[0]:
-                raise LunaError(ErrorCode.BAD_ARGS, f"LoRA {name or sha256[:12]}: {base} has mismatched up/down shapes {tuple(up.shape)} / {tuple(down.shape)}")
-            modules[(tag, mod)] = (up.contiguous(), down.contiguous(), alpha)
+            yield key, base + down_sfx, base + ".alpha", tag, mod
             break
+
+
+def _no_te_weights(label: str) -> LunaError:
+    return LunaError(ErrorCode.BAD_ARGS, f"LoRA {label} has no text-encoder weights in a known format (kohya lora_te*, diffusers/PEFT text_encoder*)")
+
+
+def parse_lora(state: dict[str, torch.Tensor], sha256: str, name: str = "") -> ParsedLora:
+    """Extract the text-encoder low-rank pairs from a LoRA state dict."""
+    modules: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, float | None]] = {}
+    for up_key, down_key, alpha_key, tag, mod in _te_pairs(state):
+        alpha_t = state.get(alpha_key)
+        alpha = float(alpha_t.item()) if isinstance(alpha_t, torch.Tensor) and alpha_t.numel() == 1 else None
+        up, down = state[up_key], state[down_key]
+        if up.ndim < 2 or down.ndim < 2 or up.shape[1] != down.shape[0]:
+            base = alpha_key.removesuffix(".alpha")
+            raise LunaError(ErrorCode.BAD_ARGS, f"LoRA {name or sha256[:12]}: {base} has mismatched up/down shapes {tuple(up.shape)} / {tuple(down.shape)}")
+        modules[(tag, mod)] = (up.contiguous(), down.contiguous(), alpha)
     if not modules:
-        raise LunaError(ErrorCode.BAD_ARGS, f"LoRA {name or sha256[:12]} has no text-encoder weights in a known format (kohya lora_te*, diffusers/PEFT text_encoder*)")
+        raise _no_te_weights(name or sha256[:12])
     nbytes = sum(u.numel() * u.element_size() + d.numel() * d.element_size() for u, d, _ in modules.values())
     return ParsedLora(sha256, name, modules, nbytes)
 
 
-def _load_safetensors_bytes(data: bytes | bytearray, what: str) -> dict[str, torch.Tensor]:
+def _te_tensor_names(header: fsutil.SafetensorsHeader, label: str) -> tuple[list[str], int]:
+    """The tensors :func:`parse_lora` keeps (up, down, alpha) and the bytes of its up/down
+    weights -- what the LoRA will cost in the cache -- read from the header alone."""
+    names, nbytes = [], 0
+    for up_key, down_key, alpha_key, _tag, _mod in _te_pairs(header.tensors):
+        names += [up_key, down_key] + ([alpha_key] if alpha_key in header.tensors else [])
+        nbytes += header.nbytes((up_key, down_key))
+    if not names:
+        raise _no_te_weights(label)
+    return names, nbytes
+
+
+def _load_safetensors_bytes(data: bytes | bytearray | memoryview, what: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
     try:
         return load(bytes(data))
     except Exception as exc:  # SafetensorError (not exported under a stable name), ValueError...
         raise LunaError(ErrorCode.BAD_ARGS, f"{what} is not a valid .safetensors file: {exc}") from None
+
+
+def _header(read: Any, label: str) -> fsutil.SafetensorsHeader:
+    try:
+        return read()
+    except ValueError as exc:
+        raise LunaError(ErrorCode.BAD_ARGS, f"{label} is not a valid .safetensors file: {exc}") from None
 
 
 def map_to_model(lora: ParsedLora, patchable_keys: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
@@ -207,18 +241,51 @@ class LoraCache:
             if digest in self._entries:
                 self._entries.move_to_end(digest)
                 return {**self._entries[digest].describe(), "cached": True}
-        parsed = parse_lora(_load_safetensors_bytes(data, name or "uploaded LoRA"), digest, name)
+        label = name or "uploaded LoRA"
+        # The header says what the LoRA will cost: refuse before deserialising anything.
+        header = _header(lambda: fsutil.safetensors_header_of(data), label)
+        self._check_budget(_te_tensor_names(header, label)[1], label)
+        parsed = parse_lora(_load_safetensors_bytes(data, label), digest, name)
         return self._insert(parsed)
 
     def load_path(self, path: Path) -> dict[str, Any]:
-        data = path.read_bytes()
-        return self.put(data, name=path.name)
+        """Cache the LoRA file at ``path`` (already resolved under the model roots).
+
+        It must be a regular file (a FIFO, socket, device or folder is ``bad_args``, checked
+        without blocking). Only its header is read before the LoRA is checked against
+        ``lora_cache_bytes`` (``too_large``); then the file is hashed in chunks and only its
+        text-encoder tensors are read."""
+        from safetensors import safe_open
+
+        label = path.name
+        with fsutil.open_regular(path, "LoRA") as fh:
+            header = _header(lambda: fsutil.safetensors_header(fh.read_at, fh.size), label)
+            names, need = _te_tensor_names(header, label)
+            self._check_budget(need, label)
+            digest = hashlib.sha256()
+            for chunk in fh.chunks():
+                digest.update(chunk)
+            sha = digest.hexdigest()
+            with self._lock:
+                if sha in self._entries:
+                    self._entries.move_to_end(sha)
+                    return {**self._entries[sha].describe(), "cached": True}
+            try:
+                with safe_open(fh.os_path, framework="pt", device="cpu") as f:
+                    # Copies: the file may be rewritten while the LoRA stays cached.
+                    state = {k: f.get_tensor(k).clone() for k in names}
+            except Exception as exc:  # noqa: BLE001 - SafetensorError has no stable import name
+                raise LunaError(ErrorCode.BAD_ARGS, f"{label} is not a valid .safetensors file: {exc}") from None
+        return self._insert(parse_lora(state, sha, label))
+
+    def _check_budget(self, nbytes: int, label: str) -> None:
+        if nbytes > self.budget:
+            # Refuse before touching the cache: an oversized LoRA must not flush it.
+            raise LunaError(ErrorCode.TOO_LARGE, f"LoRA {label} needs {nbytes / 1e6:.1f} MB, more than the whole "
+                            f"LoRA cache (lora_cache_bytes = {self.budget / 1e6:.1f} MB); raise lora_cache_bytes")
 
     def _insert(self, parsed: ParsedLora) -> dict[str, Any]:
-        if parsed.nbytes > self.budget:
-            # Refuse before touching the cache: an oversized LoRA must not flush it.
-            raise LunaError(ErrorCode.TOO_LARGE, f"LoRA {parsed.name or parsed.sha256[:12]} needs {parsed.nbytes / 1e6:.1f} MB, more than the whole "
-                            f"LoRA cache (lora_cache_bytes = {self.budget / 1e6:.1f} MB); raise lora_cache_bytes")
+        self._check_budget(parsed.nbytes, parsed.name or parsed.sha256[:12])
         evicted = []
         with self._lock:
             used = sum(e.nbytes for e in self._entries.values())

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from luna_daemon import fsutil
 from luna_daemon.events import EventBus
 from luna_daemon.models.engines.base import Engine, LoadedModel, load_progress
 from luna_daemon.protocol import ErrorCode, LunaError
@@ -91,39 +93,64 @@ def device_memory(device: str) -> dict[str, int | None]:
 def resolve_model_path(path: Any, roots: Sequence[Path]) -> Path:
     """Resolve ``path`` (absolute, or relative to a root) and require it under a root.
 
-    Symlinks are resolved first, so a link inside a root that points outside is refused.
-    """
+    Symlinks are resolved first, so a link inside a root that points outside is
+    ``forbidden_path``. A relative path is tried against every root; the first root where
+    it exists wins. Nothing is opened: what kind of file it is, the engine's reads check
+    (see :mod:`luna_daemon.fsutil`). Every failure is typed (``bad_args`` for an unusable
+    path, ``not_found``, ``forbidden_path``)."""
     if not isinstance(path, str) or not path or "\x00" in path:
         raise LunaError(ErrorCode.BAD_ARGS, "path must be a non-empty string")
     if not roots:
         raise LunaError(ErrorCode.FORBIDDEN_PATH, "no model_roots are configured; add the folder to model_roots in the config file")
-    candidates = [Path(path).expanduser()] if os.path.isabs(path) else [r / path for r in roots]
+    expanded = os.path.expanduser(path)  # (os.path's never raises; an unknown ~user stays as is)
+    candidates = [Path(expanded)] if os.path.isabs(expanded) else [r / path for r in roots]
+    first_error: LunaError | None = None
     for cand in candidates:
-        real = cand.resolve()
-        if not any(real == r or r in real.parents for r in roots):
+        real = fsutil.real_path(cand, "model")
+        if not fsutil.within(real, roots):
             continue
-        if not real.exists():
-            raise LunaError(ErrorCode.NOT_FOUND, f"model file not found: {real}")
+        try:
+            os.stat(real)
+        except (OSError, ValueError) as exc:
+            # Missing here may exist under the next root; remember why this one failed.
+            first_error = first_error or fsutil.file_error(exc, real, "model file")
+            continue
         return real
-    raise LunaError(ErrorCode.FORBIDDEN_PATH, f"{path} is outside the configured model_roots ({', '.join(map(str, roots))})")
+    if first_error is not None:
+        raise first_error
+    raise LunaError(ErrorCode.FORBIDDEN_PATH, f"{fsutil.short(path)} is outside the configured model_roots ({', '.join(map(str, roots))})")
 
 
 def _fingerprint(paths: Sequence[Path]) -> list[tuple[str, int, int]]:
     out = []
     for p in paths:
-        st = p.stat()
+        try:
+            st = os.stat(p)
+        except (OSError, ValueError) as exc:
+            raise fsutil.file_error(exc, p, "model file") from None
         out.append((str(p), st.st_size, st.st_mtime_ns))
     return out
 
 
 def _disk_bytes(paths: Sequence[Path]) -> int:
+    """Estimated bytes a load reads: the file, or a folder's ``*.safetensors`` (links to
+    files followed, links to folders not: the estimate must not loop)."""
     total = 0
     for p in paths:
-        if p.is_dir():
-            total += sum(f.stat().st_size for f in p.rglob("*.safetensors"))
-        else:
-            total += p.stat().st_size
+        if not os.path.isdir(p):
+            total += _regular_size(p)
+            continue
+        for top, _dirs, files in os.walk(p, followlinks=False):
+            total += sum(_regular_size(os.path.join(top, f)) for f in files if f.endswith(".safetensors"))
     return total
+
+
+def _regular_size(path: Any) -> int:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return 0  # an estimate; the engine's checked read reports what is wrong with it
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
 class _LoadProgress:
@@ -163,17 +190,28 @@ class ModelExecutor:
     def __init__(self, name: str, queue_size: int):
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name=f"luna-exec-{name}", daemon=True)
-        self._thread.start()
         self.running = 0
         self.completed = 0  # calls that ran (ok or failed)
         self.cancelled = 0  # calls skipped because their client went away
+        # _end_lock orders submit / stop / thread end: nothing is queued once a stop began
+        # (behind _STOP it would wait forever), and on_late_exit runs exactly once.
+        self._end_lock = threading.Lock()
+        self._closing = False       # no new calls
+        self._stop_queued = False   # _STOP is in the queue
+        self._abandoned = False     # shutdown() gave up waiting; queued calls fail
+        self._ended = False
+        self._on_late_exit: Callable[[], None] | None = None
+        self._thread.start()
 
     def submit(self, fn: Callable[[], Any]) -> cf.Future:
         fut: cf.Future = cf.Future()
-        try:
-            self._q.put_nowait((fut, fn))
-        except queue.Full:
-            raise LunaError(ErrorCode.BUSY, f"model queue is full ({self._q.maxsize} waiting); retry later") from None
+        with self._end_lock:
+            if self._closing:
+                raise LunaError(ErrorCode.NOT_FOUND, "the model is being unloaded; load it again")
+            try:
+                self._q.put_nowait((fut, fn))
+            except queue.Full:
+                raise LunaError(ErrorCode.BUSY, f"model queue is full ({self._q.maxsize} waiting); retry later") from None
         return fut
 
     @property
@@ -181,37 +219,105 @@ class ModelExecutor:
         return self._q.qsize() + self.running
 
     def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is self._STOP:
-                return
-            fut, fn = item
-            if not fut.set_running_or_notify_cancel():
-                self.cancelled += 1  # cancelled while queued: the client went away
-                continue
-            self.running = 1
-            try:
-                with torch.inference_mode():
-                    result = fn()
-            except BaseException as exc:  # delivered to the waiting request
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
-            finally:
-                self.running = 0
-                self.completed += 1
-                del item, fut, fn  # drop references to tensors before waiting again
-
-    def shutdown(self, timeout: float | None = None) -> bool:
-        """Finish queued work, stop the thread. Returns False if it did not end in time."""
-        # put() may block if the queue is full of pending work; that work is what we
-        # are waiting for anyway, so a blocking put with the same deadline is right.
         try:
-            self._q.put(self._STOP, timeout=timeout)
+            while True:
+                item = self._q.get()
+                if item is self._STOP:
+                    return
+                if self._abandoned:
+                    _fail_unrun(item)
+                    return
+                fut, fn = item
+                if not fut.set_running_or_notify_cancel():
+                    self.cancelled += 1  # cancelled while queued: the client went away
+                    continue
+                self.running = 1
+                try:
+                    with torch.inference_mode():
+                        result = fn()
+                except BaseException as exc:  # delivered to the waiting request
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(result)
+                finally:
+                    self.running = 0
+                    self.completed += 1
+                    del item, fut, fn  # drop references to tensors before waiting again
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        """The thread is ending: fail what is still queued, run the late exit hook."""
+        with self._end_lock:
+            self._ended = True
+            late, self._on_late_exit = self._on_late_exit, None
+        while True:
+            try:
+                _fail_unrun(self._q.get_nowait())
+            except queue.Empty:
+                break
+        if late is not None:
+            try:
+                late()
+            except Exception:
+                log.exception("releasing an abandoned model failed")
+
+    def request_stop(self) -> None:
+        """Begin a shutdown without waiting: no new calls, the thread ends after the queued
+        ones. Lets many executors wind down in parallel before each is joined."""
+        with self._end_lock:
+            self._closing = True
+            if self._stop_queued:
+                return
+            try:
+                self._q.put_nowait(self._STOP)
+                self._stop_queued = True
+            except queue.Full:
+                pass  # shutdown() queues it under its deadline as room appears
+
+    def shutdown(self, timeout: float | None = None, on_late_exit: Callable[[], None] | None = None) -> bool:
+        """Finish queued work and end the thread, all within ``timeout`` seconds (one deadline).
+
+        True if the thread ended. False if a call was still running at the deadline: the
+        thread is then *abandoned* -- a call inside C code cannot be interrupted, and as a
+        daemon thread it does not hold up interpreter exit. Calls still queued fail with
+        ``not_found`` instead of running, ``on_late_exit`` runs on that thread once the
+        stuck call returns, and nothing waits for it any more."""
+        end = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if end is None else max(0.0, end - time.monotonic())
+
+        with self._end_lock:
+            self._closing = True
+            queued, self._stop_queued = self._stop_queued, True
+        if not queued:
+            # put() blocks while the queue is full of pending work; that work is what
+            # we wait for anyway, so a blocking put under the same deadline is right.
+            try:
+                self._q.put(self._STOP, timeout=left())
+            except queue.Full:
+                pass  # still full at the deadline: abandoned below
+        self._thread.join(left())
+        with self._end_lock:
+            if self._ended:
+                return True
+            self._abandoned = True
+            self._on_late_exit = on_late_exit
+        try:
+            self._q.put_nowait(self._STOP)  # wakes the thread should it be idle by now
         except queue.Full:
-            return False
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+            pass  # busy: it checks ``_abandoned`` after the running call
+        return False
+
+
+def _fail_unrun(item: Any) -> None:
+    """A queued call that will never run: its waiting request gets a typed error."""
+    if item is ModelExecutor._STOP:
+        return
+    fut = item[0]
+    if fut.set_running_or_notify_cancel():
+        fut.set_exception(LunaError(ErrorCode.NOT_FOUND, "the model was unloaded before this call ran; load it again"))
 
 
 # --------------------------------------------------------------------------- entries
@@ -276,20 +382,33 @@ class Registry:
         self._entries: dict[str, ModelEntry] = {}
         self._loading: dict[str, threading.Event] = {}
         self._roots = settings.resolved_model_roots()
+        self._internal_roots: list[Path] = []
         self._reaper_stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="luna-reaper", daemon=True)
         self._reaper.start()
 
     # ------------------------------------------------------------ lookup
-    def add_root(self, folder: Path) -> None:
-        """Accept models under ``folder`` too (e.g. the daemon's own upload store)."""
+    def add_internal_root(self, folder: Path) -> None:
+        """Accept models under ``folder`` for the daemon's own loads (``internal=True``,
+        e.g. its upload store) -- never for a path a client names."""
         folder = folder.resolve()
         with self._lock:
-            if folder not in self._roots:
-                self._roots.append(folder)
+            if folder not in self._internal_roots:
+                self._internal_roots.append(folder)
 
-    def resolve_path(self, path: Any) -> Path:
-        return resolve_model_path(path, self._roots)
+    def roots(self, internal: bool = False) -> list[Path]:
+        """The model roots; with ``internal``, plus the daemon's own folders."""
+        with self._lock:
+            return list(self._roots) + (list(self._internal_roots) if internal else [])
+
+    def resolve_path(self, path: Any, *, internal: bool = False) -> Path:
+        """A client's path -> its real path under the model roots (see :func:`resolve_model_path`)."""
+        return resolve_model_path(path, self.roots(internal))
+
+    def confine(self, internal: bool = False):
+        """Context manager: file reads in this thread must stay inside the roots
+        (:func:`luna_daemon.fsutil.confined_to`)."""
+        return fsutil.confined_to(self.roots(internal))
 
     def get(self, model_id: Any) -> ModelEntry:
         with self._lock:
@@ -321,13 +440,23 @@ class Registry:
         dtype: str | None = None,
         clip_type: str | None = None,
         keep_alive: Any = None,
+        internal: bool = False,
     ) -> ModelEntry:
-        """Load (or reuse) a model. Blocks until it is loaded; raises LunaError."""
+        """Load (or reuse) a model. Blocks until it is loaded; raises LunaError.
+
+        ``paths`` must lie under the model roots (``internal``: or the daemon's own folders,
+        for uploads). Every file the engine reads -- weights, configs, sidecars, tokenizer
+        files -- must be a regular file that resolves inside those roots
+        (:mod:`luna_daemon.fsutil`); a FIFO, device or link out of the roots is refused
+        before anything opens it."""
         from luna_daemon.settings import parse_duration
 
         if not paths:
             raise LunaError(ErrorCode.BAD_ARGS, "at least one model path is required")
-        real = [self.resolve_path(p) for p in paths]
+        real = [self.resolve_path(p, internal=internal) for p in paths]
+        for p in real:
+            if not os.path.isdir(p):
+                fsutil.stat_regular(p, "model file")  # fail fast; the engine's reads check again
         default_dev = self.settings.vae_device if kind == "vae" else self.settings.clip_device
         default_dt = self.settings.vae_dtype if kind == "vae" else self.settings.clip_dtype
         dev = resolve_device(device or default_dev)
@@ -362,7 +491,7 @@ class Registry:
             progress.emit(0.0)
             t0 = time.perf_counter()
             try:
-                with load_progress(progress.update):
+                with load_progress(progress.update), self.confine(internal):
                     if kind == "vae":
                         model = self.engine.load_vae([str(p) for p in real], dev, dt)
                     elif kind == "clip":
@@ -443,43 +572,88 @@ class Registry:
             pass
 
     def unload(self, model_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Unload a model: no new calls are accepted, queued/in-flight ones finish first.
+        """Unload a model: no new calls are accepted, queued/in-flight ones finish first,
+        within ``timeout`` seconds (default ``stop_timeout``).
 
-        Returns what was unloaded. Memory is released (gc + empty device caches).
+        Returns ``{id, kind, paths, bytes, freed}``. ``freed`` is True once the memory is
+        released (gc + empty device caches). False if a call was still running at the
+        deadline: the model is gone from the registry at once, but a call inside C code
+        cannot be interrupted, so its executor thread is abandoned and the memory is
+        released when that call returns (or when the process ends); a warning says so.
         """
         with self._lock:
             entry = self._entries.get(model_id)
             if entry is None or entry.unloading:
                 raise LunaError(ErrorCode.NOT_FOUND, f"model {model_id!r} is not loaded")
             entry.unloading = True
-        timeout = self.settings.stop_timeout if timeout is None else timeout
-        finished = entry.executor.shutdown(timeout)
-        if not finished:
-            log.warning("model %s still busy after %.0fs; unloading anyway", model_id, timeout)
-        with self._lock:
-            self._entries.pop(model_id, None)
-        model, entry.model = entry.model, None
-        if model is not None:
-            model.release()
-        del model
-        release_memory()
-        self.events.emit("model_unloaded", model=model_id, kind=entry.kind, paths=entry.paths, bytes=entry.nbytes)
-        log.info("unloaded %s (%s)", model_id, Path(entry.paths[0]).name)
-        return {"id": model_id, "kind": entry.kind, "paths": entry.paths, "bytes": entry.nbytes}
+        result = self._finish_unload(entry, self.settings.stop_timeout if timeout is None else timeout)
+        if result["freed"]:
+            release_memory()
+        return result
 
-    def unload_all(self, timeout: float | None = None) -> list[dict[str, Any]]:
-        out = []
-        for e in self.entries():
-            try:
-                out.append(self.unload(e.id, timeout))
-            except LunaError:
-                pass  # unloaded concurrently
+    def _finish_unload(self, entry: ModelEntry, timeout: float) -> dict[str, Any]:
+        """Shut the entry's executor down (``timeout``), drop the entry, release its model
+        unless a call is stuck in it. The caller runs release_memory()."""
+        name = Path(entry.paths[0]).name
+
+        def release_late() -> None:  # on the abandoned executor thread, once its call returned
+            self._release(entry)
+            release_memory()
+            log.info("model %s (%s): its stuck call returned; memory released", entry.id, name)
+
+        freed = entry.executor.shutdown(timeout, on_late_exit=release_late)
+        with self._lock:
+            self._entries.pop(entry.id, None)
+        if freed:
+            self._release(entry)
+            log.info("unloaded %s (%s)", entry.id, name)
+        else:
+            msg = (f"model {name} ({entry.id}) was still running a call {timeout:.1f}s into its unload; it is unloaded "
+                   "but its memory is NOT freed until that call returns (a call inside C code cannot be interrupted)")
+            log.warning(msg)
+            self.events.emit("warning", message=msg, model=entry.id)
+        self.events.emit("model_unloaded", model=entry.id, kind=entry.kind, paths=entry.paths, bytes=entry.nbytes)
+        return {"id": entry.id, "kind": entry.kind, "paths": entry.paths, "bytes": entry.nbytes, "freed": freed}
+
+    @staticmethod
+    def _release(entry: ModelEntry) -> None:
+        model, entry.model = entry.model, None
+        if model is None:
+            return
+        try:
+            model.release()
+        except Exception:  # an unload (or a stop) must go on: the memory is freed with the objects
+            log.exception("releasing %s failed", entry.id)
+
+    def unload_all(self, timeout: float | None = None, *, release: bool = True) -> list[dict[str, Any]]:
+        """Unload every model within one ``timeout`` (default ``stop_timeout``) for all of
+        them: every executor is told to stop first, so idle ones end in parallel while busy
+        ones finish their queue. Returns one :meth:`unload` result per model. ``release``
+        False leaves release_memory() (a full gc: ~1 s with torch loaded) to the caller."""
+        timeout = self.settings.stop_timeout if timeout is None else timeout
+        end = time.monotonic() + timeout
+        with self._lock:
+            victims = [e for e in self._entries.values() if not e.unloading]
+            for e in victims:
+                e.unloading = True
+        for e in victims:
+            e.executor.request_stop()
+        out = [self._finish_unload(e, max(0.0, end - time.monotonic())) for e in victims]
+        if release and any(r["freed"] for r in out):
+            release_memory()
         return out
 
-    def close(self, timeout: float | None = None) -> None:
+    def close(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Stop the keep_alive reaper and unload every model, within one ``timeout``.
+        Returns :meth:`unload_all`'s results (``freed: False``: a call was stuck, see unload).
+        The caller runs release_memory() once it has dropped everything else it holds."""
+        timeout = self.settings.stop_timeout if timeout is None else timeout
+        end = time.monotonic() + timeout
         self._reaper_stop.set()
-        self.unload_all(timeout)
-        self._reaper.join(5)
+        out = self.unload_all(timeout, release=False)
+        # The reaper wakes at once; it is a daemon thread, so a missed join costs nothing.
+        self._reaper.join(max(0.0, end - time.monotonic()))
+        return out
 
     # ------------------------------------------------------------ budgets / expiry
     def _budget(self, device: str) -> int | None:

@@ -11,6 +11,7 @@ import json
 import logging
 from typing import Any
 
+from luna_daemon import fsutil
 from luna_daemon.protocol import LunaError
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,22 @@ def save_loaded(daemon) -> None:
 
 def restore_previous(daemon) -> None:
     path = daemon.settings.state_file
+    if not fsutil.present(path):
+        return
     try:
-        specs = json.loads(path.read_text(encoding="utf-8")).get("models", [])
-    except FileNotFoundError:
+        # A small regular file (never a FIFO that would hang the start), holding an object.
+        specs = json.loads(fsutil.read_small(path, "warm-start list").decode("utf-8")).get("models", [])
+    except (LunaError, ValueError, AttributeError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, getattr(exc, "message", exc))
         return
-    except ValueError as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
+    if not isinstance(specs, list):
+        log.warning("ignoring %s: 'models' is not a list", path)
         return
-    _load_all(daemon, [s for s in specs if isinstance(s, dict) and "kind" in s and "paths" in s])
+    _load_all(daemon, [s for s in specs if _well_formed(s)])
+
+
+def _well_formed(spec: Any) -> bool:
+    """A warm-start entry as :func:`save_loaded` writes it (the file may have been edited)."""
+    return (isinstance(spec, dict) and isinstance(spec.get("kind"), str)
+            and isinstance(spec.get("paths"), list) and bool(spec["paths"]) and all(isinstance(p, str) for p in spec["paths"])
+            and all(spec.get(k) is None or isinstance(spec[k], str) for k in ("clip_type", "device", "dtype")))

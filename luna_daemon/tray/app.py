@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from luna_daemon.host import AlreadyRunning, Host, install_signal_handlers
-from luna_daemon.instance import ALREADY_RUNNING
 from luna_daemon.settings import Settings, SettingsError
 from luna_daemon.tray import autostart
 from luna_daemon.tray.icons import disc
@@ -50,6 +49,7 @@ from luna_daemon.tray.notify import Notifier
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_UNCLEAN = 4  # headless stop cut work off (as luna-daemon serve, cli.EXIT_UNCLEAN)
 ICON_SIZE = 64
 _WM_RBUTTONUP = 0x0205  # win32: the right-button release that opens pystray's menu
 
@@ -69,10 +69,10 @@ def main(config: str | None = None) -> int:
     host = Host(settings, log_to_stderr=_stderr_is_terminal())
     try:
         host.acquire()
-    except AlreadyRunning:
+    except AlreadyRunning as exc:
         # The one message that must reach a person at a terminal (Host already logged it).
         if sys.stdout is not None:
-            sys.stdout.write(ALREADY_RUNNING + "\n")
+            sys.stdout.write(f"{exc}\n")
             sys.stdout.flush()
         return EXIT_FAIL
     try:
@@ -96,7 +96,7 @@ def main(config: str | None = None) -> int:
         code = app.run()
         if code is None:  # the tray failed to come up: keep serving without it
             return run_headless(host)
-        return code
+        return host.end_process(code)
     finally:
         host.close(settings.stop_timeout)
 
@@ -133,7 +133,7 @@ def run_headless(host: Host) -> int:
     from luna_daemon.daemon import DaemonStartError
 
     try:
-        return EXIT_OK if host.serve() else EXIT_FAIL
+        return host.end_process(EXIT_OK if host.serve() else EXIT_UNCLEAN)
     except DaemonStartError as exc:
         log.error("Luna Daemon failed to start: %s", exc)
         return EXIT_FAIL

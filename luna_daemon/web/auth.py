@@ -14,13 +14,16 @@ Three independent checks, all pure (no sockets), all thread-safe:
   tray mints a one-time, short-lived *login secret* (:meth:`Gate.mint_login`) and puts it
   in the URL fragment (never sent to any server, never in a Referer). The page redeems it
   over the origin-checked WebSocket for a *session* id (:meth:`Gate.redeem_login`), kept
-  in the tab's ``sessionStorage`` so a reload stays logged in.
+  in the tab's ``sessionStorage`` so a reload stays logged in. Plain HTTP endpoints that
+  need a session (the logs) take it in the ``X-Luna-Session`` header, or the token as
+  ``Authorization: Bearer <token>`` (:meth:`Gate.http_authorized`).
 """
 
 from __future__ import annotations
 
 import collections
 import hmac
+import re
 import secrets
 import threading
 import time
@@ -34,6 +37,25 @@ MAX_SESSIONS = 64
 
 _LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 _WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+SESSION_HEADER = "X-Luna-Session"
+
+# What a Host header (RFC 9110: host [":" port]) and a serialised Origin (RFC 6454:
+# scheme "://" host [":" port], or "null") look like. Anything else -- a list, userinfo,
+# spaces, a broken IPv6 literal -- is a malformed request (400), not merely a foreign one.
+_HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::[0-9]{1,5})?"
+_HOST_RE = re.compile(_HOST)
+_ORIGIN_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://" + _HOST + "/?")
+
+
+def well_formed_host(value: str) -> bool:
+    """True when ``value`` has the shape of a Host header (not whether it is ours)."""
+    return _HOST_RE.fullmatch(value.strip()) is not None
+
+
+def well_formed_origin(value: str) -> bool:
+    """True when ``value`` has the shape of an Origin header (``null`` included)."""
+    v = value.strip()
+    return v == "null" or _ORIGIN_RE.fullmatch(v) is not None
 
 
 def _norm_origin(origin: str) -> str:
@@ -130,6 +152,16 @@ class Gate:
             self._sessions[match] = now + self.session_ttl
             self._sessions.move_to_end(match)
             return True
+
+    def http_authorized(self, session: str | None, authorization: str | None, token: str) -> bool:
+        """True when a plain HTTP request carries a live session (``X-Luna-Session``) or
+        the per-install token (``Authorization: Bearer <token>``)."""
+        if session is not None and self.check_session(session.strip()):
+            return True
+        if authorization:
+            scheme, _, credential = authorization.strip().partition(" ")
+            return scheme.lower() == "bearer" and token_matches(credential.strip(), token)
+        return False
 
     def revoke_all(self) -> None:
         with self._lock:

@@ -2,9 +2,16 @@
 
 What a caller can rely on:
 
-* :func:`describe` gives the page every editable field with its effective value (as text
-  the user can edit), where that value came from (default/file/env/flag), and the choices
+* :func:`describe` gives the page every field it shows with its effective value (as text
+  the user can edit), where that value came from (default/file/env/flag), whether it is
+  ``locked`` (scope-widening, with a ``hint`` saying where to change it), and the choices
   to offer -- devices are only the ones that exist here (plus ``auto``).
+* Only the keys in :data:`EDITABLE` can be saved. Every other key -- in particular every
+  key in :data:`SCOPE_WIDENING`, which changes what code the daemon imports, which files it
+  reads or writes, or where it listens -- is refused (code ``read_only``) whatever the
+  caller's session or token: those are changed in ``config.toml``, by ``LUNA_*``
+  variables or flags, never by a web page (docs/monitor.md, "Settings a web page cannot
+  change").
 * :func:`save` writes only after every changed value passed ``Settings``' own validation
   (each field alone, for a message next to that field, then the whole new file through
   ``Settings.load``) plus the checks only this page can make (the device exists, the
@@ -14,8 +21,7 @@ What a caller can rely on:
   ``config.toml.bak`` first). On any error nothing is written.
 * Saved values are applied to the live Settings object (the one the daemon reads on its
   next start), except keys overridden by an environment variable or command-line flag,
-  which keep winning. The result says which keys need a daemon restart and which a
-  restart of the whole app.
+  which keep winning. The result says which keys need a daemon restart.
 """
 
 from __future__ import annotations
@@ -35,20 +41,37 @@ from luna_daemon.settings import FOREVER, Settings, SettingsError, split_size_pa
 
 log = logging.getLogger(__name__)
 
+# What the dashboard may save: devices, precision, memory and residency, notifications.
+# An allow-list, so a setting added later is read-only here until someone decides.
 EDITABLE = (
     "vae_device", "vae_dtype", "clip_device", "clip_dtype",
-    "keep_alive", "max_model_bytes", "lora_cache_bytes",
-    "port", "monitor_port", "model_roots", "comfyui_root", "engine", "notifications",
+    "keep_alive", "max_model_bytes", "lora_cache_bytes", "notifications",
 )
-# Read by the daemon when it starts (components, registry roots, default load options):
-# a running daemon keeps the old value until stop + start.
+# Settings that widen what the daemon executes, reads, writes or where it listens. A web
+# session must never change them (a page could be scripted by whoever got a session, and
+# a logged-in tab is not the user confirming "import this folder's Python"):
+#   engine, comfyui_root       -- which code is imported (comfyui_root's comfy/sd.py runs)
+#   model_roots, preload       -- which files the daemon may read
+#   config_dir, log_dir, state_dir -- where it writes (and what it reads back)
+#   host, port, monitor_port, lock_port, allowed_origins -- who can reach it; a moved port
+#       lets another program take the old one and receive ComfyUI's token and prompts
+#   start_daemon_if_missing    -- the ComfyUI nodes start a process
+SCOPE_WIDENING = frozenset({
+    "engine", "comfyui_root", "model_roots", "preload", "config_dir", "log_dir", "state_dir",
+    "host", "port", "monitor_port", "lock_port", "allowed_origins", "start_daemon_if_missing",
+})
+# Shown on the page (so the user sees the effective value and where it comes from) but
+# read-only there, with a hint.
+READ_ONLY = ("port", "monitor_port", "model_roots", "comfyui_root", "engine")
+# Read by the daemon when it starts (components, default load options): a running daemon
+# keeps the old value until stop + start. Everything else is read when used (budgets on
+# each load, notifications on each notice).
 DAEMON_RESTART = frozenset({
     "vae_device", "vae_dtype", "clip_device", "clip_dtype", "keep_alive", "lora_cache_bytes",
     "port", "model_roots", "comfyui_root", "engine",
 })
-# Bound by the host process itself (this web server): only a new app start uses it.
-APP_RESTART = frozenset({"monitor_port"})
-# Everything else is read when used (budgets on each load, notifications on each notice).
+MAX_CHANGES = 64  # keys in one save; more is not a form, it is a flood
+_KNOWN = frozenset(Settings().public_dict())
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 ENGINES = ("auto", "comfy", "standalone")
@@ -94,16 +117,32 @@ def device_choices(existing: list[str]) -> list[str]:
     return out
 
 
+def read_only_hint(key: str) -> str:
+    """The note at a read-only field: why, and where to change it instead."""
+    return (f"Read-only here: it changes what the daemon runs, reads or listens on. Edit config.toml "
+            f"(or set LUNA_{key.upper()}), then restart Luna Daemon.")
+
+
+def refusal(settings: Settings, key: str) -> str:
+    """The message for an attempt to save a key the dashboard may not change."""
+    why = " (it changes what the daemon runs, reads or listens on)" if key in SCOPE_WIDENING else ""
+    return (f"{key} cannot be changed from the dashboard{why}: edit it in "
+            f"{settings.config_file or 'config.toml'} (or set LUNA_{key.upper()}) and restart Luna Daemon")
+
+
 def describe(settings: Settings, existing_devices: list[str]) -> dict[str, Any]:
     """Everything the Settings page needs to render; JSON-safe."""
     fields = {}
-    for key in EDITABLE:
+    for key in (*EDITABLE, *READ_ONLY):
         src = settings.sources.get(key, "default")
+        locked = key not in EDITABLE
         fields[key] = {
             "value": display_value(key, getattr(settings, key)),
             "source": src,
             "overridden": src in ("env", "flag"),
-            "restart": "daemon" if key in DAEMON_RESTART else "app" if key in APP_RESTART else None,
+            "restart": "daemon" if key in DAEMON_RESTART else None,
+            "locked": locked,
+            "hint": read_only_hint(key) if locked else "",
         }
     return {
         "file": settings.config_file,
@@ -132,13 +171,6 @@ def _number_or_text(raw: Any, key: str) -> Any:
 
 def _to_toml(key: str, raw: Any) -> Any:
     """The value as it will be written to TOML (natural TOML types, user's units kept)."""
-    if key in ("port", "monitor_port"):
-        if isinstance(raw, bool):
-            raise SettingsError(key, "expected a port number")
-        try:
-            return int(str(raw).strip())
-        except ValueError:
-            raise SettingsError(key, f"expected a port number 0..65535, got {raw!r}") from None
     if key == "notifications":
         if isinstance(raw, bool):
             return raw
@@ -148,9 +180,6 @@ def _to_toml(key: str, raw: Any) -> Any:
         if text in ("false", "0", "no", "off"):
             return False
         raise SettingsError(key, f"expected true or false, got {raw!r}")
-    if key == "model_roots":
-        items = raw if isinstance(raw, list) else str(raw).splitlines()
-        return [str(p).strip() for p in items if str(p).strip()]
     if key == "max_model_bytes":
         if isinstance(raw, dict):
             return {str(k).strip(): v for k, v in raw.items()}
@@ -179,29 +208,29 @@ def _extra_checks(key: str, value: Any, existing_devices: list[str]) -> None:
         for dev in value:
             if dev not in existing_devices and dev != "cuda":
                 raise SettingsError(key, f"{dev!r} is not a device on this machine ({', '.join(existing_devices)})")
-    elif key == "model_roots":
-        for p in value:
-            if not Path(p).expanduser().is_dir():
-                raise SettingsError(key, f"folder does not exist: {p}")
-    elif key == "comfyui_root":
-        if value and not Path(value).expanduser().is_dir():
-            raise SettingsError(key, f"folder does not exist: {value}")
 
 
 # ----------------------------------------------------------------------------- saving
 def save(settings: Settings, changes: Any, existing_devices: list[str]) -> dict[str, Any]:
     """Validate ``changes`` ({key: value}) and write them to ``settings.config_file``.
 
-    Returns ``{"ok": True, "saved", "restart", "app_restart", "overridden", "file"}`` or
-    ``{"ok": False, "errors": {key: message}}`` (then nothing was written or applied).
+    Returns ``{"ok": True, "saved", "restart", "overridden", "file"}`` or
+    ``{"ok": False, "errors": {key: message}, "codes": {key: "invalid" | "read_only"}}``
+    (then nothing was written or applied).
     """
     if not isinstance(changes, dict) or not changes:
-        return {"ok": False, "errors": {"_": "nothing to save"}}
+        return {"ok": False, "errors": {"_": "nothing to save"}, "codes": {"_": "invalid"}}
+    if len(changes) > MAX_CHANGES:
+        return {"ok": False, "errors": {"_": f"at most {MAX_CHANGES} settings in one save"}, "codes": {"_": "invalid"}}
     errors: dict[str, str] = {}
+    codes: dict[str, str] = {}
     values: dict[str, Any] = {}
     for key, raw in changes.items():
         if key not in EDITABLE:
-            errors[str(key)] = "this setting cannot be changed from the dashboard (edit the config file)"
+            if key in _KNOWN:
+                errors[key], codes[key] = refusal(settings, key), "read_only"
+            else:
+                errors[key], codes[key] = f"unknown setting {key[:64]!r}", "invalid"
             continue
         try:
             value = _to_toml(key, raw)
@@ -209,18 +238,19 @@ def save(settings: Settings, changes: Any, existing_devices: list[str]) -> dict[
             Settings().with_overrides(**{key: value})
             _extra_checks(key, value, existing_devices)
         except SettingsError as exc:
-            errors[key] = _message(exc)
+            errors[key], codes[key] = _message(exc), "invalid"
             continue
         values[key] = value
     if errors:
-        return {"ok": False, "errors": errors}
+        return {"ok": False, "errors": errors, "codes": codes}
 
     path = Path(settings.config_file)
     with _save_lock:
         try:
             doc = tomlkit.parse(path.read_text(encoding="utf-8")) if path.is_file() else tomlkit.document()
         except (OSError, tomlkit.exceptions.TOMLKitError) as exc:
-            return {"ok": False, "errors": {"_": f"cannot read {path} ({exc}); fix or remove it first"}}
+            return {"ok": False, "errors": {"_": f"cannot read {path} ({exc}); fix or remove it first"},
+                    "codes": {"_": "invalid"}}
         for key, value in values.items():
             doc[key] = value  # in place: the line's comment and position stay
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,7 +262,8 @@ def save(settings: Settings, changes: Any, existing_devices: list[str]) -> dict[
                 # env={} so only the file's own values are judged.
                 checked = Settings.load(tmp, env={})
             except SettingsError as exc:
-                return {"ok": False, "errors": {exc.key if exc.key in values else "_": _message(exc)}}
+                where = exc.key if exc.key in values else "_"
+                return {"ok": False, "errors": {where: _message(exc)}, "codes": {where: "invalid"}}
             if path.is_file():
                 shutil.copy2(path, path.with_name(path.name + ".bak"))
             os.replace(tmp, path)
@@ -241,20 +272,15 @@ def save(settings: Settings, changes: Any, existing_devices: list[str]) -> dict[
                 tmp.unlink()
 
     old = {k: getattr(settings, k) for k in values}
-    overridden, restart, app_restart = [], [], []
+    overridden, restart = [], []
     for key in values:
         if settings.sources.get(key) in ("env", "flag"):
             overridden.append(key)
             continue
         new = getattr(checked, key)
-        if key not in APP_RESTART:
-            setattr(settings, key, new)
-            settings.sources[key] = "file"
-        if new != old[key]:
-            if key in DAEMON_RESTART:
-                restart.append(key)
-            elif key in APP_RESTART:
-                app_restart.append(key)
+        setattr(settings, key, new)
+        settings.sources[key] = "file"
+        if new != old[key] and key in DAEMON_RESTART:
+            restart.append(key)
     log.info("settings saved to %s: %s", path, ", ".join(sorted(values)))
-    return {"ok": True, "saved": sorted(values), "restart": restart, "app_restart": app_restart,
-            "overridden": overridden, "file": str(path)}
+    return {"ok": True, "saved": sorted(values), "restart": restart, "overridden": overridden, "file": str(path)}

@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import json
 import logging
 import sys
 import threading
@@ -66,6 +65,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+
+from luna_daemon import fsutil
 
 from .base import ClipModel, Engine, EngineError, LoraSpec, TiledArgs, VaeModel, as_device, module_nbytes
 
@@ -144,14 +145,29 @@ def _device_plan(settings) -> tuple[bool, int | None]:
     return cpu_only, index
 
 
+def _comfy_location(package, sd_module) -> Path:
+    """The ComfyUI root the imported ``comfy`` comes from (symlinks resolved). ComfyUI's
+    ``comfy`` is a namespace package: no __init__.py, ``__file__`` is None, and ``__path__``
+    may list several folders; the one holding the ``comfy.sd`` in use decides."""
+    sd_file = getattr(sd_module, "__file__", None)
+    if sd_file:
+        return Path(sd_file).resolve().parent.parent
+    portions = list(getattr(package, "__path__", None) or ())
+    return Path(portions[0]).resolve().parent if portions else Path.cwd()
+
+
 def _import_comfy(root: Path | None, settings) -> SimpleNamespace:
     """Import comfy once per process with the flags set first; return its modules."""
     with _IMPORT_LOCK:
         if "modules" in _STATE:
             modules = _STATE["modules"]
             if root is not None and Path(root).resolve() != modules.root:
-                logger.warning("comfy was already imported from %s in this process; ignoring ComfyUI root %s",
-                               modules.root, root)
+                # Every load calls this: say it once per ignored root, not on every load.
+                warned = _STATE.setdefault("ignored_roots", set())
+                if Path(root).resolve() not in warned:
+                    warned.add(Path(root).resolve())
+                    logger.warning("comfy was already imported from %s in this process; ignoring ComfyUI root %s",
+                                   modules.root, root)
             return modules
         if root is not None and str(root) not in sys.path:
             sys.path.insert(0, str(root))
@@ -188,7 +204,7 @@ def _import_comfy(root: Path | None, settings) -> SimpleNamespace:
             except Exception as exc:  # noqa: BLE001 - only used to find the embeddings folders
                 logger.warning("ComfyUI folder_paths unavailable (%s); using <root>/models/embeddings", exc)
                 folder_paths = None
-        location = Path(getattr(sys.modules["comfy"], "__file__", "") or ".").resolve().parent.parent
+        location = _comfy_location(sys.modules["comfy"], sd)
         if root is not None and location != Path(root).resolve():
             logger.warning("the comfy package in use comes from %s, not the configured ComfyUI root %s", location, root)
         modules = SimpleNamespace(sd=sd, utils=utils, lora=lora, model_management=mm, weight_adapter=weight_adapter,
@@ -213,18 +229,31 @@ def _comfy_call(what: str):
 
 
 def _paths(paths: Sequence[str] | str, what: str) -> list[Path]:
+    """The weight files of a load: each a regular file (inside the roots during a registry
+    load), checked without opening it (see :func:`_held_open`)."""
     if isinstance(paths, (str, Path)):
         paths = [str(paths)]
     out = [Path(p) for p in paths]
     if not out:
         raise EngineError("bad_args", f"{what} needs at least one path")
     for p in out:
-        if p.is_dir():
-            raise EngineError("bad_args", f"{what} {p} is a folder; the comfy engine loads single weight files, as "
-                                          f"ComfyUI's loaders do (point at the .safetensors file)")
-        if not p.is_file():
-            raise EngineError("not_found", f"{what} file not found: {p}")
+        if fsutil.is_folder(p, what):
+            raise EngineError("bad_args", f"{what} {fsutil.short(p)} is a folder; the comfy engine loads single weight "
+                                          f"files, as ComfyUI's loaders do (point at the .safetensors file)")
+        fsutil.stat_regular(p, f"{what} file")
     return out
+
+
+@contextlib.contextmanager
+def _held_open(paths: Sequence[Path], what: str):
+    """Hold each file open (checked: regular, same inode) while ComfyUI reads it by name.
+
+    ComfyUI's ``load_torch_file`` picks its reader by the file *name* (``.safetensors`` ->
+    safetensors, which blocks holding the GIL on a FIFO), so it gets the checked real path,
+    not ``/proc/self/fd/N``; a file swapped for a FIFO between this check and ComfyUI's
+    open is the one case left (it needs write access to a model root)."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(fsutil.open_regular(p, f"{what} file")).real for p in paths]
 
 
 def _storage_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -294,13 +323,10 @@ def _ddconfig_from_diffusers(cfg: Mapping[str, Any], what: str) -> dict[str, Any
 
 def _sidecar_vae_config(path: Path) -> dict[str, Any] | None:
     sidecar = path.with_suffix(".json")
-    if not sidecar.is_file():
-        return None
     what = f"VAE config {sidecar.name}"
-    try:
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise EngineError("model_error", f"{what}: cannot read: {exc}") from exc
+    if not fsutil.present(sidecar, what):
+        return None
+    data = fsutil.read_json(sidecar, what)  # a small regular file inside the roots, else a typed error
     if not isinstance(data, dict):
         return None
     if isinstance(data.get("params"), dict):
@@ -754,6 +780,7 @@ class ComfyEngine(Engine):
 
     # -- Engine
 
+    @fsutil.errors_as(EngineError)
     def load_vae(self, paths: Sequence[str], device: torch.device, dtype: torch.dtype | None) -> ComfyVae:
         path_list = _paths(paths, "VAE")
         if len(path_list) != 1:
@@ -764,9 +791,9 @@ class ComfyEngine(Engine):
         comfy = self.prepare()
         self._check_device(device, comfy)
         what = f"VAE {path.name}"
-        with _comfy_call(f"loading {what}"):
+        with _comfy_call(f"loading {what}"), _held_open([path], "VAE") as (checked,):
             try:
-                sd, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
+                sd, metadata = comfy.utils.load_torch_file(str(checked), safe_load=True, return_metadata=True)
             except Exception as exc:
                 raise EngineError("model_error", f"{what}: cannot read the file: {_first_line(exc)}") from exc
             config = _sidecar_vae_config(path) or _inferred_vae_config(sd)
@@ -793,6 +820,7 @@ class ComfyEngine(Engine):
                     model.nbytes() / 1e6, model.dtype, model.device)
         return model
 
+    @fsutil.errors_as(EngineError)
     def load_clip(self, paths: Sequence[str], clip_type: str, device: torch.device,
                   dtype: torch.dtype | None) -> ComfyClip:
         path_list = _paths(paths, "CLIP")
@@ -814,9 +842,9 @@ class ComfyEngine(Engine):
             model_options["dtype"] = dtype
         embeddings = self._embedding_directories(comfy)
         what = f"CLIP {', '.join(p.name for p in path_list)}"
-        with _comfy_call(f"loading {what}"):
+        with _comfy_call(f"loading {what}"), _held_open(path_list, "CLIP") as checked:
             try:
-                clip = comfy.sd.load_clip(ckpt_paths=[str(p) for p in path_list], embedding_directory=embeddings,
+                clip = comfy.sd.load_clip(ckpt_paths=[str(p) for p in checked], embedding_directory=embeddings,
                                           clip_type=clip_enum, model_options=model_options)
             except EngineError:
                 raise

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import logging
 import math
 import threading
@@ -57,6 +56,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from luna_daemon import fsutil
+from luna_daemon.protocol import LunaError
 
 from .base import (DEFAULT_DECODE_TILE, DEFAULT_ENCODE_TILE, ClipModel, Engine, EngineError, LoraSpec, TiledArgs, VaeModel,
                    as_device, is_oom, module_nbytes, weights_read)
@@ -99,8 +101,9 @@ def _single_path(paths: Sequence[str] | str, what: str) -> Path:
 
 
 def _check_exists(path: Path, what: str) -> None:
-    if not path.exists():
-        raise EngineError("not_found", f"{what} not found: {path}")
+    if not fsutil.present(path, what):
+        raise EngineError("not_found", f"{what} not found: {fsutil.short(path)}")
+    fsutil.check_inside(path, what)
 
 
 def _refuse_pickle(path: Path, what: str) -> EngineError:
@@ -118,25 +121,28 @@ def _load_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     safetensors maps the file and hands out views of the mapping. A daemon keeps models for
     days: had a weight stayed such a view, rewriting the file in place while it is loaded
     (``cp`` over it truncates first) would change the weights or kill the daemon with
-    SIGBUS. So each tensor is copied out (this copy is the actual disk read)."""
+    SIGBUS. So each tensor is copied out (this copy is the actual disk read).
+
+    The file must be a regular file (inside the roots during a registry load): safetensors
+    opens by name while holding the GIL, so a FIFO handed to it would freeze the process;
+    it is given the checked, open file (:attr:`fsutil.RegularFile.os_path`)."""
     from safetensors import safe_open
 
-    try:
-        state: dict[str, torch.Tensor] = {}
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                tensor = state[key] = f.get_tensor(key).clone()
-                weights_read(tensor.numel() * tensor.element_size())
-        return state
-    except Exception as exc:  # safetensors raises several types for a corrupt header
-        raise EngineError("model_error", f"{what} {path}: cannot read safetensors file: {exc}") from exc
+    with fsutil.open_regular(path, what) as fh:
+        try:
+            state: dict[str, torch.Tensor] = {}
+            with safe_open(fh.os_path, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    tensor = state[key] = f.get_tensor(key).clone()
+                    weights_read(tensor.numel() * tensor.element_size())
+            return state
+        except Exception as exc:  # safetensors raises several types for a corrupt header
+            raise EngineError("model_error", f"{what} {path}: cannot read safetensors file: {exc}") from exc
 
 
 def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise EngineError("model_error", f"{what}: cannot read {path}: {exc}") from exc
+    """A config / sidecar: a regular file of at most ``fsutil.SMALL_FILE_CAP`` holding a JSON object."""
+    data = fsutil.read_json(path, f"{what}: config", fsutil.SMALL_FILE_CAP)
     if not isinstance(data, dict):
         raise EngineError("model_error", f"{what}: {path} does not hold a JSON object")
     return data
@@ -145,10 +151,10 @@ def _read_json(path: Path, what: str) -> dict:
 def _folder_weights(folder: Path, stem: str, what: str) -> dict[str, torch.Tensor]:
     """Read ``<stem>.safetensors`` (or its shards / fp16 variant) from a model folder."""
     single = folder / f"{stem}.safetensors"
-    if single.is_file():
+    if fsutil.present(single, what):
         return _load_safetensors(single, what)
     index = folder / f"{stem}.safetensors.index.json"
-    if index.is_file():
+    if fsutil.present(index, what):
         weight_map = _read_json(index, what).get("weight_map", {})
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
@@ -158,7 +164,7 @@ def _folder_weights(folder: Path, stem: str, what: str) -> dict[str, torch.Tenso
     if variants:
         return _load_safetensors(variants[0], what)
     for pickled in (f"{stem}.bin", "pytorch_model.bin", "diffusion_pytorch_model.bin"):
-        if (folder / pickled).exists():
+        if fsutil.present(folder / pickled, what):
             raise _refuse_pickle(folder / pickled, what)
     raise EngineError("model_error", f"{what} folder {folder} has no {stem}.safetensors")
 
@@ -321,10 +327,10 @@ def infer_autoencoder_kl_config(state: Mapping[str, torch.Tensor], sidecar: Mapp
 def _vae_sidecar(path: Path) -> dict[str, Any] | None:
     """``<stem>.json`` next to the file, else a ``config.json`` that describes an AutoencoderKL."""
     own = path.with_suffix(".json")
-    if own.is_file():
+    if fsutil.present(own, "VAE sidecar"):
         return _read_json(own, "VAE sidecar")
     shared = path.parent / "config.json"
-    if shared.is_file():
+    if fsutil.present(shared, "VAE sidecar"):
         data = _read_json(shared, "VAE sidecar")
         if data.get("_class_name", "AutoencoderKL") == "AutoencoderKL" and "block_out_channels" in data:
             return data
@@ -337,12 +343,12 @@ def _load_autoencoder(path: Path) -> tuple[nn.Module, str]:
     from diffusers import AutoencoderKL
 
     what = f"VAE {path.name}"
-    if path.is_dir() and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+    if path.is_dir() and not fsutil.present(path / "config.json", what) and fsutil.present(path / "vae" / "config.json", what):
         # A whole diffusers pipeline folder: its VAE lives in vae/.
         path = path / "vae"
     if path.is_dir():
         config_path = path / "config.json"
-        if not config_path.is_file():
+        if not fsutil.present(config_path, what):
             raise EngineError("model_error", f"VAE folder {path} has no config.json (expected a diffusers AutoencoderKL folder)")
         folder_config = _read_json(config_path, what)
         class_name = folder_config.get("_class_name", "AutoencoderKL")
@@ -575,9 +581,9 @@ def infer_clip_text_config(state: Mapping[str, torch.Tensor], sidecar: Mapping[s
 
 def _clip_sidecar(path: Path) -> dict[str, Any] | None:
     own = path.with_suffix(".json")
-    candidates = [own] + ([path.parent / "config.json"] if (path.parent / "config.json").is_file() else [])
+    candidates = [own, path.parent / "config.json"]
     for candidate in candidates:
-        if not candidate.is_file():
+        if not fsutil.present(candidate, "CLIP sidecar"):
             continue
         data = _read_json(candidate, "CLIP sidecar")
         if isinstance(data.get("text_config"), dict):
@@ -587,10 +593,28 @@ def _clip_sidecar(path: Path) -> dict[str, Any] | None:
     return None
 
 
+# What transformers' tokenizer loading may open by name in a tokenizer folder.
+_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
 def _has_tokenizer(folder: Path) -> bool:
     return folder.is_dir() and (
-        ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()) or (folder / "tokenizer.json").is_file()
+        (fsutil.present(folder / "vocab.json") and fsutil.present(folder / "merges.txt"))
+        or fsutil.present(folder / "tokenizer.json")
     )
+
+
+def _check_tokenizer_files(folder: Path, what: str) -> None:
+    """transformers opens the tokenizer files by name (Python's open, which would block on a
+    FIFO): each must be a small regular file inside the roots before it is handed over,
+    and nothing else in the folder may be a FIFO or lead out of the roots."""
+    fsutil.check_inside(folder, f"{what}: tokenizer folder")
+    fsutil.check_folder_files(folder, f"{what}: tokenizer file")
+    for name in _TOKENIZER_FILES:
+        if fsutil.present(folder / name):
+            fsutil.stat_regular(folder / name, f"{what}: tokenizer file", max_bytes=fsutil.SMALL_FILE_CAP,
+                                limit_name="the 16 MiB limit for tokenizer files")
 
 
 def _tokenizer_candidates(path: Path, role: str) -> list[Path]:
@@ -608,6 +632,7 @@ def _load_tokenizer(path: Path, role: str, what: str):
     candidates = _tokenizer_candidates(path, role)
     for folder in candidates:
         if _has_tokenizer(folder):
+            _check_tokenizer_files(folder, what)
             try:
                 tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
             except Exception as exc:
@@ -879,7 +904,7 @@ def _load_text_encoder(path: Path, role: str, *, projected: bool, pad_with_eos: 
     _check_exists(path, f"CLIP-{role.upper()} text encoder")
     if path.is_dir():
         config_path = path / "config.json"
-        if not config_path.is_file():
+        if not fsutil.present(config_path, what):
             raise EngineError("model_error", f"{what}: folder has no config.json (expected a transformers CLIP text encoder folder)")
         config_dict = _read_json(config_path, what)
         if isinstance(config_dict.get("text_config"), dict):
@@ -1124,6 +1149,7 @@ class StandaloneEngine(Engine):
     def __init__(self, *, lora_cache_entries: int = DEFAULT_LORA_CACHE_ENTRIES):
         self.lora_cache_entries = lora_cache_entries
 
+    @fsutil.errors_as(EngineError)
     def load_vae(self, paths: Sequence[str], device: torch.device, dtype: torch.dtype | None) -> StandaloneVae:
         """``paths`` = [diffusers AutoencoderKL folder | diffusers-layout ``.safetensors``]."""
         path = _single_path(paths, "load_vae")
@@ -1132,7 +1158,7 @@ class StandaloneEngine(Engine):
         dtype = dtype or _default_dtype(device, "vae")
         try:
             module, layout = _load_autoencoder(path)
-        except EngineError:
+        except LunaError:  # typed already (EngineError, or a file error from fsutil)
             raise
         except Exception as exc:
             raise EngineError("model_error", f"VAE {path.name}: cannot build the model: {exc}") from exc
@@ -1144,6 +1170,7 @@ class StandaloneEngine(Engine):
                     vae.latent_channels, vae.nbytes() / 1e6, dtype, device)
         return vae
 
+    @fsutil.errors_as(EngineError)
     def load_clip(self, paths: Sequence[str], clip_type: str, device: torch.device,
                   dtype: torch.dtype | None) -> StandaloneClip:
         """``sd1``: [CLIP-L]; ``sdxl``: [CLIP-L, CLIP-G]. Each path is a transformers folder

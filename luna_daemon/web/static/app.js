@@ -218,7 +218,8 @@
       banner.textContent = (st.authError ? st.authError + ". " : "") +
         "Read-only view: use Open Dashboard in the Luna Daemon tray menu to get a page that can start, stop, unload and save settings.";
     }
-    for (const id of ["settings-save", "settings-restart", "btn-unload-all"]) $(id).disabled = !st.authed;
+    for (const id of ["settings-save", "settings-restart", "btn-unload-all", "log-download"]) $(id).disabled = !st.authed;
+    renderLogs();
   }
 
   // ------------------------------------------------------------------ status page
@@ -345,11 +346,17 @@
   function renderLogs() {
     if (st.paused) return;
     const view = $("log-view");
+    if (!st.authed && !st.logs.length) {
+      // The server sends log lines only to a logged-in page (they may hold paths and prompts).
+      view.replaceChildren(el("div", { class: "muted" }, "Log lines are shown only to a logged-in page: use View Logs in the Luna Daemon tray menu."));
+      renderCount();
+      return;
+    }
     view.replaceChildren(...st.logs.filter(visible).map(lineEl));
     view.scrollTop = view.scrollHeight;
     renderCount();
   }
-  function renderCount() { $("log-count").textContent = `${$("log-view").childElementCount} of ${st.logs.length} lines shown`; }
+  function renderCount() { $("log-count").textContent = `${$("log-view").querySelectorAll(".log-line").length} of ${st.logs.length} lines shown`; }
   function renderPause() { $("log-pause").textContent = st.paused ? `Resume${st.unseen ? ` (${st.unseen} new)` : ""}` : "Pause"; }
 
   // ------------------------------------------------------------------ settings page
@@ -370,6 +377,14 @@
       if (!e) continue;
       const field = e.closest(".field");
       const src = field.querySelector(".src");
+      // Scope-widening keys (what the daemon runs, reads or listens on) are never saved
+      // from a web page; the server refuses them too. Show them, read-only, with where to
+      // change them instead.
+      let hint = field.querySelector(".hint");
+      if (!hint) { hint = el("span", { class: "hint" }); field.append(hint); }
+      hint.textContent = f.locked ? f.hint : "";
+      field.classList.toggle("locked", !!f.locked);
+      if (e.tagName === "SELECT" || e.type === "checkbox") e.disabled = !!f.locked; else e.readOnly = !!f.locked;
       if (f.overridden) {
         src.textContent = f.source === "env" ? `overridden by LUNA_${key.toUpperCase()}` : "overridden by a command-line flag";
         src.className = "src override";
@@ -414,7 +429,8 @@
         const e = $("f-" + key);
         if (e) { const f = e.closest(".field"); f.classList.add("invalid"); f.querySelector(".err").textContent = msg; }
       }
-      const general = errors._ || (Object.keys(errors).length ? "Not saved: fix the highlighted fields." : r.error.message);
+      const general = errors._ || (r.error.code === "read_only" ? `Not saved: ${r.error.message} (see the marked fields).`
+        : Object.keys(errors).length ? "Not saved: fix the highlighted fields." : r.error.message);
       showMsg("settings-msg", general, "error");
       return;
     }
@@ -431,11 +447,27 @@
         ? `Restart needed: changes to ${res.restart.join(", ")} take effect after the daemon restarts.`
         : `Changes to ${res.restart.join(", ")} take effect when the daemon starts.`);
     }
-    if (res.app_restart.length) parts.push(`Changes to ${res.app_restart.join(", ")} take effect after Luna Daemon (the tray app) is restarted.`);
     if (res.overridden.length) parts.push(`Saved ${res.overridden.join(", ")}, but an environment variable or command-line flag overrides the file until it is removed.`);
     $("settings-notice-text").textContent = parts.join(" ");
     $("settings-restart").hidden = !(res.restart.length && running);
     $("settings-notice").hidden = parts.length === 0;
+  }
+
+  async function downloadLog() {
+    // /api/logfile needs the session, which only this tab holds (sessionStorage): fetch
+    // it with the header, then save the bytes (no cookie that other ports could see).
+    showMsg("log-msg", "downloading…");
+    try {
+      const r = await fetch("/api/logfile", { headers: { "X-Luna-Session": sessionStorage.getItem(SESSION_KEY) || "" }, cache: "no-store" });
+      if (!r.ok) throw new Error(`${r.status}: ${(await r.text()).trim()}`);
+      const url = URL.createObjectURL(await r.blob());
+      const a = el("a", { href: url, download: "luna-daemon.log", hidden: true });
+      document.body.append(a); a.click(); a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60000);
+      showMsg("log-msg", "");
+    } catch (e) {
+      showMsg("log-msg", `download failed: ${e.message}`, "error");
+    }
   }
 
   // ------------------------------------------------------------------ wiring
@@ -464,6 +496,7 @@
       renderPause();
     });
     $("log-clear").addEventListener("click", () => { $("log-view").replaceChildren(); renderCount(); });
+    $("log-download").addEventListener("click", downloadLog);
     $("settings-form").addEventListener("submit", saveSettings);
     $("settings-form").addEventListener("input", markDirty);
     $("settings-form").addEventListener("change", markDirty);
