@@ -103,7 +103,14 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ] || ! "$VPY" -c 'import 
     printf '%s\n' "$WANT" > "$STAMP"
 fi
 
+# `logs --path` prints only the path on stdout, even with a broken config.toml (its
+# warning goes to stderr). Anything else (an old version printing an error there) is not
+# a path: never show an error text as "logs: ...".
 LOG_FILE="$("$VPY" -m luna_daemon logs --path "$@" 2>/dev/null || true)"
+case "$LOG_FILE" in
+    /*) [ "$(printf '%s\n' "$LOG_FILE" | wc -l)" -eq 1 ] || LOG_FILE="" ;;
+    *) LOG_FILE="" ;;
+esac
 
 has_display=0
 if [ "$(uname -s)" = Darwin ] || [ -n "${DISPLAY:-}" ] || [ -n "${WAYLAND_DISPLAY:-}" ]; then
