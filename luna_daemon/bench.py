@@ -5,7 +5,10 @@ Everything is measured side by side in one run, as ratios, because the machine i
 * ``transport_benchmark``: (a) raw loopback TCP limit (persistent socket, ``recv_into``),
   (b) the daemon protocol doing the same decode-sized exchange (send a 1x4x128x128 f32
   latent, receive a 1x1024x1024x3 f32 image), (c) ``ping`` p50 vs raw 1-byte RTT,
-  (d) a tiny real VAE decode via the daemon vs the same decode in-process.
+  (d) a tiny real VAE decode via the daemon (default client: shared memory on) vs the
+  same decode in-process, (e) the decode-sized exchange of (b) through shared memory, vs
+  (a) and vs a plain memcpy of the same bytes, (f) a video-sized exchange (388 MB result)
+  over TCP and over shared memory, vs memcpy (unpinned only).
 * ``memory_benchmark``: one daemon holding a >= 300 MB model, N client processes
   encoding through it; RSS growth of the daemon and of each client vs N in-process copies.
 
@@ -39,6 +42,25 @@ log = logging.getLogger(__name__)
 
 LATENT_SHAPE = (1, 4, 128, 128)
 IMAGE_SHAPE = (1, 1024, 1024, 3)
+VIDEO_SHAPE = (81, 480, 832, 3)  # a video VAE's decode: 81 frames, 388 MB of float32
+
+
+class _Memcpy:
+    """A plain memcpy of ``n`` bytes between two buffers allocated (and touched) once: the
+    least any transport through memory pays for the bytes. ``fresh`` copies into a new
+    buffer each time instead (allocation + page faults + copy: what producing a *new*
+    result tensor from bytes already in memory costs, as torch's ``clone`` does)."""
+
+    def __init__(self, n: int):
+        self.src = torch.ones(n, dtype=torch.uint8)
+        self.dst = torch.zeros(n, dtype=torch.uint8)
+        self.src_mv, self.dst_mv = memoryview(self.src.numpy()), memoryview(self.dst.numpy())
+
+    def warm(self) -> None:
+        self.dst_mv[:] = self.src_mv  # one single-threaded memcpy, as the shm path does
+
+    def fresh(self) -> None:
+        memoryview(torch.empty(len(self.src_mv), dtype=torch.uint8).numpy())[:] = self.src_mv
 
 
 def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
@@ -254,16 +276,25 @@ def _transport_once(cl: set[int] | None, sv: set[int] | None, repeats: int, work
         with daemon_process([work], cpus=sv) as (port, token, _proc):
             if old_affinity is not None:
                 os.sched_setaffinity(0, cl)
-            client = DaemonClient("127.0.0.1", port, token=token, timeout=120)
+            # (b) is TCP (shm off); (e) the same exchange with shared memory.
+            client = DaemonClient("127.0.0.1", port, token=token, timeout=120, shm=False)
+            shm_client = DaemonClient("127.0.0.1", port, token=token, timeout=120, shm=True)
+            copy = _Memcpy(req_n + rep_n)
             where = _WhereRan(client=os.getpid(), raw=raw.proc.pid, ping_raw=ping_raw.proc.pid, daemon=_proc.pid)
-            t = _interleaved({"raw": raw.exchange, "proto": lambda: client.call("echo", {"latent": latent, "reply_shape": list(IMAGE_SHAPE)})}, repeats)
+            t = _interleaved({
+                "raw": raw.exchange,
+                "proto": lambda: client.call("echo", {"latent": latent, "reply_shape": list(IMAGE_SHAPE)}),
+                "shm": lambda: shm_client.call("echo", {"latent": latent, "reply_shape": list(IMAGE_SHAPE)}),
+                "memcpy": copy.warm, "memcpy_fresh": copy.fresh,
+            }, repeats)
+            del copy
             bulk_cpus = where.cpus()
             where = _WhereRan(client=os.getpid(), ping_raw=ping_raw.proc.pid, daemon=_proc.pid)
             p = _interleaved({"raw_rtt": ping_raw.exchange, "ping": client.ping}, repeats * 10)
             ping_cpus = where.cpus()
             d: dict[str, list[float]] = {}
             if with_decode:
-                vae = client.vae_load(str(vae_path))["model"]
+                vae = shm_client.vae_load(str(vae_path))["model"]
                 local = StandaloneEngine().load_vae([str(vae_path)], torch.device("cpu"), None)
                 # ComfyUI runs prompts on a worker thread, and on glibc big tensor work on
                 # the main thread is measurably slower (main-arena allocation); so the
@@ -276,11 +307,21 @@ def _transport_once(cl: set[int] | None, sv: set[int] | None, repeats: int, work
 
                 d = _interleaved({
                     "local": lambda: pool.submit(_decode_local).result(),
-                    "daemon": lambda: client.vae_decode(vae, small_latent),
-                    "transfer": lambda: client.call("echo", {"latent": small_latent, "reply_shape": [1, 512, 512, 3]}),
+                    "daemon": lambda: shm_client.vae_decode(vae, small_latent),
+                    "transfer": lambda: shm_client.call("echo", {"latent": small_latent, "reply_shape": [1, 512, 512, 3]}),
                 }, max(4, repeats // 10))  # ~0.5 s per decode on 2 CPUs
                 pool.shutdown()
+                # (f) video-sized: once (unpinned), few repeats (each moves 388 MB).
+                video = _Memcpy(4 * VIDEO_SHAPE[0] * VIDEO_SHAPE[1] * VIDEO_SHAPE[2] * VIDEO_SHAPE[3])
+                d.update({f"video_{k}": v for k, v in _interleaved({
+                    "tcp": lambda: client.call("echo", {"latent": latent, "reply_shape": list(VIDEO_SHAPE)}),
+                    "shm": lambda: shm_client.call("echo", {"latent": latent, "reply_shape": list(VIDEO_SHAPE)}),
+                    "memcpy": video.warm, "memcpy_fresh": video.fresh,
+                }, max(3, repeats // 20)).items()})
+                del video
+                client.call("echo", {"reply_shape": [1]})  # the daemon drops its cached 388 MB reply
             client.close()
+            shm_client.close()
     return {**t, **p, **d, "cpus": {"bulk": bulk_cpus, "ping": ping_cpus}}
 
 
@@ -317,6 +358,9 @@ def _transport_report(repeats: int, work: str) -> dict[str, Any]:
             "ratio_b_over_a": med["proto"] / med["raw"],
             "c_raw_rtt_us": med["raw_rtt"] * 1e6, "c_ping_p50_us": med["ping"] * 1e6,
             "ratio_ping_over_rtt": med["ping"] / med["raw_rtt"],
+            "e_shm_s": med["shm"], "e_memcpy_s": med["memcpy"], "e_memcpy_fresh_s": med["memcpy_fresh"],
+            "ratio_e_over_a": med["shm"] / med["raw"], "ratio_e_over_memcpy": med["shm"] / med["memcpy"],
+            "ratio_e_over_memcpy_fresh": med["shm"] / med["memcpy_fresh"],
             "cpus": cpus,
             # Pinned placements are comparable by construction; unpinned only when the
             # scheduler put the raw peer and the daemon alike (None: unknown, not Linux).
@@ -333,7 +377,20 @@ def _transport_report(repeats: int, work: str) -> dict[str, Any]:
             f"[{name}] (a) raw loopback: {med['raw'] * 1e3:.2f} ms ({r['a_raw_GBps']:.2f} GB/s)",
             f"[{name}] (b) daemon protocol: {med['proto'] * 1e3:.2f} ms ({r['b_protocol_GBps']:.2f} GB/s)  b/a = {r['ratio_b_over_a']:.2f} (target <= 1.3){notes['bulk']}",
             f"[{name}] (c) ping p50 {r['c_ping_p50_us']:.0f} us vs raw RTT {r['c_raw_rtt_us']:.0f} us  ratio = {r['ratio_ping_over_rtt']:.2f} (target <= 2.0){notes['ping']}",
+            f"[{name}] (e) shared memory: {med['shm'] * 1e3:.2f} ms  e/a = {r['ratio_e_over_a']:.2f} (target <= 0.5); "
+            f"memcpy {med['memcpy'] * 1e3:.2f} ms (e/memcpy = {r['ratio_e_over_memcpy']:.1f}), into a new buffer "
+            f"{med['memcpy_fresh'] * 1e3:.2f} ms (e/that = {r['ratio_e_over_memcpy_fresh']:.1f})",
         ]
+        if "video_tcp" in med:
+            r.update({"f_tcp_s": med["video_tcp"], "f_shm_s": med["video_shm"], "f_memcpy_s": med["video_memcpy"],
+                      "f_memcpy_fresh_s": med["video_memcpy_fresh"],
+                      "ratio_f_shm_over_memcpy": med["video_shm"] / med["video_memcpy"],
+                      "ratio_f_shm_over_memcpy_fresh": med["video_shm"] / med["video_memcpy_fresh"],
+                      "ratio_f_tcp_over_shm": med["video_tcp"] / med["video_shm"]})
+            lines.append(
+                f"[{name}] (f) video-sized 388 MB result: TCP {med['video_tcp'] * 1e3:.0f} ms, shm {med['video_shm'] * 1e3:.0f} ms, "
+                f"memcpy {med['video_memcpy'] * 1e3:.0f} ms (shm/memcpy = {r['ratio_f_shm_over_memcpy']:.2f}, target <= 1.5), "
+                f"into a new buffer {med['video_memcpy_fresh'] * 1e3:.0f} ms (shm/that = {r['ratio_f_shm_over_memcpy_fresh']:.2f})")
         if "local" in med:
             share = med["transfer"] / med["local"]
             r.update({"d_local_decode_s": med["local"], "d_daemon_decode_s": med["daemon"], "d_transfer_s": med["transfer"],

@@ -2,13 +2,15 @@
 
 Output for people goes to stdout; ``--json`` on read commands prints machine-readable JSON.
 Exit codes: 0 ok, 1 failure (daemon error / already running / doctor found a problem),
-2 usage, 3 daemon unreachable (nothing listens, or the port's holder is not a Luna daemon),
+2 usage or a bad config file (``status``, ``ps``, ``stop`` and ``logs`` warn on stderr and go
+on; ``serve`` keeps its dashboard up and exits 2 only if it ends before the file is fixed),
+3 daemon unreachable (nothing listens, or the port's holder is not a Luna daemon),
 4 ``serve`` stopped uncleanly (work was cut off at ``stop_timeout``).
 
 Start-up cost: this module imports only the standard library at module level, and each
 command imports what it needs when it runs. The light commands (``--version``, ``--help``,
-``status``, ``ps``, ``stop``, ``unload``, ``load``, ``logs``, ``config``, ``doctor
---no-devices``) never import torch (tests/test_cli.py checks ``sys.modules``); ``serve``,
+``status``, ``ps``, ``stop``, ``unload``, ``load``, ``logs``, ``config``, ``dashboard``,
+``doctor --no-devices``) never import torch (tests/test_cli.py checks ``sys.modules``); ``serve``,
 ``tray``, ``demo``, ``bench`` and doctor's device check do.
 """
 
@@ -23,6 +25,7 @@ import time
 from typing import Any, Sequence
 
 from luna_daemon import __version__
+from luna_daemon.units import fmt_bytes, fmt_duration
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +47,30 @@ def _json(obj: Any) -> None:
     _out(json.dumps(obj, indent=2, default=str))
 
 
-def _settings(args: argparse.Namespace):
+def _settings(args: argparse.Namespace, *, tolerant: bool = False):
+    """The effective settings. ``tolerant`` (``status``, ``ps``, ``stop``, ``logs``, ``serve``):
+    a bad value keeps its default and each problem is printed as one warning
+    line on stderr (stdout stays parseable: ``logs --path``, ``--json``); otherwise a bad
+    config file is an error (exit 2)."""
     from luna_daemon.settings import Settings
 
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "monitor_port", "lock_port", "log_level")}
-    return Settings.load(getattr(args, "config", None), overrides=overrides)
+    s = Settings.load(getattr(args, "config", None), overrides=overrides, tolerant=tolerant)
+    for problem in s.problems:
+        sys.stderr.write(f"luna-daemon: warning: {problem} (using the default; fix the file, "
+                         "'luna-daemon doctor' checks it)\n")
+    sys.stderr.flush()
+    return s
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace, *, tolerant: bool = False):
     """A client whose peer has answered ``hello`` within HANDSHAKE_S (else DaemonUnavailable /
     NotLunaDaemon, naming the port's holder). Its calls then wait ``--timeout`` or
     ``client_timeout``."""
     from luna_daemon.client import DaemonClient
 
     kw = {"timeout": args.timeout} if getattr(args, "timeout", None) else {}
-    c = DaemonClient.from_settings(_settings(args), connect_timeout=HANDSHAKE_S, **kw)
+    c = DaemonClient.from_settings(_settings(args, tolerant=tolerant), connect_timeout=HANDSHAKE_S, **kw)
     try:
         c.verify(HANDSHAKE_S)
     except BaseException:
@@ -67,8 +79,18 @@ def _client(args: argparse.Namespace):
     return c
 
 
-def _mb(n: Any) -> str:
-    return f"{(n or 0) / 1e6:.1f} MB"
+def _setting_text(key: str, value: Any) -> str:
+    """A setting as people read it: sizes and durations through luna_daemon.units."""
+    from luna_daemon.settings import value_kind
+
+    kind = value_kind(key)
+    if kind == "duration" and isinstance(value, (int, float)):
+        return fmt_duration(value)
+    if kind == "size" and isinstance(value, int):
+        return fmt_bytes(value)
+    if kind == "size_map" and isinstance(value, dict):
+        return ", ".join(f"{dev}={fmt_bytes(n)}" for dev, n in value.items()) or "none"
+    return json.dumps(value, default=str)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -77,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from luna_daemon.daemon import DaemonStartError
     from luna_daemon.host import AlreadyRunning, Host
 
-    settings = _settings(args)
+    settings = _settings(args, tolerant=True)  # the host reports a bad file and keeps the daemon stopped
     host = Host(settings)
     try:
         host.acquire()
@@ -86,13 +108,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     if not args.no_monitor:
         host.start_monitor()
+        if host.monitor is not None:
+            # A headless host has no tray menu to open a logged-in dashboard from.
+            log.info("dashboard login link (to start, stop, unload, change settings): run `luna-daemon dashboard`")
     try:
         clean = host.serve()
     except DaemonStartError as exc:
         _out(f"Luna Daemon failed to start: {exc}")
         host.close(2.0)
         return EXIT_FAIL
-    return host.end_process(EXIT_OK if clean else EXIT_UNCLEAN)
+    if host.start_refused:
+        code = EXIT_USAGE  # the daemon never ran: the config file was broken until the end
+    else:
+        code = EXIT_OK if clean else EXIT_UNCLEAN
+    return host.end_process(code)
 
 
 def cmd_tray(args: argparse.Namespace) -> int:
@@ -106,33 +135,50 @@ def cmd_tray(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with _client(args, tolerant=True) as c:
         st = c.status()
     if args.json:
         _json(st)
         return EXIT_OK
     req = st.get("requests", {})
     _out(f"Luna Daemon {st.get('version')} — {st.get('state')}  engine={st.get('engine')}  service={st.get('service')}")
-    _out(f"  uptime {st.get('uptime', 0):.0f}s · clients {st.get('clients')} · models {st.get('models')} · queue {st.get('queue')}")
+    _out(f"  uptime {fmt_duration(st.get('uptime', 0))} · clients {st.get('clients')} · models {st.get('models')} · queue {st.get('queue')}")
     _out(f"  requests {req.get('total', 0)} ({req.get('errors', 0)} failed, {req.get('per_minute', 0)}/min)")
+    if st.get("config_error"):
+        _out(f"  config file not applied: {st['config_error']}")
+    if st.get("restart_needed"):
+        _out(f"  restart needed for: {', '.join(st['restart_needed'])} (edited in {st.get('config_file')})")
     for dev, m in (st.get("devices") or {}).items():
-        _out(f"  {dev}: models {_mb(m.get('models_bytes'))}, used {_mb(m.get('used'))} of {_mb(m.get('total'))}")
+        _out(f"  {dev}: models {fmt_bytes(m.get('models_bytes'))}, used {fmt_bytes(m.get('used'))} of {fmt_bytes(m.get('total'))}")
+    _roots(st.get("roots"))
     return EXIT_OK
 
 
+def _roots(roots: Any) -> None:
+    """The model roots with where each came from (settings, or the ComfyUI that registered it)."""
+    if roots:
+        _out("model roots:")
+    for r in roots or ():
+        kinds = f" [{', '.join(r['kinds'])}]" if r.get("kinds") else ""
+        _out(f"  {r['path']}  ({r['source']}){kinds}")
+
+
 def cmd_ps(args: argparse.Namespace) -> int:
-    with _client(args) as c:
-        models = c.ps()
+    with _client(args, tolerant=True) as c:
+        answer = c.call("ps")
+    models = answer["models"]
     if args.json:
         _json(models)
         return EXIT_OK
     if not models:
         _out("no models loaded")
+        _roots(answer.get("roots"))
         return EXIT_OK
-    _out(f"{'ID':<18} {'KIND':<5} {'DEVICE':<7} {'DTYPE':<5} {'SIZE':>10} {'USERS':>5}  {'EXPIRES':<10} FILE")
+    _out(f"{'ID':<18} {'KIND':<5} {'DEVICE':<7} {'DTYPE':<5} {'SIZE':>10} {'USERS':>5}  {'EXPIRES':<14} FILE")
     for m in models:
-        exp = "never" if m["expires_at"] is None else f"in {max(0, m['expires_at'] - time.time()):.0f}s"
-        _out(f"{m['id']:<18} {m['kind']:<5} {m['device']:<7} {m['dtype']:<5} {_mb(m['bytes']):>10} {m['users']:>5}  {exp:<10} {m['paths'][0]}")
+        exp = "never" if m["expires_at"] is None else f"in {fmt_duration(max(0, m['expires_at'] - time.time()))}"
+        _out(f"{m['id']:<18} {m['kind']:<5} {m['device']:<7} {m['dtype']:<5} {fmt_bytes(m['bytes']):>10} {m['users']:>5}  {exp:<14} {m['paths'][0]}")
+    _roots(answer.get("roots"))
     return EXIT_OK
 
 
@@ -170,8 +216,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         _json(done)
         return EXIT_OK
     ka = done.get("keep_alive")
-    stays = "until unloaded" if ka is None or ka < 0 else f"keep_alive {ka:g}s"
-    _out(f"loaded {done['model']}  {done['kind']} on {done['device']} ({done['dtype']}), {_mb(done.get('bytes'))}, {stays}")
+    stays = "until unloaded" if ka is None or ka < 0 else f"keep_alive {fmt_duration(ka)}"
+    _out(f"loaded {done['model']}  {done['kind']} on {done['device']} ({done['dtype']}), {fmt_bytes(done.get('bytes'))}, {stays}")
     for path in done.get("paths", []):
         _out(f"  {path}")
     return EXIT_OK
@@ -204,14 +250,72 @@ def _settings_or_none(args: argparse.Namespace):
         return None, exc
 
 
+# Pages of the dashboard (web/common.py PAGES; not imported: it would load the web face).
+DASHBOARD_PAGES = ("status", "models", "logs", "settings")
+
+
+def can_open_browser(env: Any = None, platform: str | None = None) -> bool:
+    """Whether a browser window can appear: always on Windows / macOS, elsewhere only with
+    DISPLAY or WAYLAND_DISPLAY (over SSH a text browser would take over the terminal)."""
+    env = os.environ if env is None else env
+    platform = platform or sys.platform
+    return platform in ("win32", "darwin") or bool(env.get("DISPLAY") or env.get("WAYLAND_DISPLAY"))
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """A one-time dashboard login link from the running host (lock port, proven by the
+    token); opened in a browser when one can be opened."""
+    from luna_daemon.instance import LoginRefused, NotLunaHost, request_login
+    from luna_daemon.settings import read_token
+
+    s = _settings(args)
+    token = read_token(s)
+    if not token:
+        _out(f"no token at {s.token_path}: the daemon has never run with this config; start it with `luna-daemon serve`")
+        return EXIT_UNAVAILABLE
+    try:
+        url = request_login(s.host, s.lock_port, token, args.page)
+    except ConnectionRefusedError:
+        _out(f"Luna Daemon is not running (nothing on lock port {s.lock_port}); start it with `luna-daemon serve`")
+        return EXIT_UNAVAILABLE
+    except NotLunaHost as exc:
+        _out(f"port {s.lock_port} (lock_port) is held by {exc.owner}, not Luna Daemon")
+        return EXIT_UNAVAILABLE
+    except LoginRefused as exc:
+        _out({
+            "token": f"the running Luna host refused this token ({s.token_path}): it was started with another "
+                     "config dir (--config / LUNA_CONFIG_DIR); run this command with the same settings",
+            "monitor": "the running Luna host serves no dashboard (started with --no-monitor, or monitor_port was "
+                       "taken: see `luna-daemon logs`)",
+            "page": f"unknown page {args.page!r}",
+        }.get(exc.reason, "the running Luna host is too old to hand out login links; restart it after updating"))
+        return EXIT_FAIL
+    opened = False
+    if not args.no_open and can_open_browser():
+        import webbrowser
+
+        try:
+            opened = bool(webbrowser.open(url))
+        except Exception:  # noqa: BLE001 - no usable browser: the printed link still works
+            opened = False
+    if args.json:
+        _json({"url": url, "page": args.page, "opened": opened})
+    else:
+        _out(url)
+        _out("opened in your browser" if opened else "open this link in a browser on this machine (valid once, for a "
+             "short time); it logs the page in to start, stop, unload and change settings")
+    return EXIT_OK
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with _client(args, tolerant=True) as c:
         c.shutdown()
     _out("stop requested; the daemon finishes in-flight requests, unloads models and stops")
     return EXIT_OK
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    # Strict: ``config`` is how a file is checked; a bad one is exit 2 naming file, line, key.
     s = _settings(args)
     rows = {k: {"value": v, "source": s.sources.get(k, "default")} for k, v in s.public_dict().items()}
     if args.json:
@@ -220,12 +324,12 @@ def cmd_config(args: argparse.Namespace) -> int:
     _out(f"config file: {s.config_file}")
     width = max(len(k) for k in rows)
     for k, r in rows.items():
-        _out(f"  {k:<{width}}  {json.dumps(r['value'], default=str):<40} ({r['source']})")
+        _out(f"  {k:<{width}}  {_setting_text(k, r['value']):<40} ({r['source']})")
     return EXIT_OK
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    s = _settings(args)
+    s = _settings(args, tolerant=True)
     if args.path:
         _out(str(s.log_file))
         return EXIT_OK
@@ -240,9 +344,17 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from luna_daemon.demo import run_demo
+    from luna_daemon import demo
 
-    report = run_demo()
+    # Each step is shown as it happens (the first, importing torch, takes seconds): a live
+    # display on a terminal when rich is installed, else one plain line per step event.
+    if args.json:
+        report = demo.run_demo()
+    elif _isatty(sys.stdout) and _has_module("rich"):
+        with demo.RichProgress() as progress:
+            report = demo.run_demo(progress)
+    else:
+        report = demo.run_demo(demo.PlainProgress(_out))
     _report(args, report)
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
@@ -277,6 +389,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = bench.transport_benchmark(**kw)
     _report(args, report)
     return EXIT_OK
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def _report(args: argparse.Namespace, report: dict) -> None:
@@ -325,6 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--keep-alive", dest="keep_alive", help="how long it stays loaded when idle: 30s, 5m, forever")
     ld.set_defaults(func=cmd_load)
     sub.add_parser("stop", parents=[common], help="stop the daemon cleanly").set_defaults(func=cmd_stop)
+    db = sub.add_parser("dashboard", parents=[common], help="print (and open) a one-time login link to the dashboard")
+    db.add_argument("page", nargs="?", default="status", choices=DASHBOARD_PAGES)
+    db.add_argument("--no-open", action="store_true", help="only print the link, never start a browser")
+    db.add_argument("--lock-port", type=int, dest="lock_port", help="the running host's lock port (default 19299)")
+    db.set_defaults(func=cmd_dashboard)
     c = sub.add_parser("config", parents=[common], help="show the effective settings and where each comes from")
     c.add_argument("--show", action="store_true", help="(default) print every setting with its source")
     c.set_defaults(func=cmd_config)

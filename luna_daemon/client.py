@@ -12,11 +12,16 @@ What a caller can rely on:
   the daemon is full, restart) is noticed before anything is sent and replaced, for
   every op. Idempotent ops (everything but ``shutdown``) are also retried once,
   transparently, on a fresh connection when the connection dies during the call.
-* Tensors go in and come out as torch tensors; results alias the received buffer.
+* Tensors go in and come out as torch tensors; results alias the received buffer. To a
+  daemon on this host, calls with big tensors use shared memory (``shm``; see
+  docs/protocol.md): a big result then owns its region of the connection's segment,
+  which is not reused while the result lives. Either way a result stays valid after
+  later calls.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import socket
@@ -25,9 +30,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from luna_daemon import protocol, transport
+from luna_daemon import protocol, shm, transport
 from luna_daemon.protocol import ErrorCode, Limits, LunaError
 from luna_daemon.settings import Settings, read_token
+from luna_daemon.shm import ClientSegment
 
 if TYPE_CHECKING:  # torch is imported only by calls that carry tensors (the CLI never does)
     import torch
@@ -35,6 +41,17 @@ if TYPE_CHECKING:  # torch is imported only by calls that carry tensors (the CLI
 log = logging.getLogger(__name__)
 
 NOT_IDEMPOTENT = frozenset({"shutdown"})
+_MAX_WARNINGS = 16  # per answer; the daemon sends at most as many (docs/protocol.md)
+
+
+def _log_warnings(op: str, result: Any) -> Any:
+    """Log the daemon's ``warnings`` of one answer at WARNING here (in ComfyUI: its console)
+    and return the result without them."""
+    if isinstance(result, dict) and "warnings" in result:
+        found = result.pop("warnings")
+        for text in found[:_MAX_WARNINGS] if isinstance(found, list) else ():
+            log.warning("Luna Daemon (%s): %s", op, str(text)[:1000])
+    return result
 _POOL_MAX = 8
 
 
@@ -70,6 +87,10 @@ class _Abandoned(Exception):
 
 
 class _Connection:
+    """One pooled connection and, once a call used shared memory on it, its segment
+    (created, registered and destroyed with the connection: segments are per connection
+    on both sides)."""
+
     def __init__(self, host: str, port: int, connect_timeout: float):
         try:
             self.sock = socket.create_connection((host, port), timeout=connect_timeout)
@@ -79,9 +100,17 @@ class _Connection:
                 "Start it with the tray app or 'luna-daemon serve'."
             ) from None
         self.channel = transport.Channel(self.sock)
+        self.segment: ClientSegment | None = None
+        self.wanted = 0  # segment size the daemon asked for (shm_wanted): used from the next call
 
     def close(self) -> None:
         self.channel.close()
+        if self.segment is not None:
+            self.segment.destroy()
+            self.segment = None
+
+    def segments(self) -> dict | None:
+        return {self.segment.name: self.segment} if self.segment is not None else None
 
 
 class DaemonClient:
@@ -97,6 +126,8 @@ class DaemonClient:
         connect_timeout: float = 5.0,
         settings: Settings | None = None,
         max_body_bytes: int = 16 * 1024**3,
+        supervisor: bool = False,
+        shm: bool | None = None,
     ):
         self.host, self.port, self.timeout, self.connect_timeout = host, port, timeout, connect_timeout
         self._settings = settings
@@ -106,6 +137,18 @@ class DaemonClient:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closed = False
+        # A supervisor (the tray's health probes) opens each connection with an
+        # authenticated ``hello`` role=supervisor: the daemon then keeps it out of its
+        # client count, request stats, events and log (docs/protocol.md "Supervision").
+        self._supervisor = supervisor
+        # Shared memory for big tensors (docs/protocol.md "Shared memory"): only to a daemon
+        # on this host (a loopback address); ``shm=False`` or setting ``shm = false`` turns it
+        # off. Also off for good once the daemon refused a registration (shm off there,
+        # an older daemon, /dev/shm full).
+        if shm is None:
+            shm = settings.shm if settings is not None else True
+        self._shm = bool(shm) and _is_loopback(host)
+        self._shm_max = max_body_bytes
 
     @classmethod
     def from_settings(cls, settings: Settings, **kw: Any) -> "DaemonClient":
@@ -116,7 +159,9 @@ class DaemonClient:
     @property
     def token(self) -> str | None:
         if self._token is None:
-            self._token = read_token(self._settings or Settings.load())
+            # Tolerant: a client needs only host, port and the token file's place; an
+            # unrelated bad key in config.toml must not break it (the host reports it).
+            self._token = read_token(self._settings or Settings.load(tolerant=True))
         return self._token
 
     def _checkout(self, *, fresh: bool = False) -> tuple[_Connection, bool]:
@@ -139,7 +184,24 @@ class DaemonClient:
         with self._lock:
             if self._closed:
                 raise DaemonUnavailable("client is closed")
-        return _Connection(self.host, self.port, self.connect_timeout), False
+        conn = _Connection(self.host, self.port, self.connect_timeout)
+        if self._supervisor:
+            self._announce_supervisor(conn)
+        return conn, False
+
+    def _announce_supervisor(self, conn: _Connection) -> None:
+        buffers, _keep = protocol.request(0, "hello", {"role": "supervisor"}, self.token)
+        try:
+            conn.channel.send(buffers, self.timeout)
+            frame = conn.channel.read_frame(self._limits, idle_timeout=self.timeout, frame_timeout=self.timeout)
+            _rid, ok, payload = protocol.parse_response(frame)
+        except (OSError, transport.PeerClosed, transport.IdleTimeout, transport.FrameTimeout, LunaError) as exc:
+            conn.close()
+            raise DaemonUnavailable(f"Luna Daemon at {self.host}:{self.port} did not answer the supervisor hello: "
+                                    f"{getattr(exc, 'message', None) or exc}") from None
+        if not ok:
+            conn.close()
+            raise DaemonError(*payload)
 
     def _checkin(self, conn: _Connection) -> None:
         with self._lock:
@@ -159,14 +221,23 @@ class DaemonClient:
         timeout = self.timeout if timeout is None else timeout
         req_id = next(self._ids)
         token = self.token if op not in ("ping", "hello") else None
-        buffers, _keep = protocol.request(req_id, op, args, token)
+        header, tensors = protocol.pack_request(req_id, op, args, token)
+        shm_bytes = protocol.tensors_nbytes(tensors) if tensors and self._shm else 0
+        buffers = None if shm_bytes else protocol.encode_frame(protocol.Kind.REQUEST, header, tensors)
         for attempt in (0, 1):
             conn, reused = self._checkout(fresh=attempt > 0)
             try:
+                if shm_bytes or conn.segment is not None:
+                    # Encoded per connection: the tensors are copied into *its* segment.
+                    buffers = self._encode_shm(conn, header, tensors, shm_bytes, timeout)
                 conn.channel.send(buffers, timeout)
                 if check is not None:
                     conn.channel.wait_readable(_Abandoned.guard(check), time.monotonic() + timeout)
-                frame = conn.channel.read_frame(self._limits, idle_timeout=timeout, frame_timeout=timeout)
+                frame = conn.channel.read_frame(self._limits, idle_timeout=timeout, frame_timeout=timeout,
+                                                segments=conn.segments())
+                wanted = frame.header.get("shm_wanted")
+                if type(wanted) is int and conn.segment is not None and wanted <= self._shm_max:
+                    conn.wanted = wanted  # (bigger than the daemon allows: stays TCP)
             except _Abandoned as abandoned:
                 conn.close()  # the daemon sees the client gone and drops the request if still queued
                 log.info("%s abandoned by the caller (%s)", op, type(abandoned.cause).__name__)
@@ -190,7 +261,7 @@ class DaemonClient:
                 raise DaemonError(ErrorCode.BAD_FRAME, f"answer for request {rid!r}, expected {req_id}")
             if ok:
                 self._checkin(conn)
-                return payload
+                return _log_warnings(op, payload)
             code, message = payload
             if code in (c.value for c in protocol.FATAL_CODES):
                 conn.close()
@@ -198,6 +269,57 @@ class DaemonClient:
                 self._checkin(conn)
             raise DaemonError(code, message)
         raise AssertionError("unreachable")
+
+    def _encode_shm(self, conn: _Connection, header: dict, tensors: dict, shm_bytes: int, timeout: float) -> list:
+        """The request's buffers with its tensors in ``conn``'s segment when they are big
+        enough (creating, growing and registering the segment as needed), and its answer's
+        tensors asked for there too. Falls back to the body if shared memory fails."""
+        big = shm_bytes >= shm.DEFAULT_MIN_BYTES and self._shm
+        big = big and shm_bytes <= self._shm_max
+        if big:
+            # A decode's image is ~48x its latent: size the first segment for the answer.
+            size = min(max(shm_bytes, conn.wanted, min(64 * shm_bytes, 256 * 1024**2), 16 * 1024**2), self._shm_max)
+            if conn.segment is None or conn.segment.size < max(shm_bytes, conn.wanted) or conn.segment.in_use():
+                # (in use: a result the caller still holds owns part of it; see ClientSegment.lend)
+                self._register(conn, size, timeout)
+        seg = conn.segment
+        if seg is None or "token" not in header or (not big and seg.in_use()):
+            # ping / hello carry no token, so no shared memory; a small call does not
+            # replace a segment a result still owns: its answer comes in the body.
+            return protocol.encode_frame(protocol.Kind.REQUEST, header, tensors)
+        header = {**header, "shm_reply": seg.name}
+        return protocol.encode_frame(protocol.Kind.REQUEST, header, tensors,
+                                     protocol.ShmTarget(seg.name, seg.buf, shm.DEFAULT_MIN_BYTES))
+
+    def _register(self, conn: _Connection, size: int, timeout: float) -> None:
+        """Give ``conn`` a new segment of ``size`` bytes registered on it (the daemon
+        releases the previous one). On a refusal shared memory is turned off for this
+        client and the call goes on over TCP; a lost connection propagates (OSError)."""
+        old, conn.segment = conn.segment, None
+        if old is not None:
+            old.destroy()
+        try:
+            seg = shm.ClientSegment(size)
+        except (OSError, ValueError) as exc:  # /dev/shm full (ENOSPC), no shm on this system
+            log.info("shared memory unavailable (%s); tensors go over TCP", exc)
+            self._shm = False
+            return
+        header, _ = protocol.pack_request(0, "shm_register", {"name": seg.name, "size": seg.size}, self.token)
+        try:
+            conn.channel.send(protocol.encode_frame(protocol.Kind.REQUEST, header), timeout)
+            frame = conn.channel.read_frame(self._limits, idle_timeout=timeout, frame_timeout=timeout)
+        except BaseException:
+            seg.destroy()
+            raise
+        _rid, ok, payload = protocol.parse_response(frame)
+        if not ok:
+            seg.destroy()
+            log.info("the daemon refused shared memory (%s: %s); tensors go over TCP", *payload)
+            self._shm = False
+            return
+        conn.segment, conn.wanted = seg, 0
+        if isinstance(payload, dict) and type(payload.get("shm_max_segment")) is int:
+            self._shm_max = min(self._shm_max, payload["shm_max_segment"])
 
     def close(self) -> None:
         with self._lock:
@@ -326,11 +448,12 @@ class DaemonClient:
 
 
 def wait_for_daemon(host: str, port: int, timeout: float, *, proc: Any = None, token: str | None = "",
-                    interval: float = 0.05) -> None:
+                    interval: float = 0.05, supervisor: bool = False) -> None:
     """Block until a daemon at ``host:port`` answers ``ping`` (a real protocol round trip).
 
     ``proc`` (a Popen) that exits first makes this fail at once. Raises DaemonUnavailable
-    with the last error after ``timeout`` seconds.
+    with the last error after ``timeout`` seconds. ``supervisor`` (needs the right
+    ``token``): the pings are supervision, not client traffic (the daemon's own readiness check).
     """
     deadline = time.monotonic() + timeout
     last: Exception | None = None
@@ -338,7 +461,8 @@ def wait_for_daemon(host: str, port: int, timeout: float, *, proc: Any = None, t
         if proc is not None and proc.poll() is not None:
             raise DaemonUnavailable(f"the daemon process exited with code {proc.returncode} before answering ping")
         try:
-            with DaemonClient(host, port, token=token, timeout=5.0, connect_timeout=min(1.0, timeout)) as c:
+            with DaemonClient(host, port, token=token, timeout=5.0, connect_timeout=min(1.0, timeout),
+                              supervisor=supervisor) as c:
                 c.ping()
             return
         except (DaemonUnavailable, DaemonError) as exc:
@@ -346,6 +470,16 @@ def wait_for_daemon(host: str, port: int, timeout: float, *, proc: Any = None, t
         if time.monotonic() >= deadline:
             raise DaemonUnavailable(f"no daemon answered ping on {host}:{port} within {timeout:.0f}s: {last}")
         time.sleep(interval)
+
+
+def _is_loopback(host: str) -> bool:
+    """Is ``host`` this machine (where the daemon can map our segments)?"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _drop_none(**kw: Any) -> dict[str, Any]:

@@ -80,6 +80,11 @@ class Daemon:
         self.lora_cache: Any = None
         # The protocol ``shutdown`` op's action; None = stop the daemon (see _on_shutdown_op).
         self.on_shutdown: Callable[[], None] | None = None
+        # Set by a host (config file state, host.py): ``before_start`` runs first in every
+        # start (may raise DaemonStartError: a broken config file); ``status_extra`` adds
+        # keys to snapshot() (``restart_needed``, ``config_error``).
+        self.before_start: Callable[[], None] | None = None
+        self.status_extra: Callable[[], dict[str, Any]] | None = None
         self.unclean_stops = 0  # stops that cut something off (Host.end_process reads it)
         self._last_stop_clean = True  # what stop() answers once stopped (concurrent callers)
         self._lifecycle = threading.RLock()  # serialises start/stop
@@ -106,6 +111,7 @@ class Daemon:
             "in_flight": self.server.in_flight if self.server else 0,
             "models": len(self.registry.entries()) if self.registry else 0,
             "engine": self.engine.name if self.engine is not None else None,
+            **(self.status_extra() if self.status_extra is not None else {}),
         }
 
     # ------------------------------------------------------------ start
@@ -117,6 +123,8 @@ class Daemon:
             self._stopped.clear()
             self._last_stop_clean = True
             try:
+                if self.before_start is not None:
+                    self.before_start()
                 self._start_components()
                 self._verify_ping(timeout)
                 self.started_at = time.time()
@@ -148,7 +156,7 @@ class Daemon:
 
         host, port = self.address  # type: ignore[misc]
         try:
-            wait_for_daemon(host, port, timeout, token=self.token)
+            wait_for_daemon(host, port, timeout, token=self.token, supervisor=True)
         except DaemonUnavailable as exc:
             raise DaemonStartError(str(exc)) from None
 

@@ -24,6 +24,7 @@ from luna_daemon.instance import who_holds_lock
 from luna_daemon.netutil import port_holder
 from luna_daemon.protocol import LunaError
 from luna_daemon.settings import CONFIG_FILE, Settings, SettingsError, read_token
+from luna_daemon.units import fmt_bytes
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 HELLO_S = 3.0
@@ -219,14 +220,14 @@ class _Doctor:
 
         devs = available_devices()
         vm = psutil.virtual_memory()
-        parts = [f"cpu: {vm.available / 1e9:.1f} GB RAM free of {vm.total / 1e9:.1f} GB"]
+        parts = [f"cpu: {fmt_bytes(vm.available)} RAM free of {fmt_bytes(vm.total)}"]
         for d in devs:
             if d.startswith("cuda"):
                 import torch
 
                 idx = int(d.split(":")[1])
                 free, total = torch.cuda.mem_get_info(idx)
-                parts.append(f"{d} {torch.cuda.get_device_name(idx)}: {free / 1e9:.1f} GB free of {total / 1e9:.1f} GB")
+                parts.append(f"{d} {torch.cuda.get_device_name(idx)}: {fmt_bytes(free)} free of {fmt_bytes(total)}")
             elif d == "mps":
                 parts.append("mps")
         out = [Finding("devices", OK, "; ".join(parts))]

@@ -6,11 +6,18 @@ sequence number (``/api/logs?since=``) and, when given an event bus, publishes e
 record as a ``log`` event for live viewers. :class:`RateLimitedLog` bounds the lines that
 a peer can cause (bad frames, refused requests), so that no local program can flood the
 log and rotate the real one away.
+
+Records of the libraries the daemon runs (ComfyUI's ``comfy`` logs to the root logger;
+transformers, diffusers) are routed to the same handlers, and :func:`collect_warnings`
+gathers the WARNING+ lines logged while one request is served, so that the service can
+send them back to the caller (the ``warnings`` result key, docs/protocol.md).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import itertools
 import logging
 import logging.handlers
@@ -22,6 +29,15 @@ from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _installed: list[logging.Handler] = []
+
+# Libraries the daemon runs that log outside ``luna_daemon``: ComfyUI's ``comfy`` logs
+# through the root logger; transformers / diffusers / huggingface_hub have library loggers
+# that stop propagation and print to stderr themselves, so the route handler is attached
+# to each of them too (a record reaching two of them is routed once).
+FOREIGN_LOGGERS = ("", "transformers", "diffusers", "huggingface_hub")
+# What one request can carry back in its answer (``warnings``): a few short lines.
+MAX_REQUEST_WARNINGS = 16
+MAX_WARNING_CHARS = 500
 
 
 class LogTail(logging.Handler):
@@ -129,8 +145,90 @@ def _key_text(key: Hashable) -> str:
     return " ".join(str(k) for k in key) if isinstance(key, tuple) else str(key)
 
 
+# ----------------------------------------------------------------- foreign records
+
+class _ForeignRoute(logging.Handler):
+    """Hands records of other libraries (ComfyUI's root-logger lines, transformers...) to
+    the ``luna_daemon`` handlers, so they reach the log file, the tail (dashboard) and
+    stderr. Being a handler on the root logger also keeps ComfyUI's module-level
+    ``logging.warning`` from calling ``basicConfig`` (a second stderr handler)."""
+
+    def __init__(self, targets: list[logging.Handler]):
+        super().__init__(logging.NOTSET)
+        self.targets = targets
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "_luna_routed", False) or record.name.startswith("luna_daemon"):
+            return
+        record._luna_routed = True  # a library logger that also propagates: route once
+        for h in self.targets:
+            if record.levelno >= h.level:
+                h.handle(record)
+
+
+_route = _ForeignRoute([])
+
+
+# ----------------------------------------------------------------- per-request warnings
+
+_request_warnings: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("luna_request_warnings",
+                                                                                    default=None)
+
+
+class _RequestWarnings(logging.Handler):
+    """Collects WARNING+ records, from any logger, into the current request's list (see
+    :func:`collect_warnings`); outside a request it does nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sink = _request_warnings.get()
+        if sink is None or getattr(record, "_luna_collected", None) is sink:
+            return
+        record._luna_collected = sink  # seen by the root and a library logger: once
+        try:
+            text = record.getMessage().strip()
+        except Exception:  # noqa: BLE001 - a bad format string must not break the request
+            text = str(record.msg)
+        if len(text) > MAX_WARNING_CHARS:
+            text = text[:MAX_WARNING_CHARS] + "..."
+        if text and text not in sink and len(sink) < MAX_REQUEST_WARNINGS:
+            sink.append(text)
+
+
+_collector = _RequestWarnings()
+
+
+def install_capture() -> None:
+    """Attach the request-warning collector (and the foreign-record route) to the
+    ``luna_daemon``, root and library loggers. Idempotent; :func:`setup_logging` and the
+    service call it."""
+    for name in ("luna_daemon", *FOREIGN_LOGGERS):
+        logger = logging.getLogger(name)
+        for h in (_collector, _route) if name != "luna_daemon" else (_collector,):
+            if h not in logger.handlers:
+                logger.addHandler(h)
+
+
+@contextlib.contextmanager
+def collect_warnings():
+    """``with collect_warnings() as found:`` -- WARNING+ records logged in this context
+    (this thread, and work run with :func:`contextvars.copy_context` from it, e.g. a
+    model's executor thread) are appended to ``found`` as message strings: at most
+    MAX_REQUEST_WARNINGS, each cut to MAX_WARNING_CHARS, duplicates dropped."""
+    found: list[str] = []
+    reset = _request_warnings.set(found)
+    try:
+        yield found
+    finally:
+        _request_warnings.reset(reset)
+
+
 def setup_logging(settings, events: Any = None, *, stderr: bool = True) -> LogTail:
-    """Install file + stderr + tail handlers on the ``luna_daemon`` logger. Idempotent."""
+    """Install file + stderr + tail handlers on the ``luna_daemon`` logger, and route
+    WARNING+ records of ComfyUI (root logger) and transformers / diffusers to them.
+    Idempotent."""
     root = logging.getLogger("luna_daemon")
     for h in _installed:
         root.removeHandler(h)
@@ -152,4 +250,11 @@ def setup_logging(settings, events: Any = None, *, stderr: bool = True) -> LogTa
     for h in handlers:
         root.addHandler(h)
         _installed.append(h)
+    _route.targets = list(handlers)
+    install_capture()
     return tail
+
+
+def set_level(level: str) -> None:
+    """Change the ``luna_daemon`` log level while running (``log_level`` applies live)."""
+    logging.getLogger("luna_daemon").setLevel(level)

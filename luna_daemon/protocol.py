@@ -226,11 +226,30 @@ def decode_header(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     return header
 
 
-def _descriptor(d: Any, body_len: int) -> tuple[str, str, tuple[int, ...], int, int]:
-    """Validate one descriptor -> (name, dtype name, shape, offset, nbytes). Raises only
-    bad_frame, whatever JSON ``d`` is (messages show peer values cut short)."""
+# Resolves the shared-memory segments a frame may name: a mapping of segment name -> a
+# memoryview of the whole segment, or a callable that gets the frame's header (the server
+# checks the request's token there) and returns that mapping.
+Segments = Any
+
+
+def _descriptor(d: Any, body_len: int, segments: Any = None) -> tuple[str, str, tuple[int, ...], int, int, Any]:
+    """Validate one descriptor -> (name, dtype name, shape, offset, nbytes, (segment
+    name, segment) or None); ``segments``: a mapping (or None). Raises only bad_frame,
+    whatever JSON ``d`` is (messages show peer values cut short)."""
     if type(d) is not dict:
         raise ProtocolError(ErrorCode.BAD_FRAME, "tensor descriptor must be an object")
+    seg = None
+    limit, where = body_len, "the body"
+    seg_name = d.get("shm")
+    if seg_name is not None:
+        # A tensor in a shared-memory segment: the segment must be one registered on this
+        # connection (by name, exactly), and the bytes inside it -- checked below against
+        # that segment's size, like body offsets against body_len.
+        seg = segments.get(seg_name) if (segments and type(seg_name) is str and not callable(segments)) else None
+        if seg is None:
+            raise ProtocolError(ErrorCode.BAD_FRAME, f"shm segment {shown(seg_name)} is not registered on this connection "
+                                "(register it with shm_register first)")
+        limit, where = len(seg), f"shm segment {seg_name}"
     name, dtype_name, shape, offset, nbytes = (d.get(k) for k in ("name", "dtype", "shape", "offset", "nbytes"))
     if type(name) is not str or not name or len(name) > 128:
         raise ProtocolError(ErrorCode.BAD_FRAME, "tensor name must be a non-empty string (<= 128 chars)")
@@ -250,17 +269,26 @@ def _descriptor(d: Any, body_len: int) -> tuple[str, str, tuple[int, ...], int, 
         raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: empty tensor of shape {shape} is too large to describe")
     if offset % ALIGN:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: offset {offset} not {ALIGN}-byte aligned")
-    if offset + nbytes > body_len:
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: bytes {offset}..{offset + nbytes} outside the body ({body_len} B)")
-    return name, dtype_name, tuple(shape), offset, nbytes
+    if offset + nbytes > limit:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"tensor {name!r}: bytes {offset}..{offset + nbytes} outside {where} ({limit} B)")
+    return name, dtype_name, tuple(shape), offset, nbytes, (seg_name, seg) if seg is not None else None
 
 
-def decode_tensors(descriptors: Any, body: bytearray | torch.Tensor) -> dict[str, torch.Tensor]:
+def decode_tensors(descriptors: Any, body: bytearray | torch.Tensor, segments: Segments = None,
+                   header: Any = None) -> dict[str, torch.Tensor]:
     """Validate descriptors against ``body`` and return tensors that alias it.
 
     ``body`` is a ``bytearray`` or a 1-D uint8 tensor (the transport receives big bodies
     into ``torch.empty``: unlike a bytearray it is not zero-filled first, which on a
-    12 MB image costs as much again as receiving it)."""
+    12 MB image costs as much again as receiving it).
+
+    A descriptor with ``"shm": <segment name>`` refers to bytes of that segment (see
+    :data:`Segments`; ``header`` is passed to a callable). Such tensors are *copied out*
+    into private memory (the daemon's case: the segment's owner can rewrite it at any
+    time, and a daemon must not hash or validate bytes that change afterwards), unless
+    the segment object offers ``lend(offset, nbytes)`` (a client's own segment): then a
+    big tensor owns its region, and the client does not reuse the segment while it lives
+    (either way a client's result stays valid after its next call)."""
     if not descriptors:
         if descriptors is None or descriptors == []:
             return {}
@@ -268,24 +296,38 @@ def decode_tensors(descriptors: Any, body: bytearray | torch.Tensor) -> dict[str
         raise ProtocolError(ErrorCode.BAD_FRAME, "'tensors' must be a list")
     if len(descriptors) > MAX_TENSORS:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"more than {MAX_TENSORS} tensors")
-    parsed = [_descriptor(d, len(body)) for d in descriptors]
+    if callable(segments) and any(type(d) is dict and d.get("shm") is not None for d in descriptors):
+        segments = segments(header)  # once per frame (the server checks the token there)
+    parsed = [_descriptor(d, len(body), segments) for d in descriptors]
     names = [p[0] for p in parsed]
     if len(set(names)) != len(names):
         raise ProtocolError(ErrorCode.BAD_FRAME, "duplicate tensor names")
-    spans = sorted((p[3], p[3] + p[4], p[0]) for p in parsed if p[4] > 0)
-    for (_, end_a, name_a), (start_b, _, name_b) in zip(spans, spans[1:]):
-        if start_b < end_a:
+    # Non-overlap within each storage (the body, each segment).
+    spans = sorted((p[5][0] if p[5] else "", p[3], p[3] + p[4], p[0]) for p in parsed if p[4] > 0)
+    for (where_a, _, end_a, name_a), (where_b, start_b, _, name_b) in zip(spans, spans[1:]):
+        if where_a == where_b and start_b < end_a:
             raise ProtocolError(ErrorCode.BAD_FRAME, f"tensors {name_a!r} and {name_b!r} overlap")
     import torch  # the first frame with tensors imports it (a no-op afterwards)
 
     by_name = _dtype_maps()[0]
     out: dict[str, torch.Tensor] = {}
-    for name, dtype_name, shape, offset, nbytes in parsed:
+    for name, dtype_name, shape, offset, nbytes, seg in parsed:
         dtype = by_name[dtype_name]
         if nbytes == 0:
             out[name] = torch.empty(shape, dtype=dtype)
             continue
-        if isinstance(body, torch.Tensor):
+        if seg is not None:
+            lend = getattr(seg[1], "lend", None)  # a client's own segment (shm.ClientSegment)
+            region = lend(offset, nbytes) if lend is not None else None
+            if region is not None:
+                # The tensor owns this region of the segment now (a numpy array the
+                # segment watches, which keeps the mapping mapped while it lives).
+                flat = torch.from_numpy(region)
+            else:
+                flat = torch.empty(nbytes, dtype=torch.uint8)
+                memoryview(flat.numpy())[:] = seg[1][offset:offset + nbytes]  # one memcpy (see shm.py)
+            flat = flat.view(dtype)
+        elif isinstance(body, torch.Tensor):
             # A view of the received tensor (offsets are 64-byte aligned, so any dtype fits).
             flat = body[offset:offset + nbytes].view(dtype)
         else:
@@ -297,16 +339,19 @@ def decode_tensors(descriptors: Any, body: bytearray | torch.Tensor) -> dict[str
 
 
 def decode_frame(prefix: Prefix, header_bytes: bytes | bytearray, body: bytearray | torch.Tensor,
-                 header: dict[str, Any] | None = None) -> Frame:
+                 header: dict[str, Any] | None = None, segments: Segments = None) -> Frame:
     """Decode a complete frame whose prefix was already validated. ``header``: the result
     of ``decode_header(header_bytes)`` when the caller already has it (the server looks
-    at the header before it receives the body). Raises only LunaError (bad_frame)."""
+    at the header before it receives the body). ``segments``: the shared-memory segments
+    this connection registered (see :func:`decode_tensors`); without them a descriptor
+    naming a segment is bad_frame. Raises only LunaError (bad_frame, or what a
+    ``segments`` callable raises)."""
     if len(header_bytes) != prefix.header_len or len(body) != prefix.body_len:
         raise ProtocolError(ErrorCode.BAD_FRAME, "frame truncated")
     if header is None:
         header = decode_header(header_bytes)
     descriptors = header.get("tensors")
-    tensors = decode_tensors(descriptors, body) if descriptors is not None else {}
+    tensors = decode_tensors(descriptors, body, segments, header) if descriptors is not None else {}
     # One walk resolves the markers and bounds the nesting (our walkers recurse). It is
     # skipped when neither can matter: no "$" and no "\\u" escape that could spell one
     # means no marker, and fewer brackets than MAX_JSON_DEPTH means no deep nesting:
@@ -353,12 +398,49 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def encode_frame(kind: Kind, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> list[memoryview | bytes]:
+class ShmTarget(NamedTuple):
+    """Where :func:`encode_frame` may put a frame's tensors instead of the body: the
+    segment ``name`` (as the peer registered it), a writable memoryview of all its bytes,
+    and the least total of tensor bytes worth the trip (smaller sets go in the body)."""
+
+    name: str
+    buffer: memoryview
+    min_bytes: int = 0
+
+
+def tensors_nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes ``tensors`` take laid out 64-byte aligned (a body, or a segment)."""
+    total = 0
+    for t in tensors.values():
+        total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+    return total
+
+
+def _encode_into_segment(target: ShmTarget, tensors: dict[str, torch.Tensor], names: dict) -> list[dict]:
+    """Copy ``tensors`` into the segment at aligned offsets; -> their descriptors."""
+    descriptors, offset = [], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        d = {"name": name, "dtype": names[t.dtype], "shape": list(t.shape), "offset": 0, "nbytes": nbytes}
+        if nbytes:
+            target.buffer[offset:offset + nbytes] = _tensor_bytes(t)  # one memcpy (see shm.py)
+            d["shm"], d["offset"] = target.name, offset
+            offset += -(-nbytes // ALIGN) * ALIGN
+        descriptors.append(d)
+    return descriptors
+
+
+def encode_frame(kind: Kind, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None,
+                 shm: ShmTarget | None = None) -> list[memoryview | bytes]:
     """Encode a frame as a list of buffers for ``sendall`` / ``sendmsg`` (no big copies).
 
     Adds the ``tensors`` descriptor list to ``header`` (a new dict; the caller's is kept)
     when there are tensors; a frame without tensors has no ``tensors`` key.
     Raises ProtocolError(bad_args) for a tensor of a dtype outside the allowlist.
+
+    ``shm``: the tensors are copied into that segment instead of the body when they total
+    at least ``shm.min_bytes`` and fit; when they do not fit, they go in the body and the
+    header carries ``shm_wanted`` (the segment size that would have held them).
     """
     descriptors = []
     chunks: list[memoryview | bytes] = []
@@ -367,6 +449,16 @@ def encode_frame(kind: Kind, header: dict[str, Any], tensors: dict[str, torch.Te
     for name, t in (tensors or {}).items():
         if t.dtype not in names:
             raise ProtocolError(ErrorCode.BAD_ARGS, f"tensor {name!r}: dtype {t.dtype} cannot be sent")
+    if shm is not None and tensors:
+        total = tensors_nbytes(tensors)
+        if total >= shm.min_bytes:
+            header = dict(header)
+            if total <= len(shm.buffer):
+                header["tensors"] = _encode_into_segment(shm, tensors, names)
+                tensors = None
+            else:
+                header["shm_wanted"] = total
+    for name, t in (tensors or {}).items():
         pad = (-offset) % ALIGN
         if pad:
             chunks.append(bytes(pad))
@@ -468,19 +560,26 @@ def unpack_value(value: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -
 
 
 # --------------------------------------------------------------------------- messages
-def request(req_id: int, op: str, args: dict[str, Any] | None = None, token: str | None = None) -> tuple[list, dict[str, torch.Tensor]]:
-    """Build (buffers) for a request; tensors anywhere in ``args`` travel in the body."""
+def pack_request(req_id: int, op: str, args: dict[str, Any] | None = None, token: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(header, tensors) of a request, for :func:`encode_frame`."""
     tensors: dict[str, torch.Tensor] = {}
     header: dict[str, Any] = {"id": req_id, "op": op, "args": pack_value(args, tensors, "a") if args else {}}
     if token is not None:
         header["token"] = token
+    return header, tensors
+
+
+def request(req_id: int, op: str, args: dict[str, Any] | None = None, token: str | None = None) -> tuple[list, dict[str, torch.Tensor]]:
+    """Build (buffers) for a request; tensors anywhere in ``args`` travel in the body."""
+    header, tensors = pack_request(req_id, op, args, token)
     return encode_frame(Kind.REQUEST, header, tensors), tensors
 
 
-def ok_response(req_id: Any, result: Any) -> list:
+def ok_response(req_id: Any, result: Any, shm: ShmTarget | None = None) -> list:
+    """A success answer; ``shm``: the requester's segment for its tensors (see encode_frame)."""
     tensors: dict[str, torch.Tensor] = {}
     header = {"id": req_id, "ok": True, "result": pack_value(result, tensors, "r")}
-    return encode_frame(Kind.RESPONSE, header, tensors)
+    return encode_frame(Kind.RESPONSE, header, tensors, shm)
 
 
 def error_response(req_id: Any, code: ErrorCode | str, message: str) -> list:

@@ -29,8 +29,9 @@ from luna_daemon.events import EventBus
 from luna_daemon.logs import RateLimitedLog
 from luna_daemon.netutil import bind_listener as bind_listener_
 from luna_daemon.protocol import ErrorCode, Limits, LunaError
-from luna_daemon.service import ClientGone, Service
+from luna_daemon.service import ClientGone, Service, is_supervisor_hello
 from luna_daemon.settings import Settings
+from luna_daemon.shm import DEFAULT_MIN_BYTES, Attached
 
 log = logging.getLogger(__name__)
 # Lines any local program can cause (bad frames, refused bodies, failed answers) pass
@@ -75,6 +76,14 @@ class _Conn:
         self.busy = False  # a request is in flight (received whole, not yet answered)
         self.authenticated = False  # it once sent a request carrying the right token
         self.evicted = False  # closed to admit a newcomer: a frame that arrives now is not run
+        # Shared-memory segments this connection registered (op shm_register), by name.
+        # Only this connection's thread touches it; released when the connection ends.
+        self.segments: dict[str, Attached] = {}
+        # Supervision (the tray's health probes, the daemon's own readiness check): set by an
+        # authenticated ``hello`` with ``role: "supervisor"`` (Service.handle). Such a
+        # connection is no client: not counted, announced, logged or in the request stats.
+        self.supervisor = False
+        self.announced = False  # client_connected was emitted (so client_disconnected is too)
 
     def wait(self, fut: cf.Future) -> Any:
         """Wait for queued work while watching the client: if it disconnects, cancel."""
@@ -123,8 +132,9 @@ class Server:
 
     @property
     def connection_count(self) -> int:
+        """Open client connections (supervisors excluded; see ``_Conn.supervisor``)."""
         with self._lock:
-            return len(self._conns)
+            return sum(not c.supervisor for c in self._conns)
 
     @property
     def in_flight(self) -> int:
@@ -252,14 +262,16 @@ class Server:
 
     # ------------------------------------------------------------ per connection
     def _serve_conn(self, conn: _Conn) -> None:
-        self.events.emit("client_connected", client=conn.peer, clients=self.connection_count)
+        # client_connected waits for the first request: only then is it known whether the
+        # peer is a supervisor, whose connections must not show up as clients.
         admit = functools.partial(self._admit_body, conn)  # built once, not per frame
+        segments = functools.partial(self._segments_for, conn)
         try:
             while True:
                 try:
                     frame = conn.channel.read_frame(
                         self.limits, idle_timeout=self.settings.idle_timeout, frame_timeout=self.settings.frame_timeout,
-                        admit=admit,
+                        admit=admit, segments=segments,
                     )
                 except transport.PeerClosed:
                     return
@@ -288,7 +300,13 @@ class Server:
             with self._lock:
                 self._conns.discard(conn)
             _close_socket(conn.sock)
-            self.events.emit("client_disconnected", client=conn.peer, clients=self.connection_count)
+            # Whatever ended the connection (close, eviction, a SIGKILLed client): its
+            # segments are unmapped and unlinked; a dead client cannot unlink them itself.
+            for seg in conn.segments.values():
+                self.service.shm.release(seg)
+            conn.segments.clear()
+            if conn.announced:
+                self.events.emit("client_disconnected", client=conn.peer, clients=self.connection_count)
 
     def _handle_frame(self, conn: _Conn, frame: protocol.Frame) -> bool:
         """Answer one frame. Returns False when the connection must close."""
@@ -299,6 +317,14 @@ class Server:
             self._send_error_and_close(conn, protocol.echo_id(frame.header.get("id")), exc)
             return False
         authenticated = conn.authenticated or self.service.token_ok(req.token)
+        reply_to = frame.header.get("shm_reply")
+        if reply_to is not None:
+            try:
+                reply_to = self._reply_target(conn, reply_to, req.token)
+            except LunaError as exc:
+                _wire_log.warning((exc.code, _host(conn.peer)), "bad request from %s: %s", conn.peer, exc.message)
+                self._send_error_and_close(conn, req.id, exc)
+                return False
         with self._lock:
             if conn.evicted:  # evicted while this frame arrived: drop it unrun (see _evict_locked)
                 return False
@@ -312,12 +338,15 @@ class Server:
                 self._seq += 1
                 key = self._seq
                 self._running[key] = (req.op[:64], conn.peer, time.monotonic())  # a client-chosen name: cut
+        if not conn.announced and not conn.supervisor and not is_supervisor_hello(req):
+            conn.announced = True
+            self.events.emit("client_connected", client=conn.peer, clients=self.connection_count)
         if refused:
             return self._send(conn, protocol.error_response(req.id, ErrorCode.STOPPING, "the daemon is stopping"))
         try:
             try:
                 result = self.service.handle(req, conn)
-                buffers = protocol.ok_response(req.id, result)
+                buffers = protocol.ok_response(req.id, result, reply_to)
             except ClientGone:
                 log.info("client %s went away; its queued work was cancelled", conn.peer)
                 return False
@@ -352,6 +381,23 @@ class Server:
             # mid-body (it would count as a never-authenticated idle connection until the
             # frame completes). _handle_frame resets ``busy`` once it is answered.
             conn.authenticated = conn.busy = True
+
+    def _segments_for(self, conn: _Conn, header: dict) -> dict:
+        """transport's ``segments``: asked only when a frame names a segment. A
+        descriptor is honoured only for a request carrying the right token, and only
+        against the segments registered on this very connection."""
+        if not self.service.token_ok(header.get("token")):
+            raise LunaError(ErrorCode.UNAUTHORIZED, "tensors in shared memory need the daemon's token (missing or wrong)")
+        return {name: seg.buf for name, seg in conn.segments.items()}
+
+    def _reply_target(self, conn: _Conn, name: Any, token: Any) -> protocol.ShmTarget:
+        """The segment a request asked its answer's tensors to be written into."""
+        if not self.service.token_ok(token):
+            raise LunaError(ErrorCode.UNAUTHORIZED, "answers in shared memory need the daemon's token (missing or wrong)")
+        seg = conn.segments.get(name) if type(name) is str else None
+        if seg is None or seg.buf is None:
+            raise LunaError(ErrorCode.BAD_FRAME, f"shm_reply {protocol.shown(name)} is not a segment registered on this connection")
+        return protocol.ShmTarget(name, seg.buf, DEFAULT_MIN_BYTES)
 
     def _send_error_and_close(self, conn: _Conn, req_id: Any, exc: LunaError) -> None:
         """Answer ``exc`` (an id that cannot be echoed becomes null) and close."""

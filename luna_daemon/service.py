@@ -14,16 +14,19 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures as cf
+import contextvars
 import hmac
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
 
-from luna_daemon import __version__, protocol
+from luna_daemon import __version__, fsutil, logs, protocol
 from luna_daemon.events import EventBus
 from luna_daemon.models.engines.base import DEFAULT_DECODE_TILE, DEFAULT_ENCODE_TILE, TiledArgs, is_oom
 from luna_daemon.models.lora import SHA256_RE
@@ -31,6 +34,7 @@ from luna_daemon.models.registry import Registry, available_devices, device_memo
 from luna_daemon.models.uploads import store_upload
 from luna_daemon.protocol import ErrorCode, LunaError, Request
 from luna_daemon.settings import Settings
+from luna_daemon.shm import DEFAULT_MIN_BYTES, MIN_SEGMENT, SegmentTable
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +56,15 @@ class Context(Protocol):
     """What the server provides to an op while it runs."""
 
     client: str
+    supervisor: bool  # set by Service for a supervising connection (see is_supervisor_hello)
 
     def wait(self, fut: cf.Future) -> Any: ...
+
+
+def is_supervisor_hello(req: Request) -> bool:
+    """Whether ``req`` asks to mark its connection as supervision (``hello`` with a role);
+    the server then waits for the answer before it announces the connection as a client."""
+    return req.op == "hello" and type(req.args) is dict and "role" in req.args
 
 
 @dataclass
@@ -204,6 +215,8 @@ class Service:
         self.status_provider = status_provider or (lambda: {"models": len(registry.entries()), "engine": registry.engine.name})
         self.on_shutdown = on_shutdown or (lambda: None)
         self.lora_cache = lora_cache
+        self.shm = SegmentTable(settings.max_body_bytes)  # clients' segments, attached per connection
+        logs.install_capture()  # warnings logged while serving a request go back in its answer
 
     def ops_for_service(self) -> list[str]:
         return sorted(n for n, (_, _, kinds) in _OPS.items() if self.settings.service in kinds)
@@ -241,7 +254,15 @@ class Service:
                 raise LunaError(ErrorCode.UNAUTHORIZED, "missing or wrong token (the client reads it from the daemon's config dir)")
             if self.settings.service not in kinds:
                 raise LunaError(ErrorCode.UNKNOWN_OP, f"op {req.op!r} is not offered by a {self.settings.service!r} daemon")
-            return fn(self, req.args, ctx)
+            if is_supervisor_hello(req):
+                self._claim_supervisor(req, ctx)
+            with logs.collect_warnings() as warnings:
+                result = fn(self, req.args, ctx)
+            if warnings and isinstance(result, dict):
+                # ComfyUI's own warnings (a missing embedding...) reach the caller, whose
+                # client logs them in the calling process (docs/protocol.md "warnings").
+                result = {**result, "warnings": warnings}
+            return result
         except LunaError as exc:
             outcome = exc.code
             raise
@@ -254,17 +275,33 @@ class Service:
             raise LunaError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}") from None
         finally:
             dt = time.perf_counter() - t0
-            self.stats.record(label, outcome, dt)
-            if outcome == "cancelled":
-                log.info("%s from %s cancelled: the client disconnected", req.op, ctx.client)
-            elif outcome != "ok":
-                self.events.emit("request_failed", op=label, code=outcome, client=ctx.client, ms=dt * 1000)
-            elif req.op not in ("ping", "hello", "status", "ps"):
-                self.events.emit("request", op=req.op, client=ctx.client, ms=dt * 1000)
+            # Supervision (health probes, see _claim_supervisor) is not client traffic:
+            # no stats, no events.
+            if not getattr(ctx, "supervisor", False):
+                self.stats.record(label, outcome, dt)
+                if outcome == "cancelled":
+                    log.info("%s from %s cancelled: the client disconnected", req.op, ctx.client)
+                elif outcome != "ok":
+                    self.events.emit("request_failed", op=label, code=outcome, client=ctx.client, ms=dt * 1000)
+                elif req.op not in ("ping", "hello", "status", "ps"):
+                    self.events.emit("request", op=req.op, client=ctx.client, ms=dt * 1000)
+
+    def _claim_supervisor(self, req: Request, ctx: Context) -> None:
+        """``hello`` with ``role: "supervisor"`` marks the connection as supervision. Only
+        with the token: otherwise any local program could hide its traffic from the stats."""
+        role = req.args.get("role")
+        if role != "supervisor":
+            raise LunaError(ErrorCode.BAD_ARGS, f"role must be 'supervisor' (or left out), not {protocol.shown(role)}")
+        if not self.token_ok(req.token):
+            raise LunaError(ErrorCode.UNAUTHORIZED, "role 'supervisor' needs the daemon's token (missing or wrong)")
+        ctx.supervisor = True
 
     # -------------------------------------------------------------- running work
     def run(self, ctx: Context, model_id: Any, fn: Callable[[Any], Any]) -> Any:
-        fut = self.registry.submit(model_id, fn)
+        # The model's executor thread runs ``fn`` in a copy of this request's context, so
+        # what it logs is collected for this request too (logs.collect_warnings).
+        context = contextvars.copy_context()
+        fut = self.registry.submit(model_id, lambda m: context.run(fn, m))
         try:
             return ctx.wait(fut)
         except cf.CancelledError:
@@ -322,7 +359,7 @@ def _hello(svc: Service, args: dict, ctx: Context) -> dict:
     return {
         "protocol": protocol.VERSION, "daemon": __version__, "service": svc.settings.service,
         "engine": svc.registry.engine.name, "ops": svc.ops_for_service(), "devices": available_devices(),
-        "shm": False, "auth": "token", "max_body_bytes": svc.settings.max_body_bytes,
+        "shm": svc.settings.shm, **_shm_limits(svc), "auth": "token", "max_body_bytes": svc.settings.max_body_bytes,
     }
 
 
@@ -336,12 +373,49 @@ def _status(svc: Service, args: dict, ctx: Context) -> dict:
         "devices": devices, "requests": svc.stats.snapshot(),
         "lora_cache": svc.lora_cache.stats() if svc.lora_cache is not None else None,
         **svc.status_provider(),
+        "roots": svc.registry.root_sources(),
     }
 
 
 @op("ps")
 def _ps(svc: Service, args: dict, ctx: Context) -> dict:
-    return {"models": svc.registry.ps()}
+    return {"models": svc.registry.ps(), "roots": svc.registry.root_sources()}
+
+
+# Folder kinds a ComfyUI instance registers (folder_paths names; "clip" is the legacy name
+# of text_encoders). Only folders: nothing is read from them until a model is loaded.
+ROOT_KINDS = ("vae", "clip", "text_encoders", "loras", "embeddings", "checkpoints", "diffusion_models")
+MAX_REGISTER_FOLDERS = 64  # per request
+
+
+@op("register_roots")
+def _register_roots(svc: Service, args: dict, ctx: Context) -> dict:
+    """A ComfyUI instance's model folders become model roots for this daemon's lifetime
+    (the registry keeps at most MAX_CLIENT_ROOTS, never in config.toml); each refused
+    folder (too broad, missing, over the limit) is also a warning in the answer."""
+    folders = _arg(args, "folders", dict)
+    client = _arg(args, "client", dict, {})
+    pairs: list[tuple[str, str]] = []
+    for kind, paths in folders.items():
+        if kind not in ROOT_KINDS:
+            raise LunaError(ErrorCode.BAD_ARGS, f"folders: unknown kind {protocol.shown(kind)}; kinds: {', '.join(ROOT_KINDS)}")
+        if not isinstance(paths, list) or not all(isinstance(p, str) and 0 < len(p) <= 4096 for p in paths):
+            raise LunaError(ErrorCode.BAD_ARGS, f"folders[{kind!r}] must be a list of folder paths")
+        pairs += [(kind, p) for p in paths]
+    if len(pairs) > MAX_REGISTER_FOLDERS:
+        raise LunaError(ErrorCode.BAD_ARGS, f"at most {MAX_REGISTER_FOLDERS} folders per register_roots request")
+    pid = client.get("pid")
+    comfy = client.get("comfyui")
+    what = "ComfyUI" + (f" {protocol.shown(comfy)[:300]}" if isinstance(comfy, str) and comfy else "")
+    if type(pid) is int:
+        what += f" (pid {pid})"
+    source = f"{what} via {ctx.client}"
+    added, refused = svc.registry.add_client_roots(pairs, source)
+    for r in refused:
+        log.warning("model folder %s of %s not added as a model root: %s", r["path"], what, r["reason"])
+    if added:
+        log.info("model roots added for %s: %s", what, ", ".join(a["path"] for a in added))
+    return {"added": added, "refused": refused, "roots": svc.registry.root_sources()}
 
 
 @op("unload")
@@ -358,15 +432,40 @@ def _shutdown(svc: Service, args: dict, ctx: Context) -> dict:
     return {"stopping": True}
 
 
+def _shm_limits(svc: Service) -> dict:
+    return {"shm_min_segment": MIN_SEGMENT, "shm_max_segment": svc.settings.max_body_bytes, "shm_min_bytes": DEFAULT_MIN_BYTES}
+
+
+@op("shm_register")
+def _shm_register(svc: Service, args: dict, ctx: Context) -> dict:
+    """Attach the caller's shared-memory segment ``{name, size}`` to this connection
+    (docs/protocol.md "Shared memory"). It replaces the connection's previous segment,
+    which is released; every segment is released when the connection ends."""
+    if not svc.settings.shm:
+        raise LunaError(ErrorCode.BAD_ARGS, "shared memory is off on this daemon (setting shm); send tensors in the body")
+    segments = getattr(ctx, "segments", None)
+    if segments is None:
+        raise LunaError(ErrorCode.BAD_ARGS, "this connection cannot carry shared memory")
+    seg = svc.shm.attach(args.get("name"), args.get("size"))
+    for old in list(segments.values()):
+        svc.shm.release(old)
+    segments.clear()
+    segments[seg.name] = seg
+    return {"name": seg.name, "size": seg.size, **_shm_limits(svc)}
+
+
 _ECHO_CACHE: dict[tuple, torch.Tensor] = {}
 
 
 @op("echo")
 def _echo(svc: Service, args: dict, ctx: Context) -> dict:
-    """Diagnostics / benchmarks: returns the tensors it got, plus an optional float32
+    """Diagnostics / benchmarks: returns the shapes of the tensors it got (with
+    ``back: true`` the tensors themselves, under ``back``), plus an optional float32
     ``reply`` of ``reply_shape`` (zeros; cached so the benchmark measures transport)."""
     shape = args.get("reply_shape")
     out: dict[str, Any] = {"received": {k: list(v.shape) for k, v in args.items() if isinstance(v, torch.Tensor)}}
+    if args.get("back") is True:
+        out["back"] = {k: v for k, v in args.items() if isinstance(v, torch.Tensor)}
     if shape is not None:
         if not isinstance(shape, list) or len(shape) > 8 or not all(type(d) is int and d >= 0 for d in shape):
             raise LunaError(ErrorCode.BAD_ARGS, "reply_shape must be a list of non-negative ints")
@@ -416,8 +515,39 @@ def _clip_load(svc: Service, args: dict, ctx: Context) -> dict:
 def _clip_tokenize(svc: Service, args: dict, ctx: Context) -> dict:
     model_id = svc._clip(args)
     text = _arg(args, "text", str)
-    options = _arg(args, "options", dict, {})
+    options = dict(_arg(args, "options", dict, {}))
+    options.pop("embedding_directories", None)  # only the checked top-level argument may set it
+    dirs = _embedding_dirs(svc, args)
+    model = svc.registry.get(model_id).model
+    if dirs is not None and getattr(model, "supports_embedding_directories", False):
+        options["embedding_directories"] = dirs
+    elif "embedding:" in text and not getattr(model, "supports_embedding_directories", False):
+        log.warning("the %s engine does not load textual-inversion embeddings: 'embedding:' names are tokenized "
+                    "as plain text (set engine = comfy)", svc.registry.engine.name)
     return {"tokens": svc.run(ctx, model_id, lambda m: m.tokenize(text, **options))}
+
+
+MAX_EMBEDDING_DIRS = 32
+
+
+def _embedding_dirs(svc: Service, args: dict) -> list[str] | None:
+    """The calling ComfyUI's embedding folders (``embedding_directories``) that lie inside
+    the model roots; one outside them is left out with a warning. None: not given."""
+    given = args.get("embedding_directories")
+    if given is None:
+        return None
+    if not isinstance(given, list) or len(given) > MAX_EMBEDDING_DIRS or not all(isinstance(d, str) and d for d in given):
+        raise LunaError(ErrorCode.BAD_ARGS, f"embedding_directories must be a list of at most {MAX_EMBEDDING_DIRS} folders")
+    roots = svc.registry.roots()
+    out: list[str] = []
+    for d in given:
+        real = Path(os.path.realpath(os.path.expanduser(d)))
+        if not fsutil.within(real, roots):
+            log.warning("embedding folder %s is not inside the daemon's model roots: its embeddings are not used "
+                        "(the Luna nodes register it on first use; or add it to model_roots)", fsutil.short(d))
+        elif str(real) not in out:
+            out.append(str(real))
+    return out
 
 
 def _check_tokens(tokens: Any) -> dict:

@@ -12,17 +12,19 @@ Paths: by default config, token, logs and state live in the platformdirs user fo
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
 import secrets
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10 (some ComfyUI installs)
     import tomli as tomllib  # type: ignore[no-redef]
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePath
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from luna_daemon import fsutil
 from luna_daemon.protocol import ErrorCode, LunaError
@@ -45,11 +47,106 @@ FOREVER = -1.0  # keep_alive value meaning "never unload"
 
 
 class SettingsError(ValueError):
-    """A setting has an invalid value. ``key`` names it; the message says what is allowed."""
+    """A setting has an invalid value. ``key`` names it; ``message`` says what is allowed.
 
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
+    When the value came from the config file, ``file`` and ``line`` (1-based; 0 = not known)
+    locate it; for an unknown key ``suggestion`` is the known key it was probably meant to
+    be. ``str()`` is ``[<file>[ line <n>]: ]<key>: <message>[ (did you mean '<key>'?)]``."""
+
+    def __init__(self, key: str, message: str, *, file: str | os.PathLike = "", line: int = 0, suggestion: str = ""):
+        self.key, self.message = key, message
+        self.file, self.line, self.suggestion = str(file), line, suggestion
+        where = f"{self.file} line {line}: " if self.file and line else (f"{self.file}: " if self.file else "")
+        hint = f" (did you mean {suggestion!r}?)" if suggestion else ""
+        super().__init__(f"{where}{key}: {message}{hint}")
+
+    def located(self, file: str | os.PathLike, line: int) -> "SettingsError":
+        """The same error, placed in ``file`` at ``line``."""
+        return SettingsError(self.key, self.message, file=file, line=line, suggestion=self.suggestion)
+
+
+def problems_text(problems: list[SettingsError]) -> str:
+    """Problems as one line, the file named once per run of errors in it:
+    ``/x/config.toml line 2: port: ...; line 3: kep_alive: ...``."""
+    out: list[str] = []
+    last = None
+    for p in problems:
+        text = str(p)
+        if p.file and p.file == last:
+            text = text[len(p.file):].lstrip(": ")
+        out.append(text)
+        last = p.file
+    return "; ".join(out)
+
+
+def _suggest(key: str, known: Any) -> str:
+    """The known key an unknown ``key`` was probably meant to be ("" if none is close)."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return close[0] if close else ""
+
+
+_KEY_LINE = re.compile(r"""\s*(?:\[\s*)?(["']?)([A-Za-z0-9_.-]+)\1\s*(?:=|\])""")
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Line (1-based) of each top-level key of a TOML text (``a = 1`` or a ``[a]`` table).
+    A plain scan, not a parser: it runs only on text tomllib already accepted, and a key it
+    cannot place gets line 0 (the error then names the file and the key)."""
+    out: dict[str, int] = {}
+    in_table = False
+    for n, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        m = _KEY_LINE.match(raw)
+        if not m:
+            continue
+        name = m.group(2).split(".")[0].replace("-", "_")
+        if stripped.startswith("["):
+            in_table = True  # keys below a table header belong to that table
+            out.setdefault(name, n)
+        elif not in_table:
+            out.setdefault(name, n)
+    return out
+
+
+def _decode_error_line(exc: Exception) -> int:
+    line = getattr(exc, "lineno", None)  # Python >= 3.14
+    if isinstance(line, int):
+        return line
+    m = re.search(r"line (\d+)", str(exc))
+    return int(m.group(1)) if m else 0
+
+
+# Syntax errors one tolerant load steps over (each costs a parse of a <= 1 MiB file).
+MAX_SYNTAX_ERRORS = 16
+
+
+def _parse_toml(text: str, path: Path, bad: Callable[[SettingsError], None]) -> dict[str, Any] | None:
+    """The file's table; for each syntax error ``bad`` is called with the located error.
+    Strict callers raise there; a tolerant one gets the file without the broken lines (each
+    blanked and parsed again), so one typo does not also lose host, port and model_roots.
+    None if the error cannot be placed on a line (then nothing of the file is used)."""
+    lines = text.splitlines()
+    for _ in range(MAX_SYNTAX_ERRORS):
+        try:
+            return tomllib.loads("\n".join(lines))
+        except tomllib.TOMLDecodeError as exc:
+            line = _decode_error_line(exc)
+            hint = "; text values need quotes, e.g. keep_alive = \"10m\"" if ("Invalid value" in str(exc) or "Expected newline" in str(exc)) else ""
+            bad(SettingsError(_key_at("\n".join(lines), line) or "config_file", f"not valid TOML ({exc}){hint}",
+                              file=path, line=line))
+            if not 1 <= line <= len(lines) or not lines[line - 1].strip():
+                return None
+            lines[line - 1] = ""  # same line numbers for the errors after it
+    return None
+
+
+def _key_at(text: str, line: int) -> str:
+    """The key written on ``line`` of ``text`` ("" if that line has none)."""
+    lines = text.splitlines()
+    if not 1 <= line <= len(lines):
+        return ""
+    m = _KEY_LINE.match(lines[line - 1])
+    return m.group(2).replace("-", "_") if m else ""
 
 
 def parse_size(value: Any, key: str = "size") -> int:
@@ -175,8 +272,21 @@ _CHOICES = {
     "comfy_fallback": ("error", "local"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
-_INTERNAL = ("config_file", "sources")
+_INTERNAL = ("config_file", "sources", "problems", "loaded_with")
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+def value_kind(key: str) -> str | None:
+    """What a setting's number means: ``"duration"`` (seconds; keep_alive -1 = forever),
+    ``"size"`` (bytes), ``"size_map"`` (device -> bytes), or None. Parsing and every face's
+    display (luna_daemon.units) follow this one rule."""
+    if key == "keep_alive" or key.endswith("_timeout") or key in ("health_interval", "autostart_delay"):
+        return "duration"
+    if key in ("max_body_bytes", "max_header_bytes", "lora_cache_bytes"):
+        return "size"
+    if key == "max_model_bytes":
+        return "size_map"
+    return None
 
 
 @dataclass
@@ -197,6 +307,9 @@ class Settings:
     queue_size: int = 16
     client_timeout: float = 120.0
     stop_timeout: float = 30.0
+    # shared-memory transport for big tensors between processes of this user on this host
+    # (docs/protocol.md "Shared memory"); off: every tensor travels in TCP bodies
+    shm: bool = True
     # models
     service: str = "full"
     engine: str = "auto"
@@ -228,6 +341,10 @@ class Settings:
     # Bookkeeping set by load(): not settable from a file, env or flag.
     config_file: str = field(default="", compare=False)
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    # What a tolerant load() could not use (each key then has its default); empty otherwise.
+    problems: list[SettingsError] = field(default_factory=list, repr=False, compare=False)
+    # load()'s arguments, so that reload() reads the same file, env and flags again.
+    loaded_with: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -236,26 +353,64 @@ class Settings:
         config_file: str | os.PathLike | None = None,
         env: Mapping[str, str] | None = None,
         overrides: Mapping[str, Any] | None = None,
+        *,
+        tolerant: bool = False,
     ) -> "Settings":
-        """Build the effective settings. Raises SettingsError naming the bad key."""
-        env = os.environ if env is None else env
+        """Build the effective settings.
+
+        Strict (default): raises the first :class:`SettingsError`, located (``file``,
+        ``line``) when the value came from the config file. ``tolerant``: never raises for a
+        bad value -- each bad key keeps its default (a file that cannot be read or parsed is
+        skipped whole) and every error is listed in ``problems``, for the callers that must
+        go on with a broken file: the host (shows it, refuses to start the daemon), the
+        read-only CLI commands, ``stop``, ``logs`` and clients (which need only host, port
+        and token)."""
+        env_map = os.environ if env is None else env
         s = cls()
+        s.loaded_with = {"config_file": config_file, "env": env, "overrides": dict(overrides or {})}
         s.sources = {f.name: "default" for f in fields(cls) if f.name not in _INTERNAL}
-        s._apply_dirs(env)
+        s._apply_dirs(env_map)
         path = Path(config_file) if config_file else Path(s.config_dir) / CONFIG_FILE
         s.config_file = str(path)
+
+        def bad(exc: SettingsError) -> None:
+            if not tolerant:
+                raise exc
+            s.problems.append(exc)
+
+        text, data = None, None
         try:  # a regular file of at most fsutil.SMALL_FILE_CAP (a FIFO would hang the start)
-            data = (tomllib.loads(fsutil.read_small(path, "config file").decode("utf-8"))
-                    if fsutil.present(path, "config file") else None)
-        except (LunaError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise SettingsError("config_file", f"cannot read {path}: {getattr(exc, 'message', exc)}") from None
+            if fsutil.present(path, "config file"):
+                text = fsutil.read_small(path, "config file").decode("utf-8")
+        except (LunaError, UnicodeDecodeError) as exc:
+            bad(SettingsError("config_file", f"cannot read {path}: {getattr(exc, 'message', exc)}"))
+        if text is not None:
+            data = _parse_toml(text, path, bad)
         if data is not None:
-            s._merge(data, "file", strict=True)
-        s._merge({k[5:].lower(): v for k, v in env.items() if k.startswith("LUNA_") and k != "LUNA_HOME"}, "env", strict=False)
+            lines = _key_lines(text or "")
+            s._merge(data, "file", strict=True,
+                     on_error=lambda e: bad(e.located(path, lines.get(e.key.split(".")[0], 0))))
+        s._merge({k[5:].lower(): v for k, v in env_map.items() if k.startswith("LUNA_") and k != "LUNA_HOME"}, "env",
+                 strict=False, on_error=bad)
         if overrides:
-            s._merge({k: v for k, v in overrides.items() if v is not None}, "flag", strict=True)
-        s.validate()
+            s._merge({k: v for k, v in overrides.items() if v is not None}, "flag", strict=True, on_error=bad)
+        lines = _key_lines(text or "") if data is not None else {}
+        for _ in range(len(s.sources) + 1):  # each round resets one key: bounded
+            exc = next(s._invalid(), None)
+            if exc is None:
+                break
+            if s.sources.get(exc.key) == "file":
+                exc = exc.located(path, lines.get(exc.key, 0))
+            bad(exc)  # strict: raises
+            f = next(f for f in fields(cls) if f.name == exc.key)
+            setattr(s, exc.key, f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+            s.sources[exc.key] = "default"
         return s
+
+    def reload(self) -> "Settings":
+        """A fresh tolerant :meth:`load` with the same file, env and flags as this one."""
+        w = self.loaded_with
+        return Settings.load(w.get("config_file"), w.get("env"), w.get("overrides"), tolerant=True)
 
     def _apply_dirs(self, env: Mapping[str, str]) -> None:
         home = env.get("LUNA_HOME")
@@ -271,25 +426,34 @@ class Settings:
         self.log_dir = platformdirs.user_log_dir(APP_NAME, appauthor=False)
         self.state_dir = platformdirs.user_state_dir(APP_NAME, appauthor=False)
 
-    def _merge(self, data: Mapping[str, Any], source: str, *, strict: bool) -> None:
+    def _merge(self, data: Mapping[str, Any], source: str, *, strict: bool,
+               on_error: Callable[[SettingsError], None] | None = None) -> None:
+        """Coerce and set each key; a bad one raises, or goes to ``on_error`` (the key then
+        keeps its previous value) when given."""
         known = {f.name: f for f in fields(self) if f.name not in _INTERNAL}
         for key, raw in data.items():
             key = key.replace("-", "_")
-            if key not in known:
-                if strict:
-                    raise SettingsError(key, "unknown setting")
-                continue  # unrelated LUNA_* variables are not ours to reject
-            setattr(self, key, self._coerce(known[key], key, raw))
-            self.sources[key] = source
+            try:
+                if key not in known:
+                    if strict:
+                        raise SettingsError(key, "unknown setting", suggestion=_suggest(key, known))
+                    continue  # unrelated LUNA_* variables are not ours to reject
+                setattr(self, key, self._coerce(known[key], key, raw))
+                self.sources[key] = source
+            except SettingsError as exc:
+                if on_error is None:
+                    raise
+                on_error(exc)
 
     @staticmethod
     def _coerce(f: dataclasses.Field, key: str, raw: Any) -> Any:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        if key == "keep_alive" or key.endswith("_timeout") or key in ("health_interval", "autostart_delay"):
+        kind = value_kind(key)
+        if kind == "duration":
             return parse_duration(raw, key)
-        if key in ("max_body_bytes", "max_header_bytes", "lora_cache_bytes"):
+        if kind == "size":
             return parse_size(raw, key)
-        if key == "max_model_bytes":
+        if kind == "size_map":
             return _parse_size_map(raw, key)
         if isinstance(default, bool):
             return _parse_bool(raw, key)
@@ -309,32 +473,38 @@ class Settings:
 
     def validate(self) -> None:
         """Raise SettingsError for the first invalid value."""
+        for exc in self._invalid():
+            raise exc
+
+    def _invalid(self) -> Iterator[SettingsError]:
+        """The invalid values, first one first (fix it and look again: later checks may
+        depend on it)."""
         for key, allowed in _CHOICES.items():
             value = getattr(self, key)
             if key == "log_level":
                 value = self.log_level = value.upper()
             if value not in allowed:
-                raise SettingsError(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+                yield SettingsError(key, f"must be one of {', '.join(allowed)}; got {value!r}")
         for key in ("port", "monitor_port", "lock_port"):
             if not 0 <= getattr(self, key) <= 65535:
-                raise SettingsError(key, "must be a TCP port 0..65535 (0 = pick a free one)")
+                yield SettingsError(key, "must be a TCP port 0..65535 (0 = pick a free one)")
         for key in ("vae_device", "clip_device"):
             if not _DEVICE_RE.fullmatch(getattr(self, key)):
-                raise SettingsError(key, "must be auto, cpu, mps, cuda or cuda:N")
+                yield SettingsError(key, "must be auto, cpu, mps, cuda or cuda:N")
         for key in ("frame_timeout", "idle_timeout", "client_timeout", "stop_timeout"):
             if getattr(self, key) <= 0:
-                raise SettingsError(key, "must be a positive duration")
+                yield SettingsError(key, "must be a positive duration")
         if not 1024 <= self.max_header_bytes <= 1024 * 1024:
-            raise SettingsError("max_header_bytes", "must be between 1 KiB and 1 MiB")
+            yield SettingsError("max_header_bytes", "must be between 1 KiB and 1 MiB")
         if self.max_body_bytes < 1024:
-            raise SettingsError("max_body_bytes", "must be at least 1 KiB")
+            yield SettingsError("max_body_bytes", "must be at least 1 KiB")
         if self.max_connections < 1 or self.queue_size < 1:
-            raise SettingsError("max_connections" if self.max_connections < 1 else "queue_size", "must be >= 1")
+            yield SettingsError("max_connections" if self.max_connections < 1 else "queue_size", "must be >= 1")
         home = _home() if self.model_roots else None
         for root in self.model_roots:
             why = too_broad_model_root(_resolved(root), home)
             if why:
-                raise SettingsError("model_roots", f"{root!r} {why}; a model folder must hold model files (e.g. "
+                yield SettingsError("model_roots", f"{root!r} {why}; a model folder must hold model files (e.g. "
                                     "~/ComfyUI/models), never a filesystem root, your home folder or a folder above it")
 
     # ---------------------------------------------------------------- derived paths

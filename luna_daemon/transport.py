@@ -169,7 +169,7 @@ class Channel:
             got += k
 
     def read_frame(self, limits: Limits, *, idle_timeout: float | None, frame_timeout: float | None,
-                   admit: Admit | None = None) -> Frame:
+                   admit: Admit | None = None, segments: protocol.Segments = None) -> Frame:
         """Read one complete frame. Raises PeerClosed, IdleTimeout, FrameTimeout,
         ConnectionError, or LunaError for an invalid frame (before reading its body).
 
@@ -177,7 +177,10 @@ class Channel:
         with the decoded (not yet marker-resolved) header, before the body is received:
         whatever it raises propagates and the rest of the frame is left unread (the
         caller must close the connection). A small frame may already sit whole in the
-        64 KiB receive buffer by then; no body buffer has been allocated for it."""
+        64 KiB receive buffer by then; no body buffer has been allocated for it.
+
+        ``segments``: the shared-memory segments a descriptor may name (see
+        ``protocol.decode_tensors``); None: none may."""
         if self._start == self._end:
             self._start = self._end = 0
             self._recv_timeout(idle_timeout)
@@ -204,10 +207,10 @@ class Channel:
             body = self._buf[end:end + pre.body_len]
             self._start = end + pre.body_len
             if admit is None or not pre.body_len:  # ping and other control ops: one decode
-                return protocol.decode_frame(pre, header_bytes, body)
+                return protocol.decode_frame(pre, header_bytes, body, None, segments)
             header = protocol.decode_header(header_bytes)
             admit(pre, header)
-            return protocol.decode_frame(pre, header_bytes, body, header)
+            return protocol.decode_frame(pre, header_bytes, body, header, segments)
         if deadline is None and frame_timeout is not None:
             deadline = time.monotonic() + frame_timeout
         self._start = start
@@ -230,7 +233,7 @@ class Channel:
             self._read_exact_into(memoryview(body.numpy()), deadline)
         else:
             body = bytearray()
-        return protocol.decode_frame(pre, header_bytes, body, header)
+        return protocol.decode_frame(pre, header_bytes, body, header, segments)
 
     def wait_readable(self, check: Callable[[], None], deadline: float | None, interval: float = 0.1) -> None:
         """Block until data can be read, calling ``check()`` about every ``interval``

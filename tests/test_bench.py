@@ -61,3 +61,11 @@ def test_transport_benchmark_runs_end_to_end():
     d = placements["unpinned"]
     assert d["d_local_decode_s"] > 0 and d["d_daemon_decode_s"] > 0 and d["target_d"] >= 1.15
     assert any("(c) ping p50" in line for line in report["lines"])
+    # (e) shared memory beside (a) and a memcpy, in every placement; (f) video-sized once.
+    for name, r in placements.items():
+        assert r["e_shm_s"] > 0 and r["e_memcpy_s"] > 0, name
+        assert r["ratio_e_over_a"] == pytest.approx(r["e_shm_s"] / r["a_raw_s"])
+    assert d["f_tcp_s"] > 0 and d["f_shm_s"] > 0 and d["f_memcpy_s"] > 0
+    assert d["ratio_f_shm_over_memcpy"] == pytest.approx(d["f_shm_s"] / d["f_memcpy_s"])
+    assert any("(e) shared memory" in line for line in report["lines"])
+    assert any("(f) video-sized" in line for line in report["lines"])

@@ -214,7 +214,7 @@ def test_load_warms_the_daemon(served, model_dir):
              cwd=model_dir.parent)
     assert r.returncode == 0, r.stdout + r.stderr
     first = r.stdout.splitlines()[0].split()
-    assert first[0] == "loaded" and first[2:5] == ["clip", "on", "cpu"] and "(fp32)," in first and "keep_alive 300s" in r.stdout
+    assert first[0] == "loaded" and first[2:5] == ["clip", "on", "cpu"] and "(fp32)," in first and "keep_alive 5 min" in r.stdout
     clip_id = first[1]
     ps = json.loads(_cli(env, "ps", "--json").stdout)
     assert {m["id"]: m["keep_alive"] for m in ps} == {vae["model"]: -1.0, clip_id: 300.0}
@@ -313,7 +313,7 @@ def test_light_commands_do_not_import_torch(served, model_dir, tmp_path):
     runs = [(env, ["--version"], 0), (env, ["--help"], 0), (env, ["config", "--show"], 0), (env, ["logs"], 0),
             (down, ["status"], 3), (env, ["status"], 0), (env, ["ps"], 0),
             (env, ["load", "vae", str(model_dir / "vae_folder")], 0), (env, ["unload", "--all"], 0),
-            (env, ["doctor", "--no-devices"], 0), (env, ["stop"], 0)]
+            (env, ["doctor", "--no-devices"], 0), (env, ["dashboard", "--no-open", "--json"], 0), (env, ["stop"], 0)]
     for run_env, args, rc in runs:
         r = subprocess.run([sys.executable, "-c", _PROBE, *args], env=run_env, capture_output=True, text=True, timeout=120)
         assert r.returncode == rc, (args, r.stdout, r.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import comfy_models
 
 from luna_daemon.models.engines import select_engine
 from luna_daemon.models.engines.base import EngineError, LoraSpec, TiledArgs
+from luna_daemon.models.engines import comfy as comfy_engine
 from luna_daemon.models.engines.comfy import ComfyEngine
 from luna_daemon.settings import Settings
 
@@ -441,6 +443,28 @@ def test_clip_textual_inversion_embedding(clip, native_clip, native):
     out = clip.encode(tokens)
     assert close(out["cond"], ref_cond) and close(out["pooled_output"], ref_extra["pooled_output"])
     assert not torch.equal(out["cond"], clip.encode(clip.tokenize("a photo of a cat"))["cond"])
+
+
+def test_clip_embedding_directories_per_call(engine, clip, models, tmp_path, caplog):
+    """``tokenize(embedding_directories=...)``: the caller's folders for this call only (both
+    SDXL tokenizers too); a name found nowhere is ComfyUI's warning, not a silent drop."""
+    other = tmp_path / "other_embeddings"
+    comfy_models.write_embedding(other / "elsewhere.safetensors", vectors=3, seed=31)
+    text = "embedding:elsewhere a cat"
+    with caplog.at_level(logging.WARNING):
+        plain = clip.tokenize(text)
+    assert not any(isinstance(t, torch.Tensor) for t, _ in plain["l"][0])
+    assert any("embedding:elsewhere does not exist" in r.getMessage() for r in caplog.records)
+    found = clip.tokenize(text, embedding_directories=[str(other)])
+    assert sum(isinstance(t, torch.Tensor) for t, _ in found["l"][0]) == 3
+    again = clip.tokenize(text)  # the load-time folders are back
+    assert not any(isinstance(t, torch.Tensor) for t, _ in again["l"][0])
+    sdxl = engine.load_clip([str(models["clip_l"]), str(models["clip_g"])], "sdxl", CPU, None)
+    both = sdxl.tokenize(text, embedding_directories=[str(other)])
+    assert all(sum(isinstance(t, torch.Tensor) for t, _ in both[k][0]) == 3 for k in ("g", "l")), both
+    assert all(t.embedding_directory == sdxl.info()["embedding_directories"]
+               for t in comfy_engine._sub_tokenizers(sdxl._clip)), "restored after a failing call too"
+    assert len(comfy_engine._sub_tokenizers(sdxl._clip)) == 2
 
 
 def test_clip_info_and_patchable_keys(clip, native_clip):

@@ -973,3 +973,128 @@ def test_proxy_overhead_benchmark_smoke():
     assert {"clip_encode", "vae_decode"} <= set(report["results"])
     for result in report["results"].values():
         assert result["proxy_ms"] > 0 and result["in_process_ms"] > 0
+
+
+# ------------------------------------------- zero-config folders, ComfyUI's warnings (issue 12)
+
+
+@contextlib.contextmanager
+def comfyui_only_folders(native, base: Path, *kinds: str):
+    """``base/<kind>`` folders that only this ComfyUI knows (as extra_model_paths.yaml adds
+    them); removed from folder_paths afterwards."""
+    added = []
+    for kind in kinds:
+        folder = base / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        native.folder_paths.add_model_folder_path(kind, str(folder))
+        added.append((native.folder_paths.map_legacy(kind), str(folder)))
+    try:
+        yield {kind: base / kind for kind in kinds}
+    finally:
+        for kind, folder in added:
+            native.folder_paths.folder_names_and_paths[kind][0].remove(folder)
+            native.folder_paths.filename_list_cache.pop(kind, None)
+
+
+def test_comfyui_only_folders_and_embeddings_work_without_config(daemon_process, native, tmp_path):
+    """A VAE and an embedding in folders only this ComfyUI knows: the nodes register this
+    ComfyUI's folders on first use, so the VAE loads (no forbidden_path), the embedding
+    gives the native cond, and status / ps name where each root came from."""
+    settings = daemon_process.settings
+    with comfyui_only_folders(native, tmp_path / "extra", "vae", "embeddings") as extra:
+        comfy_models.write_vae(extra["vae"] / "extra_vae.safetensors", seed=21)
+        comfy_models.write_embedding(extra["embeddings"] / "onlycomfy.safetensors", vectors=3, seed=22)
+        conn = connection.configure(settings, daemon_process.client)
+        try:
+            vae = run(luna_nodes.LunaVAELoader().load_vae, "extra_vae.safetensors")[0]
+            assert isinstance(vae, DaemonVAE)
+            clip = run(luna_nodes.LunaCLIPLoader().load_clip, "clip_l.safetensors", "sd1")[0]
+            prompt = "embedding:onlycomfy a photo of a cat"
+            tokens = run(clip.tokenize, prompt)["l"][0]
+            assert sum(isinstance(t, torch.Tensor) for t, *_ in tokens) == 3  # the embedding's vectors
+            # ComfyUI's CLIPLoader copies the embedding folders at load: a CLIP loaded now sees the new one.
+            ref = run(native.nodes.CLIPLoader().load_clip, "clip_l.safetensors", type="stable_diffusion")[0]
+            same_cond(text_encode(native, clip, prompt), text_encode(native, ref, prompt))
+
+            status = conn.call("status")
+            mine = {r["path"]: r for r in status["roots"] if r["source"] != "settings"}
+            for kind, folder in extra.items():
+                row = mine[os.path.realpath(folder)]
+                assert kind in row["kinds"] and f"pid {os.getpid()}" in row["source"], row
+                assert native.folder_paths.base_path in row["source"], row
+            assert any(r["source"] == "settings" for r in status["roots"])
+            env = {k: v for k, v in os.environ.items() if not k.startswith("LUNA_")}
+            env["LUNA_HOME"] = str(Path(settings.config_dir).parent)
+            out = subprocess.run([sys.executable, "-m", "luna_daemon", "ps"], env=env, capture_output=True, text=True,
+                                 timeout=60)
+            assert out.returncode == 0, out.stdout + out.stderr
+            assert os.path.realpath(extra["vae"]) in out.stdout and f"pid {os.getpid()})" in out.stdout, out.stdout
+        finally:
+            connection.reset()
+
+
+def test_comfyuis_warnings_reach_the_daemon_log_and_this_comfyui(daemon_process, native, caplog):
+    """ComfyUI's own "embedding:... does not exist" warning, logged inside the daemon,
+    lands in luna-daemon.log and comes back to this ComfyUI, which logs it at WARNING."""
+    connection.configure(daemon_process.settings, daemon_process.client)
+    try:
+        clip = run(luna_nodes.LunaCLIPLoader().load_clip, "clip_l.safetensors", "sd1")[0]
+        with caplog.at_level(logging.WARNING, logger="luna_daemon.client"):
+            run(clip.tokenize, "embedding:no_such_embedding a cat")
+        here = [r.getMessage() for r in caplog.records if r.name == "luna_daemon.client" and r.levelno == logging.WARNING]
+        assert any("embedding:no_such_embedding does not exist" in m and "clip_tokenize" in m for m in here), here
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="luna_daemon.client"):
+            run(clip.tokenize, "a cat")  # nothing went wrong: nothing comes back
+        assert not [r for r in caplog.records if r.name == "luna_daemon.client"]
+    finally:
+        connection.reset()
+    log_file = Path(daemon_process.settings.log_file)
+    deadline = time.monotonic() + 10
+    while "embedding:no_such_embedding does not exist" not in log_file.read_text():
+        assert time.monotonic() < deadline, log_file.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def test_register_roots_refuses_broad_missing_and_too_many(tmp_path, models, caplog):
+    from luna_daemon.models.registry import MAX_CLIENT_ROOTS
+
+    d = Daemon(_settings(tmp_path / "home", models, comfyui_root="", engine="standalone"))
+    d.start()
+    client = DaemonClient(*d.address, token=d.token, timeout=30)
+    try:
+        home = str(Path.home())
+        with caplog.at_level(logging.WARNING, logger="luna_daemon.client"):
+            answer = client.call("register_roots", {"folders": {"vae": ["/", home, str(tmp_path / "missing")],
+                                                                "loras": [str(models / "loras")]}})
+        assert answer["added"] == [] and len(answer["refused"]) == 3, answer  # models/loras: inside a root already
+        reasons = " ".join(r["reason"] for r in answer["refused"])
+        assert "filesystem root" in reasons and "home folder" in reasons and "not an existing folder" in reasons
+        sent_back = [r.getMessage() for r in caplog.records if r.name == "luna_daemon.client"]
+        assert len(sent_back) == 3 and all("not added as a model root" in m for m in sent_back), sent_back
+        folders = []
+        for i in range(MAX_CLIENT_ROOTS + 6):
+            folders.append(tmp_path / "many" / f"f{i}")
+            folders[-1].mkdir(parents=True)
+        first = client.call("register_roots", {"folders": {"vae": [str(f) for f in folders[:40]]}})
+        second = client.call("register_roots", {"folders": {"vae": [str(f) for f in folders[40:]]}})
+        assert len(first["added"]) == 40 and len(second["added"]) == MAX_CLIENT_ROOTS - 40
+        assert len(second["refused"]) == 6 and "already keeps" in second["refused"][0]["reason"]
+        assert len([r for r in client.call("ps")["roots"] if r["source"] != "settings"]) == MAX_CLIENT_ROOTS
+        from luna_daemon.web import views  # the dashboard's Models page lists them too
+
+        shown = views.status(type("Host", (), {"daemon": d, "settings": d.settings})())["roots"]
+        assert {r["path"] for r in shown} >= {os.path.realpath(f) for f in folders[:MAX_CLIENT_ROOTS]}
+        assert all("via" in r["source"] for r in shown if r["source"] != "settings")
+        for bad in ({"folders": {"nope": ["/x"]}}, {"folders": {"vae": "/x"}}, {"folders": []},
+                    {"folders": {"vae": [str(f) for f in folders[:65]]}}):
+            with pytest.raises(DaemonError) as err:
+                client.call("register_roots", bad)
+            assert err.value.code == "bad_args", err.value
+        with pytest.raises(DaemonError) as err:
+            DaemonClient(*d.address, token="wrong", timeout=10).call("register_roots", {"folders": {}})
+        assert err.value.code == "unauthorized"
+        assert client.call("ping")["pong"] is True
+    finally:
+        client.close()
+        d.stop(10)

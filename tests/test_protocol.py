@@ -366,3 +366,58 @@ def test_protocol_imports_without_torch():
             "assert protocol.DTYPES['bool'] is __import__('torch').bool")
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+# ----------------------------------------------------------------------------- shared memory (issue 15)
+def _shm_frame(tensors: dict, seg: bytearray, header: dict | None = None) -> tuple:
+    target = protocol.ShmTarget("luna_" + "a" * 24, memoryview(seg))
+    data = b"".join(bytes(b) for b in protocol.encode_frame(Kind.RESPONSE, header or {"id": 1, "ok": True, "result": {}}, tensors, target))
+    pre = protocol.parse_prefix(data, Limits())
+    return pre, data[protocol.PREFIX_SIZE:protocol.PREFIX_SIZE + pre.header_len], target.name
+
+
+def test_shm_encode_decode_copies_out_and_checks_the_segment():
+    seg = bytearray(1 << 16)
+    t = {"a": torch.arange(10, dtype=torch.int64), "b": torch.ones(3, 3).t(), "c": torch.empty(0, 2)}
+    pre, hb, name = _shm_frame(t, seg)
+    assert pre.body_len == 0  # every byte went into the segment
+    descs = json.loads(hb)["tensors"]
+    assert [d.get("shm") for d in descs] == [name, name, None]  # an empty tensor needs no bytes
+    got = protocol.decode_frame(pre, hb, bytearray(), segments={name: memoryview(seg)}).tensors
+    for k, v in t.items():
+        assert torch.equal(got[k], v)
+    seg[:80] = bytes(80)  # copied out: rewriting the segment does not change the tensors
+    assert torch.equal(got["a"], t["a"])
+    with pytest.raises(ProtocolError, match="not registered"):
+        protocol.decode_frame(pre, hb, bytearray())  # no segments on this connection
+    with pytest.raises(ProtocolError, match="outside shm segment"):
+        protocol.decode_frame(pre, hb, bytearray(), segments={name: memoryview(seg)[:64]})  # a smaller segment
+
+
+def test_shm_segment_too_small_falls_back_to_the_body_with_shm_wanted():
+    seg = bytearray(128)
+    pre, hb, _ = _shm_frame({"a": torch.ones(100)}, seg)
+    h = json.loads(hb)
+    assert pre.body_len == 400 and h["shm_wanted"] == 448 and "shm" not in h["tensors"][0]
+
+
+def test_shm_overlap_is_per_storage_and_resolver_sees_the_header():
+    seg = memoryview(bytearray(256))
+    name = "luna_" + "b" * 24
+    both = [{"name": "x", "dtype": "uint8", "shape": [64], "offset": 0, "nbytes": 64},
+            {"name": "y", "dtype": "uint8", "shape": [64], "offset": 0, "nbytes": 64, "shm": name}]
+    seen = []
+
+    def resolve(header):
+        seen.append(header.get("token"))
+        return {name: seg}
+
+    header = {"id": 1, "ok": True, "token": "t", "tensors": both}
+    hb = json.dumps(header).encode()
+    pre = protocol.Prefix(1, 2, 0, len(hb), 64)
+    out = protocol.decode_frame(pre, hb, bytearray(64), segments=resolve).tensors  # same offsets, different storages
+    assert set(out) == {"x", "y"} and seen == ["t"]
+    overlapping = [dict(both[1], name="z"), both[1]]
+    hb = json.dumps({"id": 1, "ok": True, "tensors": overlapping}).encode()
+    with pytest.raises(ProtocolError, match="overlap"):
+        protocol.decode_frame(protocol.Prefix(1, 2, 0, len(hb), 0), hb, bytearray(), segments={name: seg})

@@ -10,12 +10,13 @@ from luna_daemon.tray.menu import (
     FAILING,
     HEALTHY,
     MENU_KEYS,
+    REASON_MAX,
     TITLE_MAX,
     UNKNOWN,
     TrayState,
     build_view,
     colour_for,
-    format_bytes,
+    short_reason,
     status_summary,
 )
 from luna_daemon.tray.notify import Notifier
@@ -64,11 +65,11 @@ def test_start_at_login_checkbox_is_the_state_given():
 
 def test_labels_are_live():
     v = build_view(TrayState(daemon="running", health=HEALTHY, models=1, clients=3, memory_bytes=1_500_000_000, port=4321))
-    assert v.status == "Running · 1 model · 3 clients · 1.5 GB"
+    assert v.status == "Running · 1 model · 3 clients · 1.4 GiB"  # luna_daemon.units: binary
     assert v.item("status").label == v.status
-    assert v.title == "Luna Daemon — Running · 1 model · 3 clients · 1.5 GB · port 4321"
+    assert v.title == "Luna Daemon — Running · 1 model · 3 clients · 1.4 GiB · port 4321"
     v2 = build_view(TrayState(daemon="running", health=HEALTHY, models=2, clients=1, memory_bytes=0))
-    assert v2.status == "Running · 2 models · 1 client · 0 MB"
+    assert v2.status == "Running · 2 models · 1 client · 0 B"
     assert build_view(TrayState(daemon="starting")).status == "Starting…"
     assert build_view(TrayState(daemon="stopping")).status == "Stopping…"
     assert build_view(TrayState(daemon="stopped")).status == "Stopped"
@@ -83,6 +84,33 @@ def test_red_titles_carry_the_reason():
     assert hung.status.startswith("Not responding")
     long = build_view(TrayState(daemon="error", detail="x" * 500 + "\nsecond line"))
     assert len(long.title) == TITLE_MAX and long.title.endswith("…") and "\n" not in long.title
+
+
+PORT_TAKEN = ("daemon port 19283 on 127.0.0.1 is already in use by python3 (pid 4242, 'luna-daemon serve'); "
+              "stop that program ('luna-daemon stop' stops a daemon) or set port in the config file")
+
+
+def test_red_menu_row_is_short_the_full_reason_is_in_detail_and_title():
+    # The tester saw a ~600 px wide menu: the row carries the first clause, cut short.
+    for st in (TrayState(daemon="error", detail=PORT_TAKEN),
+               TrayState(daemon="running", health=FAILING, health_detail=PORT_TAKEN)):
+        v = build_view(st)
+        prefix = "Error: " if st.daemon == "error" else "Not responding: "
+        assert v.status.startswith(prefix + "daemon port 19283") and v.status.endswith("…"), v.status
+        assert len(v.status) <= len(prefix) + REASON_MAX
+        assert v.detail == prefix + PORT_TAKEN  # Check Status: nothing cut off
+        assert PORT_TAKEN[:60] in v.title and len(v.title) <= TITLE_MAX
+    ok = build_view(TrayState(daemon="running", health=HEALTHY))
+    assert ok.detail == ok.status  # nothing to shorten
+
+
+def test_short_reason_takes_the_first_clause():
+    assert short_reason("no answer to 'ping' within 5s") == "no answer to 'ping' within 5s"
+    assert short_reason("invalid setting port: must be 1-65535") == "invalid setting port…"
+    assert short_reason("boom") == "boom"
+    assert short_reason("a" * 100) == "a" * (REASON_MAX - 1) + "…"
+    assert short_reason("line one\nline two") == "line one line two"
+    assert short_reason("x" * 60 + "; more") == "x" * (REASON_MAX - 1) + "…"
 
 
 def test_green_needs_a_successful_probe():
@@ -102,15 +130,12 @@ def test_equal_states_give_equal_views():
     assert build_view(a.with_(health=UNKNOWN)) == build_view(a.with_(health=UNKNOWN, models=2))
 
 
-def test_format_bytes_and_summary():
-    assert format_bytes(0) == "0 MB"
-    assert format_bytes(2_500_000) == "2 MB"
-    assert format_bytes(3_210_000_000) == "3.2 GB"
+def test_summary_uses_the_shared_units():
     text = status_summary({
         "state": "running", "port": 19283, "models": 2, "clients": 1, "engine": "standalone", "uptime": 3725,
         "requests": {"total": 10, "errors": 1}, "devices": {"cpu": {"models_bytes": 2_000_000}, "cuda:0": {"models_bytes": 1_000_000_000}},
     })
-    assert text == "Running on port 19283 · 2 models (1.0 GB) · 1 client · 10 requests (1 failed) · engine standalone · up 1h 02m"
+    assert text == "Running on port 19283 · 2 models (955.6 MiB) · 1 client · 10 requests (1 failed) · engine standalone · up 1 h 2 min"
 
 
 # ----------------------------------------------------------------------------- icons

@@ -178,8 +178,9 @@ def headless_pystray() -> types.SimpleNamespace:
     return types.SimpleNamespace(Icon=HeadlessIcon, Menu=pystray.Menu, MenuItem=pystray.MenuItem)
 
 
-def start_tray_app(tmp_path: Path, **overrides):
-    """A TrayApp (headless backend) around a real Host on free ports, run() on a thread.
+def start_tray_app(tmp_path: Path, *, monitor: bool = False, **overrides):
+    """A TrayApp (headless backend) around a real Host on free ports, run() on a thread;
+    ``monitor``: with the dashboard (the Open Dashboard / Settings items enabled).
 
     Returns (app, host, thread, result); ``result["code"]`` is run()'s return value.
     """
@@ -193,6 +194,8 @@ def start_tray_app(tmp_path: Path, **overrides):
     settings = Settings.load(env={"LUNA_HOME": str(tmp_path / "luna")}, overrides=base)
     host = Host(settings, log_to_stderr=False)
     host.acquire()
+    if monitor:
+        host.start_monitor()
     app = TrayApp(host, headless_pystray())
     result: dict = {}
     t = threading.Thread(target=lambda: result.setdefault("code", app.run()), name="test-tray-run")

@@ -44,6 +44,8 @@ class Connection:
         self._lock = threading.Lock()
         self._launch_lock = threading.Lock()
         self._launched: subprocess.Popen | None = None
+        self._roots_lock = threading.Lock()
+        self._roots_sent = False
 
     # ------------------------------------------------------------------ parts
     @property
@@ -52,7 +54,11 @@ class Connection:
             if self._settings is None:
                 from luna_daemon.settings import Settings
 
-                self._settings = Settings.load()
+                # Tolerant: the nodes need host, port, token and comfy_fallback; a bad
+                # unrelated key keeps its default here (the daemon's host reports it).
+                self._settings = Settings.load(tolerant=True)
+                for problem in self._settings.problems:
+                    log.warning("Luna Daemon config: %s (using the default)", problem)
             return self._settings
 
     @property
@@ -118,6 +124,43 @@ class Connection:
                 except DaemonUnavailable as again:
                     error = again
             raise DaemonUnavailable(self.down_message(error)) from None
+
+    def ensure_roots(self, *, force: bool = False) -> None:
+        """Tell the daemon this ComfyUI's model folders (``register_roots``), once per
+        connection; ``force`` sends them again (the daemon restarted and forgot them).
+
+        Zero-config: a model in a folder only this ComfyUI knows (extra_model_paths.yaml,
+        --extra-model-paths-config) loads without touching model_roots. Raises only
+        DaemonUnavailable (the call that follows would fail the same way): without the
+        folders the daemon still serves files under its own roots, and an older daemon
+        without the op is only noted once."""
+        from luna_daemon.client import DaemonError
+
+        with self._roots_lock:
+            if self._roots_sent and not force:
+                return
+            folders = comfy_model_folders()
+            if not folders:
+                self._roots_sent = True  # not inside ComfyUI (tests, scripts): nothing to tell
+                return
+            client = {"comfyui": str(getattr(sys.modules.get("folder_paths"), "base_path", "") or ""), "pid": os.getpid()}
+            try:
+                answer = self.call("register_roots", {"folders": folders, "client": client})
+            except DaemonError as exc:
+                if exc.code == "unknown_op":
+                    log.info("this Luna Daemon does not take ComfyUI's model folders (update it); only its "
+                             "model_roots are readable")
+                    self._roots_sent = True
+                else:
+                    log.warning("could not tell the Luna Daemon this ComfyUI's model folders: %s", exc)
+                return
+            self._roots_sent = True
+        for added in answer.get("added") or ():
+            log.info("Luna Daemon reads %s (%s folder of this ComfyUI)", added.get("path"), added.get("kind"))
+
+    def embedding_directories(self) -> list[str] | None:
+        """This ComfyUI's embedding folders (``folder_paths``), None outside ComfyUI."""
+        return comfy_model_folders(("embeddings",)).get("embeddings")
 
     def is_running(self, timeout: float = 2.0) -> bool:
         try:
@@ -189,6 +232,29 @@ def _tail(path: Path | None, limit: int = 2000) -> str:
     except OSError:
         return ""
     return " | ".join(line.strip() for line in data.decode("utf-8", "replace").splitlines() if line.strip())
+
+
+# ComfyUI's folder_paths names whose folders the daemon may read models from.
+ROOT_KINDS = ("vae", "text_encoders", "loras", "embeddings", "checkpoints", "diffusion_models")
+
+
+def comfy_model_folders(kinds: tuple[str, ...] = ROOT_KINDS) -> dict[str, list[str]]:
+    """``folder_paths.get_folder_paths(kind)`` of this ComfyUI per kind (existing folders,
+    absolute); {} when ComfyUI's ``folder_paths`` is not loaded. Never raises."""
+    fp = sys.modules.get("folder_paths")
+    if fp is None:
+        return {}
+    out: dict[str, list[str]] = {}
+    for kind in kinds:
+        try:
+            paths = [os.path.abspath(p) for p in fp.get_folder_paths(kind)]
+        except Exception:  # noqa: BLE001 - an unknown name in this ComfyUI version
+            log.debug("folder_paths has no %r folders", kind, exc_info=True)
+            continue
+        found = [p for p in dict.fromkeys(paths) if os.path.isdir(p)]
+        if found:
+            out[kind] = found
+    return out
 
 
 def package_root() -> Path:

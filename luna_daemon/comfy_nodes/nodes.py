@@ -338,20 +338,10 @@ class LunaDaemonStatus:
         return {"ui": {"text": [summary]}, "result": (summary, running)}
 
 
-def _mb(n: Any) -> str:
-    return f"{(n or 0) / 1e6:.0f} MB"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds or 0)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h {m}m" if h else f"{m}m {s}s"
-
-
 def daemon_summary(conn: connection.Connection) -> tuple[str, bool]:
     """(text, running) from the daemon's status and ps; the down message when unreachable."""
     from luna_daemon.client import DaemonError, DaemonUnavailable
+    from luna_daemon.units import fmt_bytes, fmt_duration  # the units of every face
 
     try:
         status = conn.client.call("status", timeout=5.0)
@@ -364,23 +354,23 @@ def daemon_summary(conn: connection.Connection) -> tuple[str, bool]:
         return f"Luna Daemon status unavailable: {type(exc).__name__}: {exc}", False
     lines = [(f"Luna Daemon {status.get('version', '?')} running at {conn.address} "
               f"(engine {status.get('engine', '?')}, service {status.get('service', '?')}, "
-              f"up {_duration(status.get('uptime', 0))})")]
+              f"up {fmt_duration(status.get('uptime', 0))})")]
     lines.append(f"models loaded: {len(models)}")
     for m in models:
         name = ", ".join(Path(p).name for p in m.get("paths", [])) or m.get("id")
-        lines.append(f"  {m.get('kind')} {name}: {m.get('device')} {m.get('dtype')}, {_mb(m.get('bytes'))}, "
+        lines.append(f"  {m.get('kind')} {name}: {m.get('device')} {m.get('dtype')}, {fmt_bytes(m.get('bytes'))}, "
                      f"{m.get('calls', 0)} calls, queue {m.get('queue', 0)}")
     for dev, mem in (status.get("devices") or {}).items():
         used, total = mem.get("used"), mem.get("total")
         if total:
-            lines.append(f"  {dev}: {_mb(used)} used of {_mb(total)} (models {_mb(mem.get('models_bytes'))})")
+            lines.append(f"  {dev}: {fmt_bytes(used)} used of {fmt_bytes(total)} (models {fmt_bytes(mem.get('models_bytes'))})")
     req = status.get("requests") or {}
     lines.append(f"requests: {req.get('total', 0)} total, {req.get('errors', 0)} errors, "
                  f"{req.get('per_minute', 0)} in the last minute")
     cache = status.get("lora_cache")
     if cache:
-        lines.append(f"LoRA cache: {cache.get('entries', 0)} entries, {_mb(cache.get('bytes'))} of "
-                     f"{_mb(cache.get('budget'))}")
+        lines.append(f"LoRA cache: {cache.get('entries', 0)} entries, {fmt_bytes(cache.get('bytes'))} of "
+                     f"{fmt_bytes(cache.get('budget'))}")
     return "\n".join(lines), True
 
 

@@ -148,6 +148,7 @@ class _Remote:
                     raise DaemonError("not_found", f"{self.what} is no longer loaded in the Luna Daemon and cannot be "
                                                    "registered again from here; re-run its loader node")
                 log.info("Luna Daemon lost %s (restarted or unloaded); registering it again", self.what)
+                _send_roots(self.conn, force=True)  # a restarted daemon forgot this ComfyUI's folders too
                 self._apply(self._reload())
         for entry in loras or ():
             ensure_lora(self.conn, entry.sha256, entry.blob)
@@ -503,7 +504,18 @@ class DaemonCLIP:
             options["tokenizer_options"] = tokenizer_options
         if return_word_ids:
             options["return_word_ids"] = True
-        out = self._remote.call("clip_tokenize", lambda mid: {"model": mid, "text": text, "options": options})
+        conn = self._remote.conn
+        _send_roots(conn)
+        # ``embedding:`` names resolve in this ComfyUI's embedding folders, as natively.
+        dirs = getattr(conn, "embedding_directories", lambda: None)()
+
+        def args(mid: str) -> dict:
+            a = {"model": mid, "text": text, "options": options}
+            if dirs is not None:
+                a["embedding_directories"] = dirs
+            return a
+
+        out = self._remote.call("clip_tokenize", args)
         return out["tokens"]
 
     def encode_from_tokens(self, tokens: dict, return_pooled: Any = False, return_dict: bool = False) -> Any:
@@ -706,15 +718,33 @@ def _forbidden_hint(conn: Any, exc: DaemonError, path: str) -> DaemonError:
                                  f"{advice} in {config}, then restart the daemon")
 
 
+def _send_roots(conn: Any, *, force: bool = False) -> None:
+    """This ComfyUI's model folders to the daemon (:meth:`Connection.ensure_roots`)."""
+    ensure = getattr(conn, "ensure_roots", None)
+    if ensure is not None:
+        ensure(force=force)
+
+
+def _load_in_roots(conn: Any, op: str, args: dict, path: str) -> dict:
+    """``op`` after this ComfyUI's folders were registered; on ``forbidden_path`` they are
+    sent again once (a restarted daemon forgot them) before the error is explained."""
+    _send_roots(conn)
+    for attempt in (0, 1):
+        try:
+            return conn.call(op, args, check=interrupt_check())
+        except DaemonError as exc:
+            if attempt or exc.code != "forbidden_path" or getattr(conn, "ensure_roots", None) is None:
+                raise _forbidden_hint(conn, exc, path) from None
+            _send_roots(conn, force=True)
+    raise AssertionError("unreachable")
+
+
 def load_vae(conn: Any, path: str, *, device: str | None = None, dtype: str | None = None) -> DaemonVAE:
     """Ask the daemon to load the VAE file at ``path``; return its proxy."""
     args = {"path": str(path), **_device_dtype_args(device, dtype)}
 
     def load() -> dict:
-        try:
-            return conn.call("vae_load", args, check=interrupt_check())
-        except DaemonError as exc:
-            raise _forbidden_hint(conn, exc, path) from None
+        return _load_in_roots(conn, "vae_load", args, path)
 
     return DaemonVAE(_Remote(conn, "vae", load(), f"VAE {_name_of(path)}", reload=load))
 
@@ -725,10 +755,7 @@ def load_clip(conn: Any, paths: list[str], clip_type: str = "sd1", *, device: st
     args = {"paths": [str(p) for p in paths], "clip_type": clip_type, **_device_dtype_args(device, dtype)}
 
     def load() -> dict:
-        try:
-            return conn.call("clip_load", args, check=interrupt_check())
-        except DaemonError as exc:
-            raise _forbidden_hint(conn, exc, paths[0]) from None
+        return _load_in_roots(conn, "clip_load", args, paths[0])
 
     answer = load()
     remote = _Remote(conn, "clip", answer, f"CLIP {', '.join(_name_of(p) for p in paths)}", reload=load)

@@ -41,6 +41,7 @@ import torch
 from luna_daemon import fsutil
 from luna_daemon.models.engines.base import LoraSpec
 from luna_daemon.protocol import ErrorCode, LunaError
+from luna_daemon.units import fmt_bytes
 
 log = logging.getLogger(__name__)
 
@@ -202,11 +203,16 @@ def map_to_model(lora: ParsedLora, patchable_keys: Sequence[str]) -> dict[str, t
 class LoraCache:
     """Thread-safe LRU of parsed LoRAs within ``settings.lora_cache_bytes``."""
 
+    @property
+    def budget(self) -> int:
+        # Read on each use: lora_cache_bytes applies live (an edited config.toml); a
+        # smaller budget evicts at the next insert.
+        return self.settings.lora_cache_bytes
+
     def __init__(self, settings, registry=None, events=None):
         self.settings = settings
         self.registry = registry
         self.events = events
-        self.budget = settings.lora_cache_bytes
         self._entries: collections.OrderedDict[str, ParsedLora] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -281,8 +287,8 @@ class LoraCache:
     def _check_budget(self, nbytes: int, label: str) -> None:
         if nbytes > self.budget:
             # Refuse before touching the cache: an oversized LoRA must not flush it.
-            raise LunaError(ErrorCode.TOO_LARGE, f"LoRA {label} needs {nbytes / 1e6:.1f} MB, more than the whole "
-                            f"LoRA cache (lora_cache_bytes = {self.budget / 1e6:.1f} MB); raise lora_cache_bytes")
+            raise LunaError(ErrorCode.TOO_LARGE, f"LoRA {label} needs {fmt_bytes(nbytes)}, more than the whole "
+                            f"LoRA cache (lora_cache_bytes = {fmt_bytes(self.budget)}); raise lora_cache_bytes")
 
     def _insert(self, parsed: ParsedLora) -> dict[str, Any]:
         self._check_budget(parsed.nbytes, parsed.name or parsed.sha256[:12])
@@ -297,7 +303,7 @@ class LoraCache:
             self._entries[parsed.sha256] = parsed
         if evicted:
             log.info("LoRA cache full: evicted %s", ", ".join(evicted))
-        log.info("LoRA %s cached (%d modules, %.1f MB)", parsed.name or parsed.sha256[:12], len(parsed.modules), parsed.nbytes / 1e6)
+        log.info("LoRA %s cached (%d modules, %s)", parsed.name or parsed.sha256[:12], len(parsed.modules), fmt_bytes(parsed.nbytes))
         return {**parsed.describe(), "cached": False, "evicted": evicted}
 
     def clear(self) -> None:

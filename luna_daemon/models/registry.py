@@ -32,8 +32,14 @@ from luna_daemon.events import EventBus
 from luna_daemon.models.engines.base import Engine, LoadedModel, load_progress
 from luna_daemon.protocol import ErrorCode, LunaError
 from luna_daemon.settings import FOREVER, Settings
+from luna_daemon.units import fmt_bytes, fmt_duration
 
 log = logging.getLogger(__name__)
+
+# Model folders ComfyUI instances may register (register_roots) over a daemon's lifetime:
+# each instance sends a handful (vae, text_encoders, loras, embeddings, ... plus extra
+# model paths); the bound keeps one client from growing every root check without limit.
+MAX_CLIENT_ROOTS = 64
 
 DTYPE_ALIASES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_SHORT = {v: k for k, v in DTYPE_ALIASES.items()}
@@ -90,18 +96,20 @@ def device_memory(device: str) -> dict[str, int | None]:
 
 
 # --------------------------------------------------------------------------- paths
-def resolve_model_path(path: Any, roots: Sequence[Path]) -> Path:
+def resolve_model_path(path: Any, roots: Sequence[Path], config_file: str = "") -> Path:
     """Resolve ``path`` (absolute, or relative to a root) and require it under a root.
 
     Symlinks are resolved first, so a link inside a root that points outside is
     ``forbidden_path``. A relative path is tried against every root; the first root where
     it exists wins. Nothing is opened: what kind of file it is, the engine's reads check
     (see :mod:`luna_daemon.fsutil`). Every failure is typed (``bad_args`` for an unusable
-    path, ``not_found``, ``forbidden_path``)."""
+    path, ``not_found``, ``forbidden_path``; the latter names ``config_file``, where
+    model_roots is set)."""
     if not isinstance(path, str) or not path or "\x00" in path:
         raise LunaError(ErrorCode.BAD_ARGS, "path must be a non-empty string")
+    config = config_file or "the config file"
     if not roots:
-        raise LunaError(ErrorCode.FORBIDDEN_PATH, "no model_roots are configured; add the folder to model_roots in the config file")
+        raise LunaError(ErrorCode.FORBIDDEN_PATH, f"no model_roots are configured; add the folder to model_roots in {config}")
     expanded = os.path.expanduser(path)  # (os.path's never raises; an unknown ~user stays as is)
     candidates = [Path(expanded)] if os.path.isabs(expanded) else [r / path for r in roots]
     first_error: LunaError | None = None
@@ -118,7 +126,8 @@ def resolve_model_path(path: Any, roots: Sequence[Path]) -> Path:
         return real
     if first_error is not None:
         raise first_error
-    raise LunaError(ErrorCode.FORBIDDEN_PATH, f"{fsutil.short(path)} is outside the configured model_roots ({', '.join(map(str, roots))})")
+    raise LunaError(ErrorCode.FORBIDDEN_PATH, f"{fsutil.short(path)} is outside the configured model_roots "
+                    f"({', '.join(map(str, roots))}); add its folder to model_roots in {config}")
 
 
 def _fingerprint(paths: Sequence[Path]) -> list[tuple[str, int, int]]:
@@ -383,6 +392,9 @@ class Registry:
         self._loading: dict[str, threading.Event] = {}
         self._roots = settings.resolved_model_roots()
         self._internal_roots: list[Path] = []
+        # Folders ComfyUI instances registered (register_roots): path -> {"kinds", "source"}.
+        # Kept for this registry's (the daemon's) lifetime only, never written to config.
+        self._client_roots: dict[Path, dict[str, Any]] = {}
         self._reaper_stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="luna-reaper", daemon=True)
         self._reaper.start()
@@ -396,14 +408,72 @@ class Registry:
             if folder not in self._internal_roots:
                 self._internal_roots.append(folder)
 
-    def roots(self, internal: bool = False) -> list[Path]:
-        """The model roots; with ``internal``, plus the daemon's own folders."""
+    def refresh_roots(self) -> None:
+        """Re-read ``model_roots`` / ``comfyui_root`` from the (live) settings: an edited
+        config file applies to the next path check; loaded models stay loaded."""
+        roots = self.settings.resolved_model_roots()
         with self._lock:
-            return list(self._roots) + (list(self._internal_roots) if internal else [])
+            self._roots = roots
+
+    def roots(self, internal: bool = False) -> list[Path]:
+        """The model roots (configured, then client-registered); with ``internal``, plus the
+        daemon's own folders."""
+        with self._lock:
+            return list(self._roots) + list(self._client_roots) + (list(self._internal_roots) if internal else [])
+
+    def add_client_roots(self, folders: Sequence[tuple[str, str]], source: str) -> tuple[list[dict], list[dict]]:
+        """Accept ``(kind, folder)`` pairs a client registered as model roots.
+
+        Each folder is resolved (symlinks followed) and must be an existing folder that
+        :func:`~luna_daemon.settings.too_broad_model_root` accepts; one already inside a
+        root only gains the kind. At most MAX_CLIENT_ROOTS are kept (the first ones stay).
+        Returns (added, refused): ``{"path", "kind"}`` / ``{"path", "reason"}`` dicts."""
+        from luna_daemon.settings import _home, too_broad_model_root
+
+        home = _home()
+        added: list[dict] = []
+        refused: list[dict] = []
+        for kind, folder in folders:
+            shown = fsutil.short(folder)
+            try:
+                real = Path(os.path.realpath(os.path.expanduser(folder)))
+            except (OSError, ValueError) as exc:
+                refused.append({"path": shown, "reason": f"cannot resolve it ({exc})"})
+                continue
+            why = too_broad_model_root(real, home)
+            if why:
+                refused.append({"path": shown, "reason": f"{why}: never a model root"})
+                continue
+            if not real.is_dir():
+                refused.append({"path": shown, "reason": "not an existing folder"})
+                continue
+            with self._lock:
+                known = self._client_roots.get(real)
+                if known is not None:
+                    if kind not in known["kinds"]:
+                        known["kinds"].append(kind)
+                    continue
+                if fsutil.within(real, self._roots) or fsutil.within(real, list(self._client_roots)):
+                    continue  # already readable: nothing to add
+                if len(self._client_roots) >= MAX_CLIENT_ROOTS:
+                    refused.append({"path": shown, "reason": f"the daemon already keeps {MAX_CLIENT_ROOTS} registered "
+                                                             "folders (restart it, or list the folder in model_roots)"})
+                    continue
+                self._client_roots[real] = {"kinds": [kind], "source": source}
+            added.append({"path": str(real), "kind": kind})
+        return added, refused
+
+    def root_sources(self) -> list[dict[str, Any]]:
+        """Every model root with where it came from: ``{"path", "source", "kinds"}``;
+        ``source`` is ``settings`` (model_roots / comfyui_root) or the registering client."""
+        with self._lock:
+            out = [{"path": str(r), "source": "settings", "kinds": []} for r in self._roots]
+            out += [{"path": str(r), "source": v["source"], "kinds": list(v["kinds"])} for r, v in self._client_roots.items()]
+        return out
 
     def resolve_path(self, path: Any, *, internal: bool = False) -> Path:
         """A client's path -> its real path under the model roots (see :func:`resolve_model_path`)."""
-        return resolve_model_path(path, self.roots(internal))
+        return resolve_model_path(path, self.roots(internal), self.settings.config_file)
 
     def confine(self, internal: bool = False):
         """Context manager: file reads in this thread must stay inside the roots
@@ -513,7 +583,7 @@ class Registry:
             )
             with self._lock:
                 self._entries[model_id] = entry
-            log.info("loaded %s %s on %s (%s, %.1f MB) in %.2fs", kind, real[0].name, dev, entry.dtype, entry.nbytes / 1e6, time.perf_counter() - t0)
+            log.info("loaded %s %s on %s (%s, %s) in %s", kind, real[0].name, dev, entry.dtype, fmt_bytes(entry.nbytes), fmt_duration(time.perf_counter() - t0))
             self.events.emit("model_loaded", model=model_id, kind=kind, paths=entry.paths, device=entry.device, bytes=entry.nbytes)
             self._warn_if_over_budget(str(dev))
             return entry
@@ -665,7 +735,7 @@ class Registry:
         if budget is None:
             return
         if needed > budget:
-            raise LunaError(ErrorCode.OOM, f"model needs ~{needed / 1e6:.0f} MB but max_model_bytes for {device} is {budget / 1e6:.0f} MB")
+            raise LunaError(ErrorCode.OOM, f"model needs ~{fmt_bytes(needed)} but max_model_bytes for {device} is {fmt_bytes(budget)}")
         while True:
             with self._lock:
                 on_dev = [e for e in self._entries.values() if e.device == device and not e.unloading and e.id != exclude]
@@ -675,7 +745,7 @@ class Registry:
                 idle = sorted((e for e in on_dev if e.users == 0), key=lambda e: e.last_used)
                 if not idle:
                     busy = ", ".join(Path(e.paths[0]).name for e in on_dev)
-                    msg = f"memory budget for {device} ({budget / 1e6:.0f} MB) is full and every model is in use ({busy})"
+                    msg = f"memory budget for {device} ({fmt_bytes(budget)}) is full and every model is in use ({busy})"
                     self.events.emit("warning", message=msg)
                     raise LunaError(ErrorCode.OOM, msg)
                 victim = idle[0]

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from luna_daemon.host import AlreadyRunning, Host, install_signal_handlers
-from luna_daemon.settings import Settings, SettingsError
+from luna_daemon.settings import Settings
 from luna_daemon.tray import autostart
 from luna_daemon.tray.icons import disc
 from luna_daemon.tray.menu import (
@@ -57,12 +57,11 @@ _WM_RBUTTONUP = 0x0205  # win32: the right-button release that opens pystray's m
 # ----------------------------------------------------------------------------- entry point
 def main(config: str | None = None) -> int:
     """Run the tray (or headless daemon) until Exit. Returns the process exit code."""
-    try:
-        settings = Settings.load(config)
-    except SettingsError as exc:
-        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-        log.error("invalid setting: %s", exc)
-        return EXIT_USAGE
+    # Tolerant: a broken config.toml must not make a login-launched tray vanish. The Host
+    # logs each problem to the log file (its path is known: a bad log_dir keeps the
+    # default), the icon starts red naming file, line and key, and the daemon stays
+    # stopped until the file is fixed (Host.reload_config then starts it).
+    settings = Settings.load(config, tolerant=True)
     # A tray is a GUI app: it logs to its file (``luna-daemon logs``), and to stderr only
     # when a person watches a terminal. Detached launches (the launchers, autostart,
     # pythonw with sys.stderr None) must not fill an unrotated redirect file.
@@ -139,27 +138,33 @@ def run_headless(host: Host) -> int:
         return EXIT_FAIL
 
 
-def open_target(target: str) -> None:
-    """Open a file or URL with the OS default application. Raises OSError on failure."""
+# How long open_target waits for the opener's exit code. xdg-open usually hands over to
+# the browser and exits at once (rc 0, or 3/4 when nothing can open the URL); an opener
+# still running after this is taken as success (some exec the browser itself).
+OPEN_WAIT_S = 10.0
+
+
+def open_target(target: str, wait: float = OPEN_WAIT_S) -> None:
+    """Open a file or URL with the OS default application.
+
+    Raises OSError when the opener is missing, cannot start, or exits non-zero within
+    ``wait`` seconds. The child is always reaped: by this call, or by a daemon thread
+    that waits for an opener that outlives ``wait`` (no zombie is left behind)."""
     if sys.platform == "win32":
         os.startfile(target)  # type: ignore[attr-defined]
         return
     opener = "open" if sys.platform == "darwin" else "xdg-open"
-    # Detached and silent: the opener may outlive us, and must not write into our terminal.
-    subprocess.Popen([opener, target], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
-
-
-def _own_sockets_to(port: int) -> set[str]:
-    """"ip:port" of this process's established TCP connections to ``port`` (as the server names peers)."""
+    # Silent: the opener must not write into our terminal. Its own session, so a Ctrl-C
+    # in our terminal does not reach the browser it starts.
+    proc = subprocess.Popen([opener, target], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
     try:
-        import psutil
-
-        conns = psutil.Process().net_connections(kind="tcp")
-    except Exception:  # no permission / platform quirk: counts may include our probes
-        return set()
-    return {f"{c.laddr.ip}:{c.laddr.port}" for c in conns
-            if c.raddr and c.raddr.port == port and c.status == "ESTABLISHED"}
+        rc = proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        threading.Thread(target=proc.wait, name="luna-tray-opener-reaper", daemon=True).start()
+        return
+    if rc != 0:
+        raise OSError(f"{opener} exited with code {rc}")
 
 
 # ----------------------------------------------------------------------------- icon class
@@ -227,6 +232,9 @@ class TrayApp:
             port=self.settings.port,
             dashboard=host.monitor is not None,
             autostart=autostart.is_enabled(),
+            restart_needed=tuple(host.config_status()["restart_needed"]),
+            # A broken config file: red from the first frame (the daemon will not start).
+            **({"daemon": "error", "detail": f"config file: {host.config_error}"} if host.config_error else {}),
         )
         self._view: View = build_view(self._state)
         self._pushed: View | None = None
@@ -239,12 +247,6 @@ class TrayApp:
         self._tray_failed = False
         self._exit_requested = threading.Event()
         self._unsubscribe: Callable[[], None] | None = None
-        # Our own connections (probes, unload) are not "clients". _own_live counts those the
-        # server may still count; each is released by its client_disconnected event (matched
-        # by peer address) or at once if it never reached the server.
-        self._own_live = 0
-        self._own_open = 0
-        self._own_peers: set[str] = set()
 
         self.icon = _icon_class(pystray.Icon)(
             "luna-daemon", icon=disc(self._view.colour, ICON_SIZE), title=self._view.title, menu=self._build_menu())
@@ -328,8 +330,6 @@ class TrayApp:
                 changes: dict[str, Any] = {"daemon": st, "detail": detail, "health": UNKNOWN, "health_detail": ""}
                 if st != "running":
                     changes.update(models=0, clients=0, memory_bytes=0)
-                    self._own_peers.clear()  # the server that could report them is gone
-                    self._own_live = self._own_open
                 self._update(**changes)
             if st == "running":
                 self._want_probe(status=True)  # green only after our own ping succeeds
@@ -344,15 +344,14 @@ class TrayApp:
                 self.notifier.alert(msg, title="Luna Daemon warning")
         elif e.type in ("model_loaded", "model_unloaded"):
             self._want_probe(status=True)  # refresh models / memory in the status line
+        elif e.type == "config":
+            self._update(restart_needed=tuple(e.data.get("restart_needed") or ()))
         elif e.type in ("client_connected", "client_disconnected"):
+            # Our probes are supervision: the daemon neither counts nor announces them.
             clients = e.data.get("clients")
             with self._lock:
-                peer = e.data.get("client")
-                if e.type == "client_disconnected" and peer in self._own_peers:
-                    self._own_peers.discard(peer)
-                    self._own_live = max(0, self._own_live - 1)
                 if isinstance(clients, int) and self._state.daemon == "running":
-                    self._update(clients=max(0, clients - self._own_live))
+                    self._update(clients=max(0, clients))
 
     def _on_lock_message(self, msg: str) -> None:
         if msg == "show":
@@ -427,7 +426,7 @@ class TrayApp:
         """A real ``status`` call; the answer as a notification, the colour updated."""
         st = self.host.daemon.snapshot()
         if st["state"] != "running":
-            self.notifier.reply(self.view.status, title=title)
+            self.notifier.reply(self.view.detail, title=title)  # the full reason, not the short row
             return
         ok, result = self._probe(st, with_status=True)
         self.notifier.reply(status_summary(result) if ok else f"Not responding: {result}", title=title)
@@ -440,14 +439,16 @@ class TrayApp:
         st = self.host.daemon.snapshot()
         if st["state"] != "running":
             return
-        with self._client(st["port"], self.settings.stop_timeout) as c:
+        # A user's action, counted like the CLI's (not supervision).
+        with self._client(st["port"], self.settings.stop_timeout, supervisor=False) as c:
             done = c.unload(all=True)
         self.notifier.reply(f"Unloaded {len(done)} model(s)", title="Luna Daemon")
         self._want_probe(status=True)
 
     def _do_logs(self) -> None:
         url = self.host.dashboard_url("logs")
-        self._open(url or str(self.settings.log_file), "the log viewer" if url else "the log file")
+        self._open(url or str(self.settings.log_file), "the log viewer" if url else "the log file",
+                   also=f"; the log file is {self.settings.log_file}" if url else "")
 
     def _do_dashboard(self) -> None:
         self._open_dashboard("status")
@@ -462,12 +463,18 @@ class TrayApp:
             return
         self._open(url, f"the dashboard ({page})")
 
-    def _open(self, target: str, what: str) -> None:
-        log.info("opening %s: %s", what, target.split("#", 1)[0].split("?", 1)[0])
+    def _open(self, target: str, what: str, also: str = "") -> None:
+        shown = target.split("#", 1)[0].split("?", 1)[0]  # the log never gets the login secret
+        log.info("opening %s: %s", what, shown)
         try:
             open_target(target)
         except OSError as exc:
-            self.notifier.reply(f"Could not open {what} ({exc}). Log file: {self.settings.log_file}")
+            log.warning("could not open %s: %s", what, exc)
+            # The full target (a dashboard URL logs the user in once), so it works by hand.
+            kind = "a browser" if "://" in target else "a file viewer"
+            self.notifier.reply(f"Could not open {kind} ({exc}): open {target} by hand{also}",
+                                title=f"Luna Daemon: could not open {what}",
+                                logged=f"Could not open {kind} ({exc}): open {shown} by hand{also}")
 
     def _do_autostart(self) -> None:
         want = not autostart.is_enabled()
@@ -516,28 +523,16 @@ class TrayApp:
                 self._probe(st, with_status=with_status)
 
     @contextlib.contextmanager
-    def _client(self, port: int, timeout: float) -> Iterator[Any]:
-        """A short-lived DaemonClient, already pinged, whose connection is not shown as a client."""
+    def _client(self, port: int, timeout: float, *, supervisor: bool = True) -> Iterator[Any]:
+        """A short-lived DaemonClient, already pinged. ``supervisor``: its connection says
+        so first (an authenticated hello), so the daemon keeps the tray's health probes out
+        of its client count, request stats, events and log."""
         from luna_daemon.client import DaemonClient
 
-        before = _own_sockets_to(port)
-        with self._lock:
-            self._own_live += 1
-            self._own_open += 1
-        mine: set[str] = set()
-        try:
-            with DaemonClient(self.settings.host, port, token=self.host.daemon.token,
-                              timeout=timeout, connect_timeout=min(timeout, 10.0)) as c:
-                c.ping()  # opens the connection, so we can learn its address
-                mine = _own_sockets_to(port) - before
-                with self._lock:
-                    self._own_peers |= mine
-                yield c
-        finally:
-            with self._lock:
-                self._own_open -= 1
-                if not mine:  # never reached the server (or unknown): no event will release it
-                    self._own_live = max(0, self._own_live - 1)
+        with DaemonClient(self.settings.host, port, token=self.host.daemon.token, timeout=timeout,
+                          connect_timeout=min(timeout, 10.0), supervisor=supervisor) as c:
+            c.ping()
+            yield c
 
     def _probe(self, snapshot: dict, *, with_status: bool) -> tuple[bool, Any]:
         """A real ping (and status) over the socket; updates colour. -> (ok, status|reason)."""
@@ -554,10 +549,6 @@ class TrayApp:
                         status = c.status()
                     except DaemonError as exc:  # ping is the health criterion; status is detail
                         log.debug("status after a good ping failed: %s", exc)
-                    else:
-                        with self._lock:  # the daemon counted our own connections as clients
-                            own = self._own_live
-                        status = {**status, "clients": max(0, int(status.get("clients") or 0) - own)}
         except (DaemonUnavailable, DaemonError, OSError) as exc:
             reason = getattr(exc, "message", None) or str(exc)
             self._health_result(generation, False, reason, {})
@@ -595,6 +586,9 @@ class TrayApp:
         if self.settings.autostart_daemon:
             t = threading.Thread(target=self._autostart, name="luna-tray-autostart", daemon=True)
             t.start()
+        elif self.host.config_error:
+            # (With autostart, the refused start's state=error notification says this.)
+            self.notifier.alert(f"Config file error: {self.host.config_error}")
         threading.Thread(target=self._check_embedded, name="luna-tray-embed-check", daemon=True).start()
         self._glib_signals()
         log.info("tray icon shown (backend %s)", type(icon).__mro__[1].__module__)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from luna_daemon.units import fmt_bytes, fmt_duration
+
 GRAY, YELLOW, GREEN, RED = "gray", "yellow", "green", "red"
 COLOURS = (GRAY, YELLOW, GREEN, RED)
 
@@ -29,6 +31,9 @@ UNKNOWN, HEALTHY, FAILING = "unknown", "ok", "failing"
 APP_NAME = "Luna Daemon"
 TITLE_MAX = 127
 STATUS_MAX = 80
+# The reason in the red status row: its first clause, cut to this. A whole error message
+# made the GTK menu ~600 px wide; the full text is in the title and Check Status.
+REASON_MAX = 40
 
 MENU_KEYS = (
     "status", "start", "stop", "check", "logs", "dashboard", "settings", "unload", "autostart", "exit",
@@ -63,6 +68,8 @@ class TrayState:
     autostart_supported: bool = True
     dashboard: bool = False
     busy: str = ""  # an action in progress that changes what may be clicked: "exiting"
+    # Keys edited in config.toml that apply only after a restart (Host.config_status).
+    restart_needed: tuple[str, ...] = ()
 
     def with_(self, **changes) -> TrayState:
         return replace(self, **changes)
@@ -89,8 +96,9 @@ SEPARATOR = ItemSpec("-")
 class View:
     colour: str
     title: str
-    status: str
+    status: str  # the menu row: one short line
     items: tuple[ItemSpec, ...]
+    detail: str = ""  # the same with the full reason, uncut (Check Status notification)
 
     def item(self, key: str) -> ItemSpec:
         for it in self.items:
@@ -111,14 +119,6 @@ def colour_for(s: TrayState) -> str:
     return GRAY
 
 
-def format_bytes(n: int) -> str:
-    if n < 1000**2:
-        return f"{n / 1000:.0f} KB" if n else "0 MB"
-    if n < 1000**3:
-        return f"{n / 1000**2:.0f} MB"
-    return f"{n / 1000**3:.1f} GB"
-
-
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -128,36 +128,62 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def status_line(s: TrayState) -> str:
-    """The disabled first menu row: state · models · clients · memory (or the reason)."""
+def short_reason(reason: str, limit: int = REASON_MAX) -> str:
+    """The first clause of an error message (up to ``; ``, ``. ``, ``: `` or `` (``), at most
+    ``limit`` characters with an ellipsis: what fits a menu row."""
+    text = " ".join(reason.split())
+    cut = min((i for i in (text.find(sep) for sep in ("; ", ". ", ": ", " (")) if i >= 8), default=len(text))
+    first = text[:cut].rstrip(" .;:")
+    if cut < len(text) and len(first) < limit:
+        return first + "…"  # say that there is more (in the title / Check Status)
+    return _clip(first, limit)
+
+
+def _status_text(s: TrayState, *, short: bool) -> str:
+    text = _state_text(s, short=short)
+    if s.restart_needed and s.busy != "exiting" and s.daemon != "error":
+        # Short: the row must stay narrow; the title / Check Status name the keys.
+        text += " · restart needed" + ("" if short else f" ({', '.join(s.restart_needed)})")
+    return text
+
+
+def _state_text(s: TrayState, *, short: bool) -> str:
     colour = colour_for(s)
+
+    def reason(text: str) -> str:
+        return short_reason(text) if short else " ".join(text.split())
+
     if s.busy == "exiting":
-        text = "Exiting…"
-    elif s.daemon == "error":
-        text = f"Error: {s.detail or 'unknown'}"
-    elif s.daemon == "running" and colour == RED:
-        text = f"Not responding: {s.health_detail or 'no answer to ping'}"
-    elif s.daemon == "running" and colour == YELLOW:
-        text = f"Running on port {s.port} · checking…"
-    elif s.daemon == "running":
-        text = " · ".join(("Running", _plural(s.models, "model"), _plural(s.clients, "client"), format_bytes(s.memory_bytes)))
-    elif s.daemon == "starting":
-        text = "Starting…"
-    elif s.daemon == "stopping":
-        text = "Stopping…"
-    else:
-        text = "Stopped" + (f" ({s.detail})" if s.detail else "")
-    return _clip(text, STATUS_MAX)
+        return "Exiting…"
+    if s.daemon == "error":
+        return f"Error: {reason(s.detail or 'unknown')}"
+    if s.daemon == "running" and colour == RED:
+        return f"Not responding: {reason(s.health_detail or 'no answer to ping')}"
+    if s.daemon == "running" and colour == YELLOW:
+        return f"Running on port {s.port} · checking…"
+    if s.daemon == "running":
+        return " · ".join(("Running", _plural(s.models, "model"), _plural(s.clients, "client"), fmt_bytes(s.memory_bytes)))
+    if s.daemon == "starting":
+        return "Starting…"
+    if s.daemon == "stopping":
+        return "Stopping…"
+    return "Stopped" + (f" ({reason(s.detail)})" if s.detail else "")
+
+
+def status_line(s: TrayState) -> str:
+    """The disabled first menu row: state · models · clients · memory, or a short reason."""
+    return _clip(_status_text(s, short=True), STATUS_MAX)
+
+
+def full_status(s: TrayState) -> str:
+    """The status line with the whole reason, never cut (one line)."""
+    return _status_text(s, short=False)
 
 
 def title_for(s: TrayState) -> str:
-    """Tooltip / title: app name + the status line, with the full reason for red."""
-    colour = colour_for(s)
-    line = status_line(s)
-    if colour == RED:
-        reason = s.detail if s.daemon == "error" else s.health_detail
-        line = ("Error: " if s.daemon == "error" else "Not responding: ") + (reason or "unknown")
-    elif s.daemon == "running" and colour == GREEN:
+    """Tooltip / title: app name + the status with the full reason (cut only at TITLE_MAX)."""
+    line = full_status(s)
+    if s.daemon == "running" and colour_for(s) == GREEN:
         line = f"{line} · port {s.port}"
     return _clip(f"{APP_NAME} — {line}", TITLE_MAX)
 
@@ -189,7 +215,7 @@ def build_view(s: TrayState) -> View:
         SEPARATOR,
         item("exit", True),
     )
-    return View(colour_for(s), title_for(s), status, items)
+    return View(colour_for(s), title_for(s), status, items, full_status(s))
 
 
 def status_summary(status: dict) -> str:
@@ -198,21 +224,13 @@ def status_summary(status: dict) -> str:
     mem = sum(int((d or {}).get("models_bytes") or 0) for d in (status.get("devices") or {}).values())
     parts = [
         f"{str(status.get('state') or 'running').capitalize()} on port {status.get('port', '?')}",
-        f"{_plural(int(status.get('models') or 0), 'model')} ({format_bytes(mem)})",
+        f"{_plural(int(status.get('models') or 0), 'model')} ({fmt_bytes(mem)})",
         _plural(int(status.get("clients") or 0), "client"),
         f"{int(req.get('total') or 0)} requests ({int(req.get('errors') or 0)} failed)",
         f"engine {status.get('engine', '?')}",
     ]
     up = float(status.get("uptime") or 0)
     if up:
-        parts.append(f"up {_duration(up)}")
+        parts.append(f"up {fmt_duration(up)}")
     return " · ".join(parts)
 
-
-def _duration(seconds: float) -> str:
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    return f"{s // 3600}h {(s % 3600) // 60:02d}m"

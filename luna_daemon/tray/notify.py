@@ -74,9 +74,10 @@ class Notifier:
                     del self._last_by_text[k]
         return self._show(message, title)
 
-    def reply(self, message: str, title: str = "Luna Daemon") -> bool:
-        """The answer to a user action. Not rate-limited; shown whenever the backend can."""
-        log.info("notification: %s: %s", title, message)
+    def reply(self, message: str, title: str = "Luna Daemon", *, logged: str | None = None) -> bool:
+        """The answer to a user action. Not rate-limited; shown whenever the backend can.
+        ``logged``: what the log gets instead of ``message`` (one holding a secret)."""
+        log.info("notification: %s: %s", title, message if logged is None else logged)
         return self._show(message, title)
 
     def _show(self, message: str, title: str) -> bool:

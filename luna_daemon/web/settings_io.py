@@ -63,11 +63,12 @@ SCOPE_WIDENING = frozenset({
 # Shown on the page (so the user sees the effective value and where it comes from) but
 # read-only there, with a hint.
 READ_ONLY = ("port", "monitor_port", "model_roots", "comfyui_root", "engine")
-# Read by the daemon when it starts (components, default load options): a running daemon
-# keeps the old value until stop + start. Everything else is read when used (budgets on
-# each load, notifications on each notice).
+# Saves the page offers a daemon restart for. Every key the page may save applies live
+# (config_watch.LIVE: read on each use); device / precision defaults, though, only reach
+# models loaded from now on, and a restart reloads the loaded ones with the new value. The
+# rest need a restart to apply at all (read-only here; listed for the file's own edits).
 DAEMON_RESTART = frozenset({
-    "vae_device", "vae_dtype", "clip_device", "clip_dtype", "keep_alive", "lora_cache_bytes",
+    "vae_device", "vae_dtype", "clip_device", "clip_dtype",
     "port", "model_roots", "comfyui_root", "engine",
 })
 MAX_CHANGES = 64  # keys in one save; more is not a form, it is a flood
@@ -193,9 +194,8 @@ def _to_toml(key: str, raw: Any) -> Any:
 
 
 def _message(exc: SettingsError) -> str:
-    text = str(exc)
-    prefix = f"{exc.key}: "
-    return text[len(prefix):] if text.startswith(prefix) else text
+    # The bare message: the page shows it next to the field (no file / line / key prefix).
+    return exc.message + (f" (did you mean {exc.suggestion!r}?)" if exc.suggestion else "")
 
 
 def _extra_checks(key: str, value: Any, existing_devices: list[str]) -> None:

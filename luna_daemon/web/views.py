@@ -97,6 +97,7 @@ def status(host: Any, *, monitor_clients: int = 0) -> dict[str, Any]:
         "queue": sum(e.executor.depth for e in entries),
         "requests": requests,
         "lora_cache": lora_stats(lora),
+        "roots": reg.root_sources() if reg is not None else [],  # with where each came from
         "version": __version__,
         "pid": os.getpid(),
         "monitor_clients": monitor_clients,

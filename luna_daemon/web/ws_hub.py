@@ -40,7 +40,8 @@ SNAPSHOT_LOG_LINES = 1000
 TICK = 2.0                   # seconds between status pushes (uptime, memory, last use)
 REFRESH_MIN_INTERVAL = 0.25  # at most this often an event-triggered status push
 # Events after which the status/models views have changed.
-_REFRESH_ON = frozenset({"state", "model_loaded", "model_unloaded", "client_connected", "client_disconnected"})
+_REFRESH_ON = frozenset({"state", "model_loaded", "model_unloaded", "client_connected", "client_disconnected",
+                         "config"})  # config: restart_needed / config_error (Host.reload_config)
 # Events only a logged-in client may see (log lines may hold paths and prompt text).
 PRIVATE_EVENTS = frozenset({"log"})
 CONTROL = frozenset({"start", "stop", "restart", "unload", "save_settings"})
@@ -300,7 +301,7 @@ class WsHub:
             if not (c.authed or token_matches(msg.get("token"), self.host.daemon.token)):
                 self.refusals.warning("auth", "refused dashboard %s: not logged in", kind)
                 await self._send(c, _reply(mid, error=("unauthorized",
-                    "not logged in: open the dashboard from the tray menu (Open Dashboard) to get a login link")))
+                    "not logged in: run `luna-daemon dashboard` (or use the tray's Open Dashboard) to get a login link")))
                 return
             if c.pending_control >= MAX_PENDING_CONTROL:
                 await self._send(c, _reply(mid, error=("busy", "too many actions in progress; wait for them to finish")))
@@ -322,8 +323,8 @@ class WsHub:
             session, how = (gate.session_for_token() if token_matches(msg["token"], self.host.daemon.token) else None), "token"
         if session is None:
             reason = {
-                "login link": "this login link has expired or was already used; open the dashboard again from the tray menu",
-                "session": "the dashboard session has ended (Luna Daemon was restarted); open it again from the tray menu",
+                "login link": "this login link has expired or was already used; run `luna-daemon dashboard` (or the tray's Open Dashboard) again",
+                "session": "the dashboard session has ended (Luna Daemon was restarted); run `luna-daemon dashboard` (or the tray's Open Dashboard) again",
                 "token": "wrong token",
             }.get(how, "send secret, session or token")
             await self._send(c, {"type": "auth", "ok": False, "id": msg.get("id"), "error": reason})

@@ -18,7 +18,9 @@ Importing ``comfy`` (done once per process, on first use or :meth:`ComfyEngine.p
 * ``comfy`` logs through the root logger, and the module-level ``logging`` calls install a
   stderr handler when the root has none. The root logger's handlers, level and filters are
   restored after the import and after every engine call, so the host's logging set-up is
-  never changed.
+  never changed. In a host, ``luna_daemon.logs`` has a handler on the root logger before
+  comfy is imported: comfy's records then go to the daemon's log file and dashboard (and
+  WARNING+ back to the calling client), and comfy never adds a stderr handler of its own.
 
 Concurrency: ``comfy`` keeps process-wide, unsynchronised state (``current_loaded_models``,
 the live patch set on each shared module, the clip-layer options). Every load, encode and
@@ -113,6 +115,36 @@ def _keep_root_logging():
             root.setLevel(level)
         if root.filters != filters:
             root.filters[:] = filters
+
+
+def _sub_tokenizers(clip: Any) -> list[Any]:
+    """The per-encoder tokenizers of a ``comfy.sd.CLIP`` (``SD1Tokenizer.clip_l``,
+    ``SDXLTokenizer.clip_l`` / ``clip_g``, ``t5xxl``...): what holds ``embedding_directory``."""
+    top = getattr(clip, "tokenizer", None)
+    if top is None:
+        return []
+    found = [top] if hasattr(top, "embedding_directory") else []
+    for value in vars(top).values():
+        if hasattr(value, "embedding_directory") and value is not top and value not in found:
+            found.append(value)
+    return found
+
+
+@contextlib.contextmanager
+def _embedding_folders(clip: Any, folders: Sequence[str] | None):
+    """Point the CLIP's tokenizers at ``folders`` for one call (the caller holds the
+    tokenize lock: the tokenizer is shared by every client of this model)."""
+    if folders is None:
+        yield
+        return
+    saved = [(t, t.embedding_directory) for t in _sub_tokenizers(clip)]
+    try:
+        for t, _ in saved:
+            t.embedding_directory = list(folders)
+        yield
+    finally:
+        for t, value in saved:
+            t.embedding_directory = value
 
 
 @contextlib.contextmanager
@@ -535,12 +567,22 @@ class ComfyClip(ClipModel):
         self._require()
         return list(self._patchable)
 
-    def tokenize(self, text: str, **options: Any) -> dict[str, list[list[tuple]]]:
-        """The CLIP's own ``tokenize`` (weights syntax, ``embedding:`` names, per-encoder keys)."""
+    # ``tokenize(..., embedding_directories=[...])`` looks ``embedding:`` names up there.
+    supports_embedding_directories = True
+
+    def tokenize(self, text: str, embedding_directories: Sequence[str] | None = None,
+                 **options: Any) -> dict[str, list[list[tuple]]]:
+        """The CLIP's own ``tokenize`` (weights syntax, ``embedding:`` names, per-encoder keys).
+
+        ``embedding_directories`` (the calling ComfyUI's embedding folders, already checked
+        to lie in the model roots) replace the folders found at load time for this call, so
+        an ``embedding:`` resolves as in that ComfyUI; a name found nowhere is ComfyUI's own
+        warning ("embedding:... does not exist, ignoring"), which reaches the caller."""
         clip = self._require()
         if not isinstance(text, str):
             raise EngineError("bad_args", f"tokenize expects a string, got {type(text).__name__}")
-        with self._tokenize_lock, torch.inference_mode(), _keep_root_logging():
+        with self._tokenize_lock, torch.inference_mode(), _keep_root_logging(), \
+                _embedding_folders(clip, embedding_directories):
             try:
                 return clip.tokenize(text, **options)
             except TypeError as exc:

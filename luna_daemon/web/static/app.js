@@ -26,22 +26,8 @@
     const d = new Date(t * 1000);
     return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
   }
-  function fmtBytes(n) {
-    if (n === null || n === undefined) return "—";
-    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let i = 0; let v = n;
-    while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
-    return `${v.toFixed(i === 0 ? 0 : 1)} ${units[i]}`;
-  }
-  function fmtDuration(s) {
-    if (s === null || s === undefined || !isFinite(s)) return "—";
-    s = Math.max(0, Math.round(s));
-    const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24, m = Math.floor(s / 60) % 60, sec = s % 60;
-    if (d) return `${d}d ${h}h`;
-    if (h) return `${h}h ${m}m`;
-    if (m) return `${m}m ${sec}s`;
-    return `${sec}s`;
-  }
+  // One formatter for every face: static/units.js (the rules of luna_daemon/units.py).
+  const { fmtBytes, fmtDuration } = globalThis.LunaUnits;
   const now = () => Date.now() / 1000;
   function el(tag, props = {}, ...children) {
     const e = document.createElement(tag);
@@ -212,11 +198,11 @@
       banner.hidden = true;
     } else {
       b.textContent = "read-only"; b.className = "badge warn";
-      b.title = "open the dashboard from the tray menu to control the daemon";
+      b.title = "run `luna-daemon dashboard` (or use the tray's Open Dashboard) to control the daemon";
       banner.hidden = false;
       banner.className = "banner";
       banner.textContent = (st.authError ? st.authError + ". " : "") +
-        "Read-only view: use Open Dashboard in the Luna Daemon tray menu to get a page that can start, stop, unload and save settings.";
+        "Read-only view: run `luna-daemon dashboard` (or use the tray's Open Dashboard) to get a page that can start, stop, unload and save settings.";
     }
     for (const id of ["settings-save", "settings-restart", "btn-unload-all", "log-download"]) $(id).disabled = !st.authed;
     renderLogs();
@@ -224,6 +210,21 @@
 
   // ------------------------------------------------------------------ status page
   function setDot(id, colour) { $(id).className = $(id).className.replace(/\b(gray|yellow|green|red)\b/g, "").trim() + " " + colour; }
+  // The config file's state (Host.config_status): a file that cannot be used (red), or
+  // edited keys that wait for a restart (yellow). Hidden when neither.
+  function renderConfigBanner(s) {
+    const b = $("config-banner");
+    const waiting = s.restart_needed || [];
+    if (s.config_error) {
+      b.className = "banner error";
+      b.textContent = `Config file not applied: ${s.config_error}. Fix ${s.config_file || "config.toml"}; the previous settings stay.`;
+    } else if (waiting.length) {
+      b.className = "banner";
+      b.textContent = `Restart needed: ${waiting.join(", ")} changed in ${s.config_file || "config.toml"}` +
+        " and apply after Restart (host, ports and folders: after restarting the tray / serve).";
+    }
+    b.hidden = !s.config_error && !waiting.length;
+  }
   function renderStatus() {
     const s = st.status;
     if (!s) return;
@@ -232,6 +233,7 @@
     $("state-label").textContent = s.state;
     $("status-state").textContent = s.state;
     $("status-detail").textContent = s.detail || "";
+    renderConfigBanner(s);
     document.title = `Luna Daemon — ${s.state}`;
     $("st-uptime").textContent = s.state === "running" ? fmtDuration(s.uptime) : "—";
     $("st-engine").textContent = s.engine || `${s.engine_setting} (not started)`;
@@ -255,8 +257,10 @@
         el("td", { class: "num" }, fmtBytes(d.models_bytes)));
     });
     $("devices-body").replaceChildren(...rows);
+    $("roots-body").replaceChildren(...(s.roots || []).map((r) =>
+      el("tr", {}, el("td", {}, r.path), el("td", {}, r.source), el("td", {}, (r.kinds || []).join(", ")))));
     const offline = !st.ws;
-    const why = st.authed ? "" : "read-only: open the dashboard from the tray menu";
+    const why = st.authed ? "" : "read-only: run `luna-daemon dashboard` (or use the tray's Open Dashboard)";
     const set = (id, enabled) => { const b = $(id); b.disabled = offline || !st.authed || !enabled; b.title = why; };
     set("btn-start", s.state === "stopped" || s.state === "error");
     set("btn-stop", s.state === "running" || s.state === "starting");
@@ -348,7 +352,7 @@
     const view = $("log-view");
     if (!st.authed && !st.logs.length) {
       // The server sends log lines only to a logged-in page (they may hold paths and prompts).
-      view.replaceChildren(el("div", { class: "muted" }, "Log lines are shown only to a logged-in page: use View Logs in the Luna Daemon tray menu."));
+      view.replaceChildren(el("div", { class: "muted" }, "Log lines are shown only to a logged-in page: run `luna-daemon dashboard logs` (or use View Logs in the tray menu)."));
       renderCount();
       return;
     }
