@@ -35,7 +35,8 @@ from typing import Any, Callable
 from luna_daemon.events import EventBus
 from luna_daemon.models.engines import select_engine
 from luna_daemon.models.lora import LoraCache
-from luna_daemon.models.registry import Registry, release_memory
+from luna_daemon.models.devices import release_memory
+from luna_daemon.models.registry import Registry
 from luna_daemon.netutil import PortInUse
 from luna_daemon.server import Server
 from luna_daemon.service import Service

@@ -216,7 +216,7 @@ class _Doctor:
     def devices(self) -> list[Finding]:
         import psutil
 
-        from luna_daemon.models.registry import available_devices, resolve_device
+        from luna_daemon.models.devices import available_devices, resolve_device
 
         devs = available_devices()
         vm = psutil.virtual_memory()

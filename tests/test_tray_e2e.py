@@ -515,6 +515,12 @@ def test_real_tray_end_to_end(xs, real_tray):
     note = _notified(xs, n0, lambda n: n["summary"] == "Luna Daemon status", 15, "the status notification")
     assert note["body"].startswith("Running on port %d" % tray.port) and "engine" in note["body"]
     shot(xs, "08-check-status-notification")
+    # Issue 12 #12: the real tray's start ping, health pings and Check Status are supervision,
+    # not client traffic: the restarted daemon has counted no request and no other client.
+    with DaemonClient("127.0.0.1", tray.port, token=token, timeout=10) as c:
+        st = c.status()
+    assert st["requests"]["total"] == 0, st["requests"]
+    assert st["clients"] <= 1, st  # at most this client
 
     # View Logs -> the dashboard's log page when the monitor runs, else the log file;
     # always through the desktop's opener (xdg-open), never a fixed editor.

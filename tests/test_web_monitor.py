@@ -22,7 +22,7 @@ from websockets.sync.client import connect
 
 from luna_daemon.client import DaemonClient, DaemonError
 from luna_daemon.host import Host
-from luna_daemon.models.registry import available_devices
+from luna_daemon.models.devices import available_devices
 from luna_daemon.web import settings_io
 from luna_daemon.web.monitor import MAX_MESSAGE, Monitor, MonitorError
 

@@ -13,11 +13,9 @@ Guarantees a caller can rely on:
 from __future__ import annotations
 
 import concurrent.futures as cf
-import gc
 import hashlib
 import logging
 import os
-import queue
 import stat
 import threading
 import time
@@ -30,6 +28,8 @@ import torch
 from luna_daemon import fsutil
 from luna_daemon.events import EventBus
 from luna_daemon.models.engines.base import Engine, LoadedModel, load_progress
+from luna_daemon.models.devices import DTYPE_SHORT, release_memory, resolve_device, resolve_dtype
+from luna_daemon.models.executor import ModelExecutor
 from luna_daemon.protocol import ErrorCode, LunaError
 from luna_daemon.settings import FOREVER, Settings
 from luna_daemon.units import fmt_bytes, fmt_duration
@@ -40,60 +40,6 @@ log = logging.getLogger(__name__)
 # each instance sends a handful (vae, text_encoders, loras, embeddings, ... plus extra
 # model paths); the bound keeps one client from growing every root check without limit.
 MAX_CLIENT_ROOTS = 64
-
-DTYPE_ALIASES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_SHORT = {v: k for k, v in DTYPE_ALIASES.items()}
-
-
-# --------------------------------------------------------------------------- devices
-def available_devices() -> list[str]:
-    """Devices torch can use in this process, e.g. ``["cpu", "cuda:0", "cuda:1"]``."""
-    devs = ["cpu"]
-    if torch.cuda.is_available():
-        devs += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        devs.append("mps")
-    return devs
-
-
-def resolve_device(spec: str | None) -> torch.device:
-    """``auto`` -> first GPU if any, else CPU. An unavailable device is an error listing
-    the devices that exist -- never a silent fallback."""
-    spec = (spec or "auto").strip().lower()
-    devs = available_devices()
-    if spec == "auto":
-        return torch.device(devs[1] if len(devs) > 1 else "cpu")
-    if spec == "cuda":
-        spec = "cuda:0"
-    if spec not in devs:
-        raise LunaError(ErrorCode.BAD_ARGS, f"device {spec!r} is not available; devices on this machine: {', '.join(devs)}")
-    return torch.device(spec)
-
-
-def resolve_dtype(spec: str | None) -> torch.dtype | None:
-    """``auto`` -> None (the engine picks); fp32 / fp16 / bf16 -> torch dtype."""
-    spec = (spec or "auto").strip().lower()
-    if spec == "auto":
-        return None
-    aliases = {**DTYPE_ALIASES, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if spec not in aliases:
-        raise LunaError(ErrorCode.BAD_ARGS, f"dtype {spec!r} unknown; use auto, fp32, fp16 or bf16")
-    return aliases[spec]
-
-
-def device_memory(device: str) -> dict[str, int | None]:
-    """Used / total bytes of a device (process RSS and system RAM for the CPU)."""
-    if device.startswith("cuda") and torch.cuda.is_available():
-        idx = torch.device(device).index or 0
-        free, total = torch.cuda.mem_get_info(idx)
-        return {"used": total - free, "total": total, "allocated": torch.cuda.memory_allocated(idx)}
-    if device == "cpu":
-        import psutil
-
-        return {"used": psutil.Process().memory_info().rss, "total": psutil.virtual_memory().total, "allocated": None}
-    return {"used": None, "total": None, "allocated": None}
-
 
 # --------------------------------------------------------------------------- paths
 def resolve_model_path(path: Any, roots: Sequence[Path], config_file: str = "") -> Path:
@@ -184,149 +130,6 @@ class _LoadProgress:
         fraction = min(done_bytes / self.total, 0.99)
         if fraction >= self.last + self.STEP:
             self.emit(fraction)
-
-
-# --------------------------------------------------------------------------- executor
-class ModelExecutor:
-    """One worker thread per loaded model with a bounded queue.
-
-    GPU work is serial per model anyway; one thread also makes engine objects (which are
-    not thread-safe, e.g. ComfyUI's) safe to share between clients.
-    """
-
-    _STOP = object()
-
-    def __init__(self, name: str, queue_size: int):
-        self._q: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._thread = threading.Thread(target=self._run, name=f"luna-exec-{name}", daemon=True)
-        self.running = 0
-        self.completed = 0  # calls that ran (ok or failed)
-        self.cancelled = 0  # calls skipped because their client went away
-        # _end_lock orders submit / stop / thread end: nothing is queued once a stop began
-        # (behind _STOP it would wait forever), and on_late_exit runs exactly once.
-        self._end_lock = threading.Lock()
-        self._closing = False       # no new calls
-        self._stop_queued = False   # _STOP is in the queue
-        self._abandoned = False     # shutdown() gave up waiting; queued calls fail
-        self._ended = False
-        self._on_late_exit: Callable[[], None] | None = None
-        self._thread.start()
-
-    def submit(self, fn: Callable[[], Any]) -> cf.Future:
-        fut: cf.Future = cf.Future()
-        with self._end_lock:
-            if self._closing:
-                raise LunaError(ErrorCode.NOT_FOUND, "the model is being unloaded; load it again")
-            try:
-                self._q.put_nowait((fut, fn))
-            except queue.Full:
-                raise LunaError(ErrorCode.BUSY, f"model queue is full ({self._q.maxsize} waiting); retry later") from None
-        return fut
-
-    @property
-    def depth(self) -> int:
-        return self._q.qsize() + self.running
-
-    def _run(self) -> None:
-        try:
-            while True:
-                item = self._q.get()
-                if item is self._STOP:
-                    return
-                if self._abandoned:
-                    _fail_unrun(item)
-                    return
-                fut, fn = item
-                if not fut.set_running_or_notify_cancel():
-                    self.cancelled += 1  # cancelled while queued: the client went away
-                    continue
-                self.running = 1
-                try:
-                    with torch.inference_mode():
-                        result = fn()
-                except BaseException as exc:  # delivered to the waiting request
-                    fut.set_exception(exc)
-                else:
-                    fut.set_result(result)
-                finally:
-                    self.running = 0
-                    self.completed += 1
-                    del item, fut, fn  # drop references to tensors before waiting again
-        finally:
-            self._end()
-
-    def _end(self) -> None:
-        """The thread is ending: fail what is still queued, run the late exit hook."""
-        with self._end_lock:
-            self._ended = True
-            late, self._on_late_exit = self._on_late_exit, None
-        while True:
-            try:
-                _fail_unrun(self._q.get_nowait())
-            except queue.Empty:
-                break
-        if late is not None:
-            try:
-                late()
-            except Exception:
-                log.exception("releasing an abandoned model failed")
-
-    def request_stop(self) -> None:
-        """Begin a shutdown without waiting: no new calls, the thread ends after the queued
-        ones. Lets many executors wind down in parallel before each is joined."""
-        with self._end_lock:
-            self._closing = True
-            if self._stop_queued:
-                return
-            try:
-                self._q.put_nowait(self._STOP)
-                self._stop_queued = True
-            except queue.Full:
-                pass  # shutdown() queues it under its deadline as room appears
-
-    def shutdown(self, timeout: float | None = None, on_late_exit: Callable[[], None] | None = None) -> bool:
-        """Finish queued work and end the thread, all within ``timeout`` seconds (one deadline).
-
-        True if the thread ended. False if a call was still running at the deadline: the
-        thread is then *abandoned* -- a call inside C code cannot be interrupted, and as a
-        daemon thread it does not hold up interpreter exit. Calls still queued fail with
-        ``not_found`` instead of running, ``on_late_exit`` runs on that thread once the
-        stuck call returns, and nothing waits for it any more."""
-        end = None if timeout is None else time.monotonic() + timeout
-
-        def left() -> float | None:
-            return None if end is None else max(0.0, end - time.monotonic())
-
-        with self._end_lock:
-            self._closing = True
-            queued, self._stop_queued = self._stop_queued, True
-        if not queued:
-            # put() blocks while the queue is full of pending work; that work is what
-            # we wait for anyway, so a blocking put under the same deadline is right.
-            try:
-                self._q.put(self._STOP, timeout=left())
-            except queue.Full:
-                pass  # still full at the deadline: abandoned below
-        self._thread.join(left())
-        with self._end_lock:
-            if self._ended:
-                return True
-            self._abandoned = True
-            self._on_late_exit = on_late_exit
-        try:
-            self._q.put_nowait(self._STOP)  # wakes the thread should it be idle by now
-        except queue.Full:
-            pass  # busy: it checks ``_abandoned`` after the running call
-        return False
-
-
-def _fail_unrun(item: Any) -> None:
-    """A queued call that will never run: its waiting request gets a typed error."""
-    if item is ModelExecutor._STOP:
-        return
-    fut = item[0]
-    if fut.set_running_or_notify_cancel():
-        fut.set_exception(LunaError(ErrorCode.NOT_FOUND, "the model was unloaded before this call ran; load it again"))
 
 
 # --------------------------------------------------------------------------- entries
@@ -782,30 +585,3 @@ class Registry:
                 if exp is not None and now >= exp and e.users == 0 and not e.unloading:
                     log.info("keep_alive expired for %s", e.id)
                     self._unload_quiet(e.id)
-
-
-def release_memory() -> None:
-    """Return freed memory: collect cycles, empty device caches, trim the C heap."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        try:
-            torch.cuda.ipc_collect()
-        except RuntimeError:
-            pass
-    mps = getattr(torch, "mps", None)
-    if mps is not None and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        mps.empty_cache()
-    _malloc_trim()
-
-
-def _malloc_trim() -> None:
-    # glibc keeps freed arenas mapped; malloc_trim hands them back so RSS really drops.
-    if os.name != "posix":
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -20,7 +20,7 @@ from luna_daemon.daemon import STATE_COLOURS  # noqa: F401  (used by the monitor
 
 def devices() -> list[str]:
     """Devices that exist in this process (``cpu`` first)."""
-    from luna_daemon.models.registry import available_devices
+    from luna_daemon.models.devices import available_devices
 
     return available_devices()
 
@@ -32,7 +32,7 @@ def device_memory(dev: str) -> dict[str, int | None]:
     loaded there): querying earlier would create a CUDA context just for the dashboard,
     costing hundreds of MB of VRAM.
     """
-    from luna_daemon.models import registry
+    from luna_daemon.models import devices
 
     if dev.startswith("cuda"):
         import torch
@@ -40,7 +40,7 @@ def device_memory(dev: str) -> dict[str, int | None]:
         if not torch.cuda.is_initialized():
             return {"used": None, "total": None}
     try:
-        mem = registry.device_memory(dev)
+        mem = devices.device_memory(dev)
     except Exception:  # a driver hiccup must not take the dashboard down
         return {"used": None, "total": None}
     return {"used": mem.get("used"), "total": mem.get("total")}

@@ -793,7 +793,7 @@ class ComfyEngine(Engine):
         return _import_comfy(self.root, self.settings)
 
     def _check_device(self, device: torch.device, comfy: SimpleNamespace | None) -> None:
-        from luna_daemon.models.registry import available_devices
+        from luna_daemon.models.devices import available_devices
 
         devices = available_devices()
         name = str(device)
