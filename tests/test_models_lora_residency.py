@@ -481,3 +481,32 @@ def test_model_file_rewritten_in_place_while_loaded(tmp_path):
             assert proc.poll() is None
             # Loading the path again sees the new file (size/mtime are part of the model id).
             assert c.vae_load(str(path))["model"] != model
+
+
+def test_warm_start_restores_an_uploaded_state_dict(make_settings, model_dir):
+    """A checkpoint-tunnel VAE (``vae_load_sd``: stored in the daemon's upload store, an
+    internal root no client path resolves to) is restored by the next warm start too; it
+    failed with ``forbidden_path`` once the upload store stopped being a model root."""
+    import hashlib
+
+    import torch
+
+    blob = (model_dir / "vae_file" / "tiny_vae.safetensors").read_bytes()
+    sha = hashlib.sha256(blob).hexdigest()
+    d = Daemon(make_settings(warm_start=True))
+    d.start()
+    try:
+        with DaemonClient(*d.address, token=d.token) as c:
+            c.call("vae_load_sd", {"sha256": sha, "data": torch.frombuffer(bytearray(blob), dtype=torch.uint8)})
+            assert [m["kind"] for m in c.ps()] == ["vae"]
+    finally:
+        d.stop(10)
+    d2 = Daemon(make_settings(warm_start=True))
+    d2.start()
+    try:
+        with DaemonClient(*d2.address, token=d2.token) as c:
+            _wait_for_models(c, 1)
+            models = c.ps()
+            assert len(models) == 1 and models[0]["kind"] == "vae", models
+    finally:
+        d2.stop(10)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from luna_daemon import fsutil
@@ -28,13 +29,25 @@ def parse_entry(entry: str) -> dict[str, Any]:
     raise ValueError(f"preload entry {entry!r} must be 'vae:<path>' or 'clip:<type>:<path>[,<path>]'")
 
 
-def _load_all(daemon, specs: list[dict[str, Any]]) -> None:
+def _load_all(daemon, specs: list[dict[str, Any]], *, uploads_ok: bool = False) -> None:
+    """Load each spec. ``uploads_ok`` (warm start only): a model whose files all lie in the
+    daemon's own upload store (checkpoint-tunnel state dicts, validated when uploaded) is
+    loaded as the daemon's own load -- a client path never resolves there."""
+    uploads = None
+    if uploads_ok and daemon.registry is not None:
+        from luna_daemon.models.uploads import upload_folder
+
+        uploads = upload_folder(daemon.settings)
     for spec in specs:
-        if daemon.registry is None:
+        registry = daemon.registry
+        if registry is None:
             return
+        internal = uploads is not None and all(fsutil.within(Path(p).resolve(), [uploads]) for p in spec["paths"])
+        if internal:
+            registry.add_internal_root(uploads)
         try:
-            daemon.registry.load(spec["kind"], spec["paths"], clip_type=spec.get("clip_type"),
-                                 device=spec.get("device"), dtype=spec.get("dtype"))
+            registry.load(spec["kind"], spec["paths"], clip_type=spec.get("clip_type"),
+                          device=spec.get("device"), dtype=spec.get("dtype"), internal=internal)
         except LunaError as exc:
             log.warning("preload of %s failed: %s", spec["paths"], exc.message)
 
@@ -72,7 +85,7 @@ def restore_previous(daemon) -> None:
     if not isinstance(specs, list):
         log.warning("ignoring %s: 'models' is not a list", path)
         return
-    _load_all(daemon, [s for s in specs if _well_formed(s)])
+    _load_all(daemon, [s for s in specs if _well_formed(s)], uploads_ok=True)
 
 
 def _well_formed(spec: Any) -> bool:
