@@ -81,8 +81,10 @@ class _Doctor:
     def config(self) -> list[Finding]:
         path = self.config_file or str(Path(self.s.config_dir) / CONFIG_FILE)
         if self.error is not None:
-            where = path if self.error_source == "the config file" else self.error_source
-            return [Finding("config", FAIL, f"{where}: {self.error} (the other checks ran without {self.error_source})",
+            # The error names the file itself when it came from the file (SettingsError.file).
+            named = bool(getattr(self.error, "file", ""))
+            where = "" if named else (path if self.error_source == "the config file" else self.error_source) + ": "
+            return [Finding("config", FAIL, f"{where}{self.error} (the other checks ran without {self.error_source})",
                             "correct or remove that setting; 'luna-daemon config --show' lists every setting and its source")]
         from_file = sorted(k for k, src in self.s.sources.items() if src == "file")
         from_env = sorted(k for k, src in self.s.sources.items() if src == "env" and not k.endswith("_dir"))

@@ -280,6 +280,7 @@ def test_doctor_config_comfyui_token_and_roots(tmp_path, model_dir):
     assert r.returncode == 1, r.stdout + r.stderr
     [cfg] = _rows(r.stdout, "config")
     assert cfg["status"] == "fail" and "queue_size" in cfg["finding"] and "config.toml" in cfg["finding"]
+    assert cfg["finding"].count("config.toml") == 1, cfg["finding"]  # the file named once
     assert _rows(r.stdout, "ComfyUI")[0]["status"] == "fail"  # the other checks still ran, with the env settings
     assert _rows(r.stdout, "engine")[0]["status"] == "fail"
 
