@@ -99,7 +99,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from luna_daemon.daemon import DaemonStartError
     from luna_daemon.host import AlreadyRunning, Host
 
+    from luna_daemon.settings import problems_text
+
     settings = _settings(args, tolerant=True)  # the host reports a bad file and keeps the daemon stopped
+    # A bad LUNA_* variable or flag cannot be fixed by editing the file the host watches:
+    # waiting for that would only hang whoever started us (a launcher, a service manager).
+    fixed_outside = [p for p in settings.problems if not p.file]
+    if fixed_outside:
+        _out(f"invalid setting: {problems_text(fixed_outside)} (set in the environment or on the command line)")
+        return EXIT_USAGE
     host = Host(settings)
     try:
         host.acquire()

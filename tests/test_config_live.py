@@ -195,6 +195,16 @@ def test_serve_with_bad_config_that_never_is_fixed_exits_2(tmp_path):
     assert proc.returncode == 2
 
 
+def test_serve_with_a_bad_environment_variable_exits_2_at_once(tmp_path):
+    """No file edit can fix a bad LUNA_* variable: serve says so and exits 2 instead of
+    waiting in error (a launcher or service manager would wait with it)."""
+    home = tmp_path / "home"
+    env = {**_env(home), "LUNA_QUEUE_SIZE": "many"}
+    r = subprocess.run([sys.executable, "-m", "luna_daemon", "serve", "--no-monitor", "--port", str(free_port()),
+                        "--lock-port", str(free_port())], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "queue_size" in r.stdout and "environment" in r.stdout, r.stdout
+
 def _status_or_none(mport: int) -> dict | None:
     try:
         return _api_status(mport)
