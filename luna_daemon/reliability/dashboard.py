@@ -31,9 +31,11 @@ HOST_CHILD = textwrap.dedent(r'''
     try:
         h.daemon.start()
     except Exception as exc:
-        print(json.dumps({"error": str(exc)}), flush=True)
+        sys.stdout.write(json.dumps({"error": str(exc)}) + "\n"); sys.stdout.flush()
     urls = [h.dashboard_url("settings") for _ in range(int(sys.argv[1]))] if h.monitor else []
-    print(json.dumps({"monitor_port": h.monitor.port if h.monitor else None, "urls": urls}), flush=True)
+    # Replies to the suite go on stdout, one JSON line each (the daemon logs to stderr).
+    sys.stdout.write(json.dumps({"monitor_port": h.monitor.port if h.monitor else None, "urls": urls}) + "\n")
+    sys.stdout.flush()
     sys.stdin.readline()  # until the suite is done with it
     h.close(10)
 ''')

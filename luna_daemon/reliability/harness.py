@@ -145,6 +145,13 @@ def read_line(proc: subprocess.Popen, deadline_s: float) -> str | None:
     return out[0].strip() if out and out[0] else None
 
 
+def reply(line: str) -> None:
+    """A child process's answer to the suite: one line on stdout, flushed (the other end
+    of :func:`read_line`; stdout is this data channel, logs go to stderr)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def send_line(proc: subprocess.Popen, line: str) -> bool:
     try:
         proc.stdin.write(line + "\n")

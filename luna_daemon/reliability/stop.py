@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from luna_daemon.reliability.harness import (
-    STOP_GRACE, STOP_TIMEOUT, Background, DaemonProc, Suite, kill, read_line, send_line, traceback_failure,
+    STOP_GRACE, STOP_TIMEOUT, Background, DaemonProc, Suite, kill, read_line, reply, send_line, traceback_failure,
 )
 from luna_daemon.reliability.wire import Outcome, Wire, await_answer, call, request_bytes
 
@@ -39,7 +39,7 @@ def child_main() -> None:
     job = json.loads(sys.stdin.readline())
     refs = load_file(job["refs"])
     port, token, n, deadline_s = job["port"], job["token"], job["threads"], job["deadline"]
-    print("ready", flush=True)
+    reply("ready")
     if sys.stdin.readline().strip() != "go":
         return
     results: list[dict[str, str]] = [{} for _ in range(n)]
@@ -107,14 +107,14 @@ def child_main() -> None:
         sent.wait(60)
     except threading.BrokenBarrierError:
         pass
-    print("sent", flush=True)
+    reply("sent")
     end = time.monotonic() + deadline_s * 2 + 10  # one deadline for all of them
     for t in threads:
         t.join(max(0.0, end - time.monotonic()))
     for i, t in enumerate(threads):
         if t.is_alive():
             results[i]["phase1"] = "hung"
-    print(json.dumps(results), flush=True)
+    reply(json.dumps(results))
 
 
 class StopRound:
