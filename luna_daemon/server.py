@@ -73,7 +73,10 @@ class _Conn:
         # Bytes of a frame still arriving do not count, so a slow-loris peer dribbling a
         # never-ending frame ages like an idle one.
         self.last_active = time.monotonic()
-        self.busy = False  # a request is in flight (received whole, not yet answered)
+        self.busy = False  # a request is in flight, or an authenticated body is still arriving
+        # (op, start) of that request while it runs: what a stop that misses its deadline
+        # names as cut off (Server.in_flight_requests).
+        self.running: tuple[str, float] | None = None
         self.authenticated = False  # it once sent a request carrying the right token
         self.evicted = False  # closed to admit a newcomer: a frame that arrives now is not run
         # Shared-memory segments this connection registered (op shm_register), by name.
@@ -115,8 +118,6 @@ class Server:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
-        self._running: dict[int, tuple[str, str, float]] = {}  # in-flight: (op, peer, start)
-        self._seq = 0
         self.stopping = False
         self._closed = False
         self.address: tuple[str, int] | None = None
@@ -146,8 +147,8 @@ class Server:
         (what a stop that missed its deadline cuts off)."""
         now = time.monotonic()
         with self._lock:
-            running = sorted(self._running.values(), key=lambda r: r[2])
-        return [f"{op} from {peer} (running {now - t0:.1f}s)" for op, peer, t0 in running]
+            running = sorted((c.running[1], c.running[0], c.peer) for c in self._conns if c.running is not None)
+        return [f"{op} from {peer} (running {now - t0:.1f}s)" for t0, op, peer in running]
 
     def close_listener(self) -> None:
         """Stop accepting; new requests on open connections now answer ``stopping``."""
@@ -335,9 +336,7 @@ class Server:
                 refused = False
                 conn.busy = True
                 self._in_flight += 1
-                self._seq += 1
-                key = self._seq
-                self._running[key] = (req.op[:64], conn.peer, time.monotonic())  # a client-chosen name: cut
+                conn.running = (req.op[:64], time.monotonic())  # a client-chosen name: cut
         if not conn.announced and not conn.supervisor and not is_supervisor_hello(req):
             conn.announced = True
             self.events.emit("client_connected", client=conn.peer, clients=self.connection_count)
@@ -356,7 +355,7 @@ class Server:
             return self._send(conn, buffers)
         finally:
             with self._idle:
-                self._running.pop(key, None)
+                conn.running = None
                 self._in_flight -= 1
                 if not self._in_flight:
                     self._idle.notify_all()
