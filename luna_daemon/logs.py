@@ -136,6 +136,9 @@ class RateLimitedLog:
     def warning(self, key: Hashable, msg: str, *args: Any) -> bool:
         return self.log(logging.WARNING, key, msg, *args)
 
+    def error(self, key: Hashable, msg: str, *args: Any) -> bool:
+        return self.log(logging.ERROR, key, msg, *args)
+
     def exception(self, key: Hashable, msg: str, *args: Any) -> bool:
         """ERROR with the current exception's traceback (call from an ``except`` block)."""
         return self.log(logging.ERROR, key, msg, *args, exc_info=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
 from typing import Any
+
+from luna_daemon.logs import RateLimitedLog
 
 log = logging.getLogger("luna_daemon.web.monitor")
 
@@ -24,28 +24,9 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
 
 
-class Throttle:
-    """Log a kind of message at most once per ``interval`` seconds (with a count of the
-    suppressed ones), so a hostile page retrying in a loop cannot flood the log file."""
-
-    def __init__(self, interval: float = 10.0):
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def log(self, level: int, kind: str, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(kind, -1e9) < self.interval:
-                self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-                return
-            self._last[kind] = now
-            n = self._suppressed.pop(kind, 0)
-        log.log(level, msg + (f" ({n} more like this suppressed)" if n else ""), *args)
-
-    def warning(self, kind: str, msg: str, *args: Any) -> None:
-        self.log(logging.WARNING, kind, msg, *args)
-
-    def error(self, kind: str, msg: str, *args: Any) -> None:
-        self.log(logging.ERROR, kind, msg, *args)
+def refusal_log() -> RateLimitedLog:
+    """The log of what a page or a local program can trigger (refused requests, failed
+    routes and messages): at most one line per kind every 10 s, with a count of the ones
+    suppressed, so a hostile page retrying in a loop cannot flood the log file. The same
+    limiter as the daemon's wire log, with a burst of one."""
+    return RateLimitedLog(log, burst=1, per_minute=6.0)

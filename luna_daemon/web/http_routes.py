@@ -26,10 +26,11 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from luna_daemon import fsutil
+from luna_daemon.logs import RateLimitedLog
 from luna_daemon.protocol import ErrorCode, LunaError
 from luna_daemon.web import views
 from luna_daemon.web.auth import SESSION_HEADER, Gate, well_formed_host, well_formed_origin
-from luna_daemon.web.common import Throttle, one_line, to_json
+from luna_daemon.web.common import one_line, to_json
 from luna_daemon.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from luna_daemon.web.metrics import Metrics
 
@@ -115,7 +116,7 @@ class HttpRoutes:
     """Plain HTTP answers of one running monitor (its gate knows the real port)."""
 
     def __init__(self, host: Any, gate: Gate, port: int, metrics: Metrics, clients: Callable[[], int],
-                 max_ws_clients: int, refusals: Throttle):
+                 max_ws_clients: int, refusals: RateLimitedLog):
         self.host = host
         self.settings = host.settings
         self.gate = gate

@@ -33,7 +33,7 @@ from websockets.asyncio.server import serve
 
 from luna_daemon.netutil import PortInUse, bind_listener
 from luna_daemon.web.auth import LOGIN_TTL, Gate
-from luna_daemon.web.common import PAGES, Throttle
+from luna_daemon.web.common import PAGES, refusal_log
 from luna_daemon.web.http_routes import HttpRoutes
 from luna_daemon.web.metrics import Metrics
 from luna_daemon.web.ws_hub import MAX_WS_CLIENTS, QUEUE_LIMIT, WsHub
@@ -88,7 +88,7 @@ class Monitor:
         self._startup_error: BaseException | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._port: int | None = None
-        self._refusals = Throttle()
+        self._refusals = refusal_log()
 
     # ------------------------------------------------------------ lifecycle
     @property

@@ -26,9 +26,10 @@ from typing import Any, Callable
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from luna_daemon.logs import RateLimitedLog
 from luna_daemon.web import settings_io, views
 from luna_daemon.web.auth import Gate, token_matches
-from luna_daemon.web.common import PAGES, Throttle, one_line, to_json
+from luna_daemon.web.common import PAGES, one_line, to_json
 
 log = logging.getLogger("luna_daemon.web.monitor")
 
@@ -132,7 +133,7 @@ def _reply(mid: Any, *, result: Any = None, error: tuple[str, str] | None = None
 class WsHub:
     """Every dashboard connection of one monitor; see the module docstring."""
 
-    def __init__(self, host: Any, gate: Gate, refusals: Throttle, *, queue_limit: int = QUEUE_LIMIT):
+    def __init__(self, host: Any, gate: Gate, refusals: RateLimitedLog, *, queue_limit: int = QUEUE_LIMIT):
         self.host = host
         self.settings = host.settings
         self.gate = gate
