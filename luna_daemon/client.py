@@ -17,6 +17,16 @@ What a caller can rely on:
   docs/protocol.md): a big result then owns its region of the connection's segment,
   which is not reused while the result lives. Either way a result stays valid after
   later calls.
+* Several instances (``[[instances]]`` in config.toml; docs/protocol.md "Instances"): the
+  client is given the primary's address and routes by itself. Ops with a role
+  (``instances.ROLE_OF_OP``: vae_* to an instance serving VAE; clip_*, lora_* to one serving
+  CLIP, uploads included) go to the instance :func:`instances.pick` chooses, everything else
+  to the primary, except ``register_roots`` (a ComfyUI's model folders), which every
+  instance gets; ``instance="<name>"`` (or :meth:`for_instance`) sends every op to that
+  one. The map comes from one ``hello`` on the primary, fetched lazily by the first op with
+  a role, and is fetched again (once, then the op is retried once) when a routed instance
+  is unreachable (idempotent ops) or answers ``wrong_instance``. A daemon whose ``hello``
+  has no ``instances`` (an older one) gets every op. Connections are pooled per address.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from luna_daemon import protocol, shm, transport
+from luna_daemon.instances import ROLE_OF_OP, pick
 from luna_daemon.protocol import ErrorCode, Limits, LunaError
 from luna_daemon.settings import Settings, read_token
 from luna_daemon.shm import ClientSegment
@@ -53,6 +64,35 @@ def _log_warnings(op: str, result: Any) -> Any:
             log.warning("Luna Daemon (%s): %s", op, str(text)[:1000])
     return result
 _POOL_MAX = 8
+_MAP_TIMEOUT = 10.0  # seconds for the hello that fetches the instance map (answered without queueing)
+
+
+class _Every:
+    """The ops a pinned client routes: all of them."""
+
+    def __contains__(self, op: object) -> bool:
+        return True
+
+
+_EVERY = _Every()
+# Ops every instance needs to hear (in auto mode): a ComfyUI's model folders must be
+# readable by the instance that loads its VAE as much as by the one that loads its CLIP.
+_BROADCAST = frozenset({"register_roots"})
+_AUTO_ROUTED = frozenset(ROLE_OF_OP) | _BROADCAST
+
+
+class _Routes:
+    """One fetched instance map and where each role goes: an address, or None = the
+    client's own address (the primary, or an instance that is the primary)."""
+
+    __slots__ = ("entries", "others", "primary", "to")
+
+    def __init__(self, entries: list[dict], primary: Any, to: dict[str | None, tuple[str, int] | None],
+                 others: list[tuple[str, int]]):
+        self.entries = entries
+        self.primary = primary  # the name the primary gave itself in hello
+        self.to = to
+        self.others = others  # every other instance's address (broadcast ops)
 
 
 class DaemonUnavailable(ConnectionError):
@@ -128,6 +168,7 @@ class DaemonClient:
         max_body_bytes: int = 16 * 1024**3,
         supervisor: bool = False,
         shm: bool | None = None,
+        instance: str = "auto",
     ):
         self.host, self.port, self.timeout, self.connect_timeout = host, port, timeout, connect_timeout
         self._settings = settings
@@ -147,8 +188,19 @@ class DaemonClient:
         # an older daemon, /dev/shm full).
         if shm is None:
             shm = settings.shm if settings is not None else True
+        self._shm_arg = shm
         self._shm = bool(shm) and _is_loopback(host)
         self._shm_max = max_body_bytes
+        # Routing (module docstring). ``_routed``: the ops call() routes (None: none, every op
+        # goes to host:port -- a client bound to one address, or a daemon without instances).
+        # Checked on every call, so a ping pays one attribute read and one set membership.
+        if not isinstance(instance, str) or not instance:
+            raise ValueError(f"instance must be 'auto' or an instance name, not {instance!r}")
+        self.instance = instance
+        self._routed: Any = _AUTO_ROUTED if instance == "auto" else _EVERY
+        self._routes: _Routes | None = None
+        self._routes_lock = threading.Lock()
+        self._targets: dict[tuple[str, int], DaemonClient] = {}  # one pooled client per other address
 
     @classmethod
     def from_settings(cls, settings: Settings, **kw: Any) -> "DaemonClient":
@@ -212,12 +264,148 @@ class DaemonClient:
 
     def call(self, op: str, args: dict[str, Any] | None = None, *, timeout: float | None = None,
              check: Callable[[], None] | None = None) -> Any:
-        """Send one request and return its result (tensors as torch tensors).
+        """Send one request to the instance that serves ``op`` and return its result
+        (tensors as torch tensors).
 
         ``check``, if given, is called about every 0.1 s while the answer is awaited. If it
         raises (ComfyUI's ``throw_exception_if_processing_interrupted`` when the user
         cancels), the request is abandoned: its connection is closed, so the daemon drops
         the request if it is still queued, and the exception propagates."""
+        routed = self._routed
+        if routed is not None and op in routed:
+            return self._route(op, args, timeout, check)
+        return self._send(op, args, timeout, check)
+
+    # ------------------------------------------------------------ routing
+    def _route(self, op: str, args: dict[str, Any] | None, timeout: float | None,
+               check: Callable[[], None] | None) -> Any:
+        routes = self._routes or self._fetch_routes(None)
+        if op in _BROADCAST and self.instance == "auto":
+            return self._broadcast(routes, op, args, timeout, check)
+        role = ROLE_OF_OP.get(op)
+        for attempt in (0, 1):
+            addr = routes.to.get(role)
+            target = self if addr is None else self._target(addr)
+            try:
+                return target._send(op, args, timeout, check)
+            except DaemonUnavailable:
+                # An instance restarted elsewhere, or stopped: ask the primary again. (The
+                # primary itself unreachable: the map cannot help.)
+                if attempt or addr is None or op in NOT_IDEMPOTENT:
+                    raise
+            except DaemonError as exc:
+                # The map was stale (config changed and the host restarted): nothing ran.
+                if attempt or exc.code != ErrorCode.WRONG_INSTANCE.value:
+                    raise
+            routes = self._fetch_routes(routes)
+        raise AssertionError("unreachable")
+
+    def _broadcast(self, routes: _Routes, op: str, args: dict[str, Any] | None, timeout: float | None,
+                   check: Callable[[], None] | None) -> Any:
+        """``op`` to the primary (its answer, or its error, is the caller's), then to every
+        other instance; one of those that fails is logged, not raised (the loaders send
+        register_roots again when an instance answers forbidden_path)."""
+        answer = self._send(op, args, timeout, check)
+        for addr in routes.others:
+            try:
+                self._target(addr)._send(op, args, timeout, check)
+            except (DaemonUnavailable, DaemonError) as exc:
+                log.warning("%s not delivered to the Luna Daemon instance at %s:%d: %s", op, *addr, exc)
+        return answer
+
+    def _fetch_routes(self, stale: _Routes | None) -> _Routes:
+        """The instance map from the primary's ``hello`` (one fetch for all threads: a
+        caller that waited here while another fetched gets that one's map)."""
+        with self._routes_lock:
+            if self._routes is not None and self._routes is not stale:
+                return self._routes
+            answer = self._send("hello", None, min(self.timeout, _MAP_TIMEOUT), None)
+            entries = answer.get("instances") if isinstance(answer, dict) else None
+            if not isinstance(entries, list) or not entries:
+                # A daemon without instances (older than the map): it is the only one.
+                if self.instance != "auto":
+                    raise DaemonError(ErrorCode.BAD_ARGS, f"the Luna Daemon at {self.host}:{self.port} has no "
+                                      f"instances (an older version): leave instance {self.instance!r} out")
+                self._routes = _Routes([], None, {}, [])
+                self._routed = None
+                return self._routes
+            entries = [e for e in entries if isinstance(e, dict)]
+            self._routes = self._routes_for(entries, answer.get("instance"))
+            return self._routes
+
+    def _routes_for(self, entries: list[dict], primary: Any) -> _Routes:
+        """Where each role (None: ops without one) goes for this client's ``instance``."""
+        if self.instance != "auto" and not any(e.get("name") == self.instance for e in entries):
+            names = ", ".join(str(e.get("name")) for e in entries)
+            raise DaemonError(ErrorCode.BAD_ARGS, f"no instance named {self.instance!r} at {self.host}:{self.port}; "
+                              f"configured: {names} (or 'auto')")
+
+        def address(entry: dict | None) -> tuple[str, int] | None:
+            if entry is None or entry.get("name") == primary:
+                return None  # the primary (or nothing serves it: the primary says wrong_instance)
+            port = entry.get("port")
+            if type(port) is not int or not 0 < port <= 65535:
+                return None
+            return (self._host_of(entry), port)
+
+        to = {role: address(pick(entries, role, self.instance)) for role in (None, *set(ROLE_OF_OP.values()))}
+        others = list(dict.fromkeys(a for a in map(address, entries) if a is not None))
+        return _Routes(entries, primary, to, others)
+
+    def _host_of(self, entry: dict) -> str:
+        # ``host`` is a host-level setting shared by every instance: a wildcard bind address
+        # (or a loopback one, when we reached the primary through loopback too) is reached
+        # the way the primary was.
+        host = entry.get("host")
+        if not isinstance(host, str) or host in ("", "0.0.0.0", "::") or (_is_loopback(host) and _is_loopback(self.host)):
+            return self.host
+        return host
+
+    def _target(self, addr: tuple[str, int]) -> "DaemonClient":
+        """The pooled client for another instance's address (made on first use)."""
+        target = self._targets.get(addr)
+        if target is not None:
+            return target
+        with self._lock:
+            if self._closed:
+                raise DaemonUnavailable("client is closed")
+            target = self._targets.get(addr)
+            if target is None:
+                target = DaemonClient(addr[0], addr[1], token=self._token, timeout=self.timeout,
+                                      connect_timeout=self.connect_timeout, settings=self._settings,
+                                      max_body_bytes=self._limits.max_body_bytes, supervisor=self._supervisor,
+                                      shm=self._shm_arg)
+                target._routed = None  # bound to that address
+                self._targets[addr] = target
+        return target
+
+    def instance_map(self) -> list[dict]:
+        """The primary's instance map (``hello``'s ``instances``: name, service, host, port,
+        devices, primary, state); [] for a daemon without instances. Cached; see call()."""
+        routes = self._routes or self._fetch_routes(None)
+        return [dict(e) for e in routes.entries]
+
+    def for_instance(self, name: str) -> "DaemonClient":
+        """A new client (close it when done) that sends every op to the instance ``name``.
+        DaemonError ``bad_args`` naming the configured instances when there is none so called."""
+        routes = self._routes or self._fetch_routes(None)
+        client = DaemonClient(self.host, self.port, token=self._token, timeout=self.timeout,
+                              connect_timeout=self.connect_timeout, settings=self._settings,
+                              max_body_bytes=self._limits.max_body_bytes, supervisor=self._supervisor,
+                              shm=self._shm_arg, instance=name)
+        try:
+            # The map is known: the new client needs no hello of its own (a daemon without
+            # instances: its fetch raises the bad_args that explains why).
+            client._routes = client._routes_for(routes.entries, routes.primary) if routes.entries else client._fetch_routes(None)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    # ------------------------------------------------------------ sending
+    def _send(self, op: str, args: dict[str, Any] | None, timeout: float | None,
+              check: Callable[[], None] | None) -> Any:
+        """call() on this client's own address (no routing)."""
         timeout = self.timeout if timeout is None else timeout
         req_id = next(self._ids)
         token = self.token if op not in ("ping", "hello") else None
@@ -325,8 +513,11 @@ class DaemonClient:
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, []
+            targets, self._targets = list(self._targets.values()), {}
         for c in pool:
             c.close()
+        for t in targets:
+            t.close()
 
     def __enter__(self) -> "DaemonClient":
         return self
@@ -352,7 +543,7 @@ class DaemonClient:
         conn, _ = self._checkout()  # refused -> DaemonUnavailable: nothing listens
         self._checkin(conn)
         try:
-            answer = self.call("hello", timeout=timeout)
+            answer = self._send("hello", None, timeout, None)
         except DaemonUnavailable:
             raise self._not_luna("closed the connection without answering") from None
         except LunaError as exc:

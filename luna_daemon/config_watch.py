@@ -32,6 +32,7 @@ LIVE = frozenset({
 })
 HOST_RESTART = frozenset({
     "host", "monitor_port", "lock_port", "config_dir", "log_dir", "state_dir", "allowed_origins",
+    "instances",  # which daemons (threads / child processes) the host runs: fixed at its start
 })
 POLL_S = 0.5
 

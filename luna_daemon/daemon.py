@@ -21,7 +21,10 @@ What a caller can rely on:
   (concurrent calls wait for the same stop).
 * The protocol ``shutdown`` op calls ``on_shutdown`` if a host set it (``serve`` ends
   itself), otherwise it stops the daemon in the background.
-* Every state change is an event ``state`` on ``events`` with ``state`` and ``detail``.
+* Every state change is an event ``state`` on ``events`` with ``state``, ``detail`` and
+  ``instance`` (the daemon's ``name``); every ``warning`` event carries ``instance`` too.
+* ``name``: the instance it runs (``[[instances]]``, luna_daemon.instances); ``"main"``
+  when config.toml has none. ``snapshot()`` names it, its service and devices.
 """
 
 from __future__ import annotations
@@ -30,14 +33,14 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from luna_daemon.events import EventBus
 from luna_daemon.models.engines import select_engine
 from luna_daemon.models.lora import LoraCache
 from luna_daemon.models.devices import release_memory
 from luna_daemon.models.registry import Registry
-from luna_daemon.netutil import PortInUse
+from luna_daemon.netutil import PortInUse, port_holder
 from luna_daemon.server import Server
 from luna_daemon.service import Service
 from luna_daemon.settings import Settings, load_or_create_token
@@ -49,6 +52,21 @@ STATES = (STOPPED, STARTING, RUNNING, STOPPING, ERROR)
 # The colour every face shows for a state (the tray additionally needs its own ping to
 # succeed before it shows green).
 STATE_COLOURS = {STOPPED: "gray", STARTING: "yellow", RUNNING: "green", STOPPING: "yellow", ERROR: "red"}
+
+
+def overall_state(states: Iterable[str]) -> str:
+    """The one state faces show for several instances (the tray icon): ``error`` if any
+    is in error, else ``starting`` if any is starting or stopping, else ``running`` if all
+    run, ``stopped`` if all are stopped; a mix of running and stopped (some stopped on
+    purpose) is ``running``. No states at all is ``stopped``."""
+    found = set(states)
+    if ERROR in found:
+        return ERROR
+    if found & {STARTING, STOPPING}:
+        return STARTING
+    if found and found <= {STOPPED}:
+        return STOPPED
+    return RUNNING if RUNNING in found else STOPPED
 
 # How long past its deadline a stop may take for unloading models, closing connections and
 # joining threads -- one shared deadline for all of them; what still runs then is abandoned.
@@ -66,9 +84,15 @@ class DaemonStartError(RuntimeError):
 
 
 class Daemon:
-    def __init__(self, settings: Settings, events: EventBus | None = None):
+    def __init__(self, settings: Settings, events: EventBus | None = None, *, name: str | None = None):
         self.settings = settings
         self.events = events or EventBus()
+        self.name = name or getattr(settings, "instance_name", "") or "main"
+        # Set by a host with several instances: whether this is the primary (the host's own
+        # daemon thread) and the live instance map its ``hello`` answers (None: the static
+        # map from the settings).
+        self.primary = True
+        self.instances_provider: Callable[[], list[dict]] | None = None
         self.state = STOPPED
         self.detail = ""
         self.started_at: float | None = None
@@ -97,11 +121,16 @@ class Daemon:
     def _set_state(self, state: str, detail: str = "") -> None:
         with self._state_lock:
             self.state, self.detail = state, detail
-        (log.error if state == ERROR else log.info)("daemon %s%s", state, f": {detail}" if detail else "")
-        self.events.emit("state", state=state, detail=detail)
+        who = "daemon" if self.name == "main" else f"daemon {self.name!r}"
+        (log.error if state == ERROR else log.info)("%s %s%s", who, state, f": {detail}" if detail else "")
+        self.events.emit("state", state=state, detail=detail, instance=self.name)
+
+    def _warn(self, message: str, level: str) -> None:
+        self.events.emit("warning", message=message, level=level, instance=self.name)
 
     def snapshot(self) -> dict[str, Any]:
-        """A JSON-safe summary for faces (state, uptime, address, clients, models)."""
+        """A JSON-safe summary for faces (state, uptime, address, clients, models; the
+        instance's name, service, devices and whether it is the primary)."""
         with self._state_lock:
             state, detail = self.state, self.detail
         return {
@@ -112,8 +141,21 @@ class Daemon:
             "in_flight": self.server.in_flight if self.server else 0,
             "models": len(self.registry.entries()) if self.registry else 0,
             "engine": self.engine.name if self.engine is not None else None,
+            "instance": self.name, "service": self.settings.service, "primary": self.primary,
+            "devices": {"vae": self.settings.vae_device, "clip": self.settings.clip_device},
             **(self.status_extra() if self.status_extra is not None else {}),
         }
+
+    def _status_fields(self) -> dict[str, Any]:
+        # The ``status`` op merges these into its answer, which has its own ``devices``
+        # (memory per device, read by the CLI and the tray): the configured ones stay out.
+        snap = self.snapshot()
+        snap.pop("devices", None)
+        return snap
+
+    def _instances(self) -> list[dict] | None:
+        provider = self.instances_provider  # read per call: a host sets it after start
+        return provider() if provider is not None else None
 
     # ------------------------------------------------------------ start
     def start(self, timeout: float = 30.0) -> None:
@@ -132,11 +174,14 @@ class Daemon:
                 self._set_state(RUNNING)
             except Exception as exc:
                 reason = str(exc) if isinstance(exc, (PortInUse, DaemonStartError)) else f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, PortInUse):
+                    reason += _held_by(self.settings.port)
                 if not isinstance(exc, (PortInUse, DaemonStartError)):
                     log.exception("daemon failed to start")
                 self._teardown(deadline=2.0)  # what a failed start cut off does not matter
                 self._set_state(ERROR, reason)
-                self.events.emit("warning", message=f"daemon failed to start: {reason}", level="error")
+                self._warn(f"daemon {self.name!r} failed to start: {reason}" if self.name != "main"
+                           else f"daemon failed to start: {reason}", "error")
                 raise DaemonStartError(reason) from None
         self._after_start()
 
@@ -146,7 +191,8 @@ class Daemon:
         self.lora_cache = LoraCache(self.settings, self.registry, self.events)
         self.service = Service(
             self.settings, self.registry, self.events, self.token,
-            status_provider=self.snapshot, on_shutdown=self._on_shutdown_op, lora_cache=self.lora_cache,
+            status_provider=self._status_fields, on_shutdown=self._on_shutdown_op, lora_cache=self.lora_cache,
+            instance_name=self.name, instances_provider=self._instances,
         )
         self.server = Server(self.settings, self.service, self.events)
         self.address = self.server.start()
@@ -214,7 +260,7 @@ class Daemon:
             message = f"stop deadline of {deadline:g}s exceeded; cut off: " + "; ".join(cut)
             log.warning(message)
             self._set_state(STOPPED, f"stop deadline of {deadline:g}s exceeded; unfinished work was cut off (see the log)")
-            self.events.emit("warning", message=message, level="warning")
+            self._warn(message, "warning")
             return False
 
     def _teardown(self, deadline: float) -> list[str]:
@@ -290,6 +336,14 @@ class Daemon:
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
+
+
+def _held_by(port: int) -> str:
+    """`` Port N is held by NAME (pid P).`` -- who to close (psutil), or "" when unknown."""
+    holder = port_holder(port) if port else None
+    if holder is None or holder.pid is None:
+        return ""
+    return f" Port {port} is held by {holder}{' (a Luna Daemon)' if holder.is_luna else ''}."
 
 
 def _left(end: float) -> float:

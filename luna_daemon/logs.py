@@ -3,7 +3,9 @@
 ``setup_logging`` is called once by a host (``serve``, the tray); library code only
 uses ``logging.getLogger(__name__)``. The :class:`LogTail` keeps the last lines with a
 sequence number (``/api/logs?since=``) and, when given an event bus, publishes each
-record as a ``log`` event for live viewers. :class:`RateLimitedLog` bounds the lines that
+record as a ``log`` event for live viewers; each line names the ``instance`` it comes from (the host's own
+lines: its primary instance; a child instance's lines, forwarded from its output by
+the supervisor: that child). :class:`RateLimitedLog` bounds the lines that
 a peer can cause (bad frames, refused requests), so that no local program can flood the
 log and rotate the real one away.
 
@@ -21,6 +23,7 @@ import contextvars
 import itertools
 import logging
 import logging.handlers
+import re
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -28,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+# A line in FORMAT, as a child instance writes it to its stderr (LogTail.forward parses it).
+_FORMATTED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+(\S+): (.*)$")
+MAX_FORWARDED_CHARS = 4000  # one forwarded line (a child could print anything)
 _installed: list[logging.Handler] = []
 
 # Libraries the daemon runs that log outside ``luna_daemon``: ComfyUI's ``comfy`` logs
@@ -40,16 +46,28 @@ MAX_REQUEST_WARNINGS = 16
 MAX_WARNING_CHARS = 500
 
 
-class LogTail(logging.Handler):
-    """Ring buffer of formatted records; thread-safe; optional ``log`` events."""
+def message_of(text: str) -> str:
+    """A line in FORMAT without its time, level and logger; any other text as it is."""
+    m = _FORMATTED.match(text)
+    return m.group(3) if m else text
 
-    def __init__(self, capacity: int = 5000, events: Any = None):
+
+class LogTail(logging.Handler):
+    """Ring buffer of formatted records; thread-safe; optional ``log`` events.
+
+    Each line: ``seq``, ``level``, ``logger``, ``time``, ``message``, ``text`` and
+    ``instance`` (``instance`` for this process's own records; :meth:`forward` adds a
+    child instance's lines under the child's name)."""
+
+    def __init__(self, capacity: int = 5000, events: Any = None, instance: str = "main"):
         super().__init__()
+        self.instance = instance
         self.setFormatter(logging.Formatter(FORMAT))
         self._lines: collections.deque = collections.deque(maxlen=capacity)
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._levels: dict[str, str] = {}  # per forwarded instance: its last record's level
         self.events = events
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -57,10 +75,27 @@ class LogTail(logging.Handler):
             return  # a subscriber logged while handling a log event: do not recurse
         try:
             line = {"level": record.levelname, "logger": record.name, "time": record.created,
-                    "message": record.getMessage(), "text": self.format(record)}
+                    "message": record.getMessage(), "text": self.format(record), "instance": self.instance}
         except Exception:
             self.handleError(record)
             return
+        self._add(line)
+
+    def forward(self, instance: str, text: str) -> dict:
+        """Add one output line of the child process running ``instance`` (its log lines
+        are in FORMAT; anything else -- a traceback line, a CLI message -- is kept as is,
+        with the level of the child's previous record). Returns the line added."""
+        text = text.rstrip("\r\n")[:MAX_FORWARDED_CHARS]
+        m = _FORMATTED.match(text)
+        if m:
+            level, logger, message = m.groups()
+            self._levels[instance] = level
+        else:
+            level, logger, message = self._levels.get(instance, "INFO"), "output", text
+        return self._add({"level": level, "logger": logger, "time": time.time(), "message": message,
+                          "text": text, "instance": instance})
+
+    def _add(self, line: dict) -> dict:
         with self._lock:
             line["seq"] = next(self._seq)
             self._lines.append(line)
@@ -70,11 +105,18 @@ class LogTail(logging.Handler):
                 self.events.emit("log", line=line)
             finally:
                 self._local.busy = False
+        return line
 
-    def since(self, seq: int = 0, limit: int = 1000) -> list[dict]:
+    def since(self, seq: int = 0, limit: int = 1000, instance: str | None = None) -> list[dict]:
+        """The last ``limit`` lines after ``seq`` (oldest first), of ``instance`` only if given."""
         with self._lock:
-            out = [line for line in self._lines if line["seq"] > seq]
+            out = [line for line in self._lines
+                   if line["seq"] > seq and (instance is None or line.get("instance") == instance)]
         return out[-limit:]
+
+    def lines(self, since: int = 0, limit: int = 1000, instance: str | None = None) -> list[dict]:
+        """:meth:`since` by another name (the multi-instance contract's)."""
+        return self.since(since, limit, instance)
 
 
 class RateLimitedLog:
@@ -228,10 +270,18 @@ def collect_warnings():
         _request_warnings.reset(reset)
 
 
-def setup_logging(settings, events: Any = None, *, stderr: bool = True) -> LogTail:
+def instance_log_file(settings, name: str, primary: bool) -> Path:
+    """The log file of an instance: the primary keeps ``luna-daemon.log``, a further
+    instance (a child process) writes ``luna-daemon-<name>.log`` beside it."""
+    return Path(settings.log_file) if primary else Path(settings.log_dir) / f"luna-daemon-{name}.log"
+
+
+def setup_logging(settings, events: Any = None, *, stderr: bool = True, log_file: Path | str | None = None,
+                  instance: str = "main") -> LogTail:
     """Install file + stderr + tail handlers on the ``luna_daemon`` logger, and route
     WARNING+ records of ComfyUI (root logger) and transformers / diffusers to them.
-    Idempotent."""
+    ``log_file`` defaults to ``settings.log_file``; ``instance`` names this process's
+    lines in the tail. Idempotent."""
     root = logging.getLogger("luna_daemon")
     for h in _installed:
         root.removeHandler(h)
@@ -240,11 +290,11 @@ def setup_logging(settings, events: Any = None, *, stderr: bool = True) -> LogTa
     root.setLevel(settings.log_level)
     root.propagate = False
     fmt = logging.Formatter(FORMAT)
-    log_file = Path(settings.log_file)
+    log_file = Path(log_file or settings.log_file)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     fh = logging.handlers.RotatingFileHandler(log_file, maxBytes=5 * 1024 * 1024, backupCount=3, encoding="utf-8")
     fh.setFormatter(fmt)
-    tail = LogTail(events=events)
+    tail = LogTail(events=events, instance=instance)
     handlers: list[logging.Handler] = [fh, tail]
     if stderr:
         sh = logging.StreamHandler()

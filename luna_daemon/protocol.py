@@ -72,6 +72,7 @@ class ErrorCode(str, enum.Enum):
     UNSUPPORTED_VERSION = "unsupported_version"
     TOO_LARGE = "too_large"                  # header or body over the configured limit
     UNKNOWN_OP = "unknown_op"
+    WRONG_INSTANCE = "wrong_instance"        # op of a role (vae / clip) this instance's service does not serve
     BAD_ARGS = "bad_args"
     UNAUTHORIZED = "unauthorized"            # missing / wrong token
     NOT_FOUND = "not_found"                  # model id / file / LoRA unknown

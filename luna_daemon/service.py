@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from luna_daemon import __version__, fsutil, logs, protocol
+from luna_daemon import __version__, fsutil, instances, logs, protocol
 from luna_daemon.events import EventBus
 from luna_daemon.models.engines.base import DEFAULT_DECODE_TILE, DEFAULT_ENCODE_TILE, TiledArgs, is_oom
 from luna_daemon.models.lora import SHA256_RE
@@ -119,6 +119,21 @@ class Stats:
             out.append((edge, total))
         return out
 
+    def latency(self) -> dict[str, dict[str, Any]]:
+        """Per op: cumulative ``buckets`` ``[[upper bound, count], ...]`` (the last bound
+        None = +Inf) and ``sum`` (seconds): the histogram a host's /metrics shows for an
+        instance it reads through the ``status`` op (a child process)."""
+        with self.lock:
+            raw = {op: (list(b), self.latency_sum.get(op, 0.0)) for op, b in self.latency_buckets.items()}
+        out: dict[str, dict[str, Any]] = {}
+        for op, (counts, total) in raw.items():
+            acc, buckets = 0, []
+            for edge, n in zip((*LATENCY_BUCKETS, None), counts):
+                acc += n
+                buckets.append([edge, acc])
+            out[op] = {"buckets": buckets, "sum": total}
+        return out
+
     def snapshot(self) -> dict[str, Any]:
         now = int(time.time())
         with self.lock:
@@ -160,10 +175,12 @@ def _arg(args: dict, name: str, kind: type | tuple, default: Any = ..., *, allow
     return value
 
 
-def _tensor(args: dict, name: str, ndim: int) -> torch.Tensor:
+def _tensor(args: dict, name: str, ndim: int | tuple[int, ...]) -> torch.Tensor:
     t = _arg(args, name, torch.Tensor)
-    if t.ndim != ndim:
-        raise LunaError(ErrorCode.BAD_ARGS, f"{name} must be {ndim}-D, got shape {list(t.shape)}")
+    ndims = (ndim,) if isinstance(ndim, int) else ndim
+    if t.ndim not in ndims:
+        want = " or ".join(f"{n}-D" for n in ndims)
+        raise LunaError(ErrorCode.BAD_ARGS, f"{name} must be {want}, got shape {list(t.shape)}")
     if not t.is_floating_point():
         raise LunaError(ErrorCode.BAD_ARGS, f"{name} must be a float tensor, got {t.dtype}")
     if t.numel() == 0:
@@ -185,6 +202,12 @@ def _tiled(args: dict, default: TiledArgs) -> TiledArgs | None:
         if type(v) is not int or v < 0 or (k != "overlap" and v < 1):
             raise LunaError(ErrorCode.BAD_ARGS, f"tiled.{k} must be a positive integer")
         vals[k] = v
+    # Video VAEs: temporal tile sizes, absent/None = the VAE's own (image VAEs ignore them).
+    for k, least in (("tile_t", 1), ("overlap_t", 0)):
+        v = t.get(k)
+        if v is not None and (type(v) is not int or v < least):
+            raise LunaError(ErrorCode.BAD_ARGS, f"tiled.{k} must be null or an integer >= {least}")
+        vals[k] = v
     # ``exact: true`` (the ComfyUI proxies): pass the sizes on as given, like ComfyUI's own
     # decode_tiled / encode_tiled, instead of shrinking an overlap of half a tile or more.
     if vals["overlap"] * 2 >= min(vals["tile_x"], vals["tile_y"]) and t.get("exact") is not True:
@@ -205,8 +228,17 @@ class Service:
         status_provider: Callable[[], dict] | None = None,
         on_shutdown: Callable[[], None] | None = None,
         lora_cache: Any = None,
+        *,
+        instance_name: str | None = None,
+        instances_provider: Callable[[], list[dict] | None] | None = None,
     ):
         self.settings = settings
+        # Multi-daemon (docs/protocol.md "Instances"): this instance's name and the map
+        # ``hello`` returns. ``instances_provider`` (the host's live map, with states) may
+        # answer None: then the static map from the settings is used.
+        self.instance_name = instance_name or getattr(settings, "instance_name", "") or "main"
+        self.instances_provider = instances_provider
+        self._static_map: list[dict] | None = None
         self.registry = registry
         self.events = events
         self.token = token
@@ -221,6 +253,39 @@ class Service:
 
     def ops_for_service(self) -> list[str]:
         return sorted(n for n, (_, _, kinds) in _OPS.items() if self.settings.service in kinds)
+
+    def instance_map(self) -> list[dict]:
+        """The instance map ``hello`` answers: the provider's, else every configured
+        instance's ``public()`` (computed once: ``[[instances]]`` apply only at a restart)."""
+        if self.instances_provider is not None:
+            try:
+                found = self.instances_provider()
+            except Exception:  # a host bug must not make hello fail (internal)
+                log.exception("instance map provider failed; hello answers the configured map")
+                found = None
+            if found is not None:
+                return found
+        if self._static_map is None:
+            self._static_map = [spec.public() for spec in instances.instance_specs(self.settings)]
+        return self._static_map
+
+    def wrong_instance(self, op_name: str, kinds: frozenset[str]) -> LunaError:
+        """The ``wrong_instance`` error for an op this instance's service does not serve,
+        naming an instance that serves it (from the map) or saying none is configured."""
+        role = instances.ROLE_OF_OP.get(op_name) or next(iter(sorted(kinds - {"full"})), "full")
+        service = self.settings.service
+        here = f"op {op_name!r} is not served by instance {self.instance_name!r} (service {service})"
+        try:
+            entries = [e for e in self.instance_map() if e.get("name") != self.instance_name]
+            other = instances.pick(entries, role)
+        except Exception:  # a broken map must not turn the answer into internal
+            log.exception("instance map unavailable for a wrong_instance answer")
+            other = None
+        if other is None:
+            return LunaError(ErrorCode.WRONG_INSTANCE, f"{here}, and no configured instance serves it: add an "
+                             f"[[instances]] table with service = \"{role}\" (or \"full\") to config.toml")
+        return LunaError(ErrorCode.WRONG_INSTANCE, f"{here}; instance {other.get('name')!r} at "
+                         f"{other.get('host')}:{other.get('port')} serves it")
 
     def token_ok(self, token: Any) -> bool:
         # Constant-time; surrogatepass: a str from outside JSON may hold lone surrogates.
@@ -254,7 +319,7 @@ class Service:
             if needs_auth and not self.token_ok(req.token):
                 raise LunaError(ErrorCode.UNAUTHORIZED, "missing or wrong token (the client reads it from the daemon's config dir)")
             if self.settings.service not in kinds:
-                raise LunaError(ErrorCode.UNKNOWN_OP, f"op {req.op!r} is not offered by a {self.settings.service!r} daemon")
+                raise self.wrong_instance(req.op, kinds)
             if is_supervisor_hello(req):
                 self._claim_supervisor(req, ctx)
             if not needs_auth:  # ping / hello: no model work, nothing to collect (~1.7 µs a call)
@@ -363,6 +428,7 @@ def _hello(svc: Service, args: dict, ctx: Context) -> dict:
         "protocol": protocol.VERSION, "daemon": __version__, "service": svc.settings.service,
         "engine": svc.registry.engine.name, "ops": svc.ops_for_service(), "devices": available_devices(),
         "shm": svc.settings.shm, **_shm_limits(svc), "auth": "token", "max_body_bytes": svc.settings.max_body_bytes,
+        "instance": svc.instance_name, "instances": svc.instance_map(),
     }
 
 
@@ -373,7 +439,7 @@ def _status(svc: Service, args: dict, ctx: Context) -> dict:
     return {
         "version": __version__, "service": svc.settings.service,
         "queue": sum(e.executor.depth for e in svc.registry.entries()),
-        "devices": devices, "requests": svc.stats.snapshot(),
+        "devices": devices, "requests": svc.stats.snapshot(), "latency": svc.stats.latency(),
         "lora_cache": svc.lora_cache.stats() if svc.lora_cache is not None else None,
         **svc.status_provider(),
         "roots": svc.registry.root_sources(),
@@ -485,6 +551,23 @@ def _echo(svc: Service, args: dict, ctx: Context) -> dict:
     return out
 
 
+# [B, C, L] audio / 1-D, [B, C, h, w] image, [B, C, T, h, w] video latents (pixels likewise:
+# [B, L, C], [B, H, W, C], [B, T, H, W, C]); the engine checks them against the loaded VAE.
+_VAE_NDIMS = (3, 4, 5)
+
+
+def _vae_options(args: dict) -> dict:
+    """``vae_options`` (ComfyUI's ``decode(samples, vae_options=...)``, e.g. Hunyuan3D's
+    ``num_chunks`` / ``octree_resolution``): a flat dict of JSON scalars."""
+    options = args.get("vae_options")
+    if options is None:
+        return {}
+    if not isinstance(options, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str))) for k, v in options.items()):
+        raise LunaError(ErrorCode.BAD_ARGS, "vae_options must be a flat object of numbers, strings or booleans")
+    return options
+
+
 @op("vae_load", service="full vae")
 def _vae_load(svc: Service, args: dict, ctx: Context) -> dict:
     return svc.load("vae", [_arg(args, "path", str)], args)
@@ -493,7 +576,7 @@ def _vae_load(svc: Service, args: dict, ctx: Context) -> dict:
 @op("vae_encode", service="full vae")
 def _vae_encode(svc: Service, args: dict, ctx: Context) -> dict:
     model_id = svc._vae(args)
-    pixels = _tensor(args, "pixels", 4)
+    pixels = _tensor(args, "pixels", _VAE_NDIMS)
     latent = svc.run_vae(ctx, model_id, lambda m, t: m.encode(pixels, t), _tiled(args, DEFAULT_ENCODE_TILE), DEFAULT_ENCODE_TILE)
     return {"latent": latent}
 
@@ -501,8 +584,18 @@ def _vae_encode(svc: Service, args: dict, ctx: Context) -> dict:
 @op("vae_decode", service="full vae")
 def _vae_decode(svc: Service, args: dict, ctx: Context) -> dict:
     model_id = svc._vae(args)
-    latent = _tensor(args, "latent", 4)
-    image = svc.run_vae(ctx, model_id, lambda m, t: m.decode(latent, t), _tiled(args, DEFAULT_DECODE_TILE), DEFAULT_DECODE_TILE)
+    latent = _tensor(args, "latent", _VAE_NDIMS)
+    options = _vae_options(args)
+    if options:
+        def call(m, t):
+            if not getattr(m, "supports_vae_options", False):
+                raise LunaError(ErrorCode.BAD_ARGS, f"this VAE's engine does not take vae_options {sorted(options)} "
+                                                    "(run the daemon with engine = comfy)")
+            return m.decode(latent, t, options=options)
+    else:
+        def call(m, t):
+            return m.decode(latent, t)
+    image = svc.run_vae(ctx, model_id, call, _tiled(args, DEFAULT_DECODE_TILE), DEFAULT_DECODE_TILE)
     return {"image": image}
 
 
@@ -554,11 +647,11 @@ def _embedding_dirs(svc: Service, args: dict) -> list[str] | None:
 
 
 def _check_tokens(tokens: Any) -> dict:
-    if not isinstance(tokens, dict) or not tokens:
+    # Only the outer shape: the token dict must reach the engine exactly as ComfyUI's
+    # tokenizer made it (empty chunk lists, tuple chunks, extra keys); each engine checks
+    # the streams it reads and answers bad_args / model_error for the rest.
+    if not isinstance(tokens, dict) or not tokens or not all(isinstance(k, str) for k in tokens):
         raise LunaError(ErrorCode.BAD_ARGS, "tokens must be a non-empty {encoder: [chunk, ...]} object")
-    for key, chunks in tokens.items():
-        if not isinstance(chunks, list) or not all(isinstance(c, list) for c in chunks):
-            raise LunaError(ErrorCode.BAD_ARGS, f"tokens[{key!r}] must be a list of chunks")
     return tokens
 
 

@@ -86,26 +86,55 @@ def _suggest(key: str, known: Any) -> str:
 
 
 _KEY_LINE = re.compile(r"""\s*(?:\[\s*)?(["']?)([A-Za-z0-9_.-]+)\1\s*(?:=|\])""")
+_ARRAY_TABLE_LINE = re.compile(r"""\s*\[\[\s*(["']?)([A-Za-z0-9_-]+)\1\s*\]\]""")
 
 
 def _key_lines(text: str) -> dict[str, int]:
-    """Line (1-based) of each top-level key of a TOML text (``a = 1`` or a ``[a]`` table).
+    """Line (1-based) of each top-level key of a TOML text (``a = 1`` or a ``[a]`` table);
+    the n-th ``[[a]]`` table (1-based) is ``a[n]`` and its keys ``a[n].key``.
     A plain scan, not a parser: it runs only on text tomllib already accepted, and a key it
     cannot place gets line 0 (the error then names the file and the key)."""
     out: dict[str, int] = {}
     in_table = False
+    array_table = ""  # "instances[2]" while below the second [[instances]] header
+    counts: dict[str, int] = {}
     for n, raw in enumerate(text.splitlines(), 1):
         stripped = raw.strip()
+        m = _ARRAY_TABLE_LINE.match(raw)
+        if m:
+            name = m.group(2).replace("-", "_")
+            counts[name] = counts.get(name, 0) + 1
+            in_table, array_table = True, f"{name}[{counts[name]}]"
+            out.setdefault(name, n)
+            out[array_table] = n
+            continue
         m = _KEY_LINE.match(raw)
         if not m:
             continue
         name = m.group(2).split(".")[0].replace("-", "_")
         if stripped.startswith("["):
-            in_table = True  # keys below a table header belong to that table
+            in_table, array_table = True, ""  # keys below a table header belong to that table
             out.setdefault(name, n)
+        elif array_table:
+            out.setdefault(f"{array_table}.{name}", n)
         elif not in_table:
             out.setdefault(name, n)
     return out
+
+
+def _line_of(lines: dict[str, int], key: str) -> int:
+    """The line of ``key`` or of the nearest enclosing key it has (``instances[2].port`` ->
+    its line, else the table's header; ``max_model_bytes.cpu`` -> ``max_model_bytes``)."""
+    while key:
+        if key in lines:
+            return lines[key]
+        key = key.rsplit(".", 1)[0] if "." in key else (key.split("[")[0] if "[" in key else "")
+    return 0
+
+
+def _field_of(key: str) -> str:
+    """The Settings field an error key belongs to (``instances[2].port`` -> ``instances``)."""
+    return re.split(r"[.\[]", key, maxsplit=1)[0]
 
 
 def _decode_error_line(exc: Exception) -> int:
@@ -272,7 +301,7 @@ _CHOICES = {
     "comfy_fallback": ("error", "local"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
-_INTERNAL = ("config_file", "sources", "problems", "loaded_with")
+_INTERNAL = ("config_file", "sources", "problems", "loaded_with", "instance_name")
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 
@@ -333,6 +362,8 @@ class Settings:
     allowed_origins: list[str] = field(default_factory=list)
     comfy_fallback: str = "error"
     start_daemon_if_missing: bool = False
+    # [[instances]] tables (luna_daemon.instances): validated, file order; [] = one daemon
+    instances: list[dict[str, Any]] = field(default_factory=list)
     # where things live (derived from LUNA_HOME / platformdirs unless set)
     config_dir: str = ""
     log_dir: str = ""
@@ -345,6 +376,8 @@ class Settings:
     problems: list[SettingsError] = field(default_factory=list, repr=False, compare=False)
     # load()'s arguments, so that reload() reads the same file, env and flags again.
     loaded_with: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # The instance these settings are for ("" on a loaded Settings; instances.instance_specs sets it).
+    instance_name: str = field(default="", compare=False)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -389,22 +422,29 @@ class Settings:
         if data is not None:
             lines = _key_lines(text or "")
             s._merge(data, "file", strict=True,
-                     on_error=lambda e: bad(e.located(path, lines.get(e.key.split(".")[0], 0))))
+                     on_error=lambda e: bad(e.located(path, _line_of(lines, e.key))))
         s._merge({k[5:].lower(): v for k, v in env_map.items() if k.startswith("LUNA_") and k != "LUNA_HOME"}, "env",
                  strict=False, on_error=bad)
         if overrides:
             s._merge({k: v for k, v in overrides.items() if v is not None}, "flag", strict=True, on_error=bad)
         lines = _key_lines(text or "") if data is not None else {}
+        if s.instances:
+            from luna_daemon.instances import align_primary_port
+
+            exc = align_primary_port(s)
+            if exc is not None:
+                bad(exc.located(path, _line_of(lines, exc.key)))
         for _ in range(len(s.sources) + 1):  # each round resets one key: bounded
             exc = next(s._invalid(), None)
             if exc is None:
                 break
-            if s.sources.get(exc.key) == "file":
-                exc = exc.located(path, lines.get(exc.key, 0))
+            key = _field_of(exc.key)  # a bad [[instances]] table resets all of them
+            if s.sources.get(key) == "file":
+                exc = exc.located(path, _line_of(lines, exc.key))
             bad(exc)  # strict: raises
-            f = next(f for f in fields(cls) if f.name == exc.key)
-            setattr(s, exc.key, f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
-            s.sources[exc.key] = "default"
+            f = next(f for f in fields(cls) if f.name == key)
+            setattr(s, key, f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+            s.sources[key] = "default"
         return s
 
     def reload(self) -> "Settings":
@@ -438,7 +478,12 @@ class Settings:
                     if strict:
                         raise SettingsError(key, "unknown setting", suggestion=_suggest(key, known))
                     continue  # unrelated LUNA_* variables are not ours to reject
-                setattr(self, key, self._coerce(known[key], key, raw))
+                if key == "instances":  # tables, checked key by key (each bad one reported)
+                    from luna_daemon.instances import parse_tables
+
+                    setattr(self, key, parse_tables(raw, source, on_error))
+                else:
+                    setattr(self, key, self._coerce(known[key], key, raw))
                 self.sources[key] = source
             except SettingsError as exc:
                 if on_error is None:
@@ -500,6 +545,10 @@ class Settings:
             yield SettingsError("max_body_bytes", "must be at least 1 KiB")
         if self.max_connections < 1 or self.queue_size < 1:
             yield SettingsError("max_connections" if self.max_connections < 1 else "queue_size", "must be >= 1")
+        if self.instances:
+            from luna_daemon.instances import port_problems
+
+            yield from port_problems(self)
         home = _home() if self.model_roots else None
         for root in self.model_roots:
             why = too_broad_model_root(_resolved(root), home)
@@ -518,6 +567,12 @@ class Settings:
 
     @property
     def state_file(self) -> Path:
+        """The warm-start list: ``state.json`` for the primary (or only) instance,
+        ``state-<name>.json`` for each further ``[[instances]]`` table (one file each:
+        instances restoring from one list would load each other's models)."""
+        name = self.instance_name
+        if self.instances and name and name != self.instances[0].get("name"):
+            return Path(self.state_dir) / f"state-{name}.json"
         return Path(self.state_dir) / "state.json"
 
     def comfyui_path(self) -> Path | None:

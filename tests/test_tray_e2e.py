@@ -26,15 +26,17 @@ import pytest
 from tray_helpers import (
     finish_tray_app,
     free_port,
+    instances_toml,
     listening,
     port_free,
     start_tray_app,
     wait_until,
+    write_config,
 )
 
 from luna_daemon.instance import ALREADY_RUNNING
 from luna_daemon.tray import autostart
-from luna_daemon.tray.menu import HEALTHY, TrayState, build_view
+from luna_daemon.tray.menu import HEALTHY, InstanceState, TrayState, build_view
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "tray"
@@ -260,7 +262,8 @@ def test_trayapp_start_failure_is_red_with_reason(tray_app):
         app, host, thread, result = tray_app(port=port)
         wait_until(lambda: app.view.colour == "red", 20, "red when the port is taken")
         assert "already in use" in app.view.title and str(port) in app.view.title
-        assert any("already in use" in m for _t, m in app.icon.notes)
+        # (The notification follows the redraw on the daemon's thread: wait for it.)
+        wait_until(lambda: any("already in use" in m for _t, m in app.icon.notes), 5, "the error notification")
         # exactly one notification for one failure (state=error and the warning are merged)
         assert sum("already in use" in m for _t, m in app.icon.notes) == 1
         assert app.view.item("start").enabled and not app.view.item("stop").enabled
@@ -309,6 +312,120 @@ def test_trayapp_unload_and_start_at_login(tray_app, tmp_path, model_dir):
     assert result["code"] == 0
 
 
+def _pings(port: int, token: str) -> bool:
+    from luna_daemon.client import DaemonClient
+
+    with DaemonClient("127.0.0.1", port, token=token, timeout=10) as c:
+        return c.ping()["pong"] is True
+
+
+def _children_named(pid: int, name: str) -> list:
+    """The ``serve --instance NAME`` child processes of ``pid`` (psutil.Process list)."""
+    import psutil
+
+    out = []
+    for c in psutil.Process(pid).children(recursive=True):
+        try:
+            argv = c.cmdline()
+        except psutil.Error:
+            continue
+        if "--instance" in argv and argv[argv.index("--instance") + 1:][:1] == [name]:
+            out.append(c)
+    return out
+
+
+def _wait_status(app, want: str, timeout: float) -> None:
+    """The status line to start with ``want`` (an unclean stop under load adds its reason)."""
+    try:
+        wait_until(lambda: app.view.status.startswith(want), timeout, repr(want))
+    except AssertionError:
+        raise AssertionError(f"status line {app.view.status!r} after {timeout}s, wanted {want!r}") from None
+
+
+@pytest.mark.timeout(240)
+def test_trayapp_supervises_two_instances(tray_app, tmp_path, monkeypatch):
+    """Issue 14: a VAE and a CLIP instance in one tray -- worst colour, a status line and a
+    submenu per instance, a killed child red then green again, one stopped alone."""
+    import signal
+
+    import psutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the child (serve --instance clip) inherits it
+    vae_port, clip_port = free_port(), free_port()
+    # The primary listens on the top-level port (the override beats a table's, see instances.py).
+    app, host, thread, result = tray_app(port=vae_port, instances=[dict(name="vae", service="vae"),
+                                                                   dict(name="clip", service="clip", port=clip_port)])
+    icon = app.icon
+    assert app.multi and list(host.instances) == ["vae", "clip"]
+    wait_until(lambda: app.view.colour == "green", 60, "green with both instances up")
+    assert app.view.status == "vae: running · clip: running"
+    assert f"vae: running (port {vae_port})" in app.view.title and f"clip: running (port {clip_port})" in app.view.title
+    token = host.daemon.token
+    assert _pings(vae_port, token) and _pings(clip_port, token)
+    labels = [it.text for it in icon.menu.items if it.text != "- - - -"]  # pystray.Menu.SEPARATOR
+    assert labels[:6] == ["vae: running · clip: running", "Start Daemon", "Stop Daemon", "Check Status",
+                          "vae: running", "clip: running"]
+    clip_row = next(i for i in icon.menu.items if i.text == "clip: running")
+    assert [i.text for i in clip_row.submenu.items] == ["Start", "Stop", "Check Status"]
+
+    # Check Status lists every instance, each from a real status call.
+    n0 = len(icon.notes)
+    icon.activate("Check Status")
+    title, body = wait_until(lambda: icon.notes[n0:] and icon.notes[-1], 15, "the status notification")
+    assert title == "Luna Daemon status"
+    lines = body.splitlines()
+    assert lines[0].startswith(f"vae: Running on port {vae_port}") and lines[1].startswith(f"clip: Running on port {clip_port}"), body
+
+    # SIGKILL the child: red (naming it), then green again after the host restarted it.
+    child = wait_until(lambda: _children_named(os.getpid(), "clip"), 10, "the clip child process")[0]
+    seen = len(icon.colours)
+    n0 = len(icon.notes)
+    child.send_signal(signal.SIGKILL)
+    wait_until(lambda: "red" in icon.colours[seen:], 30, "red after the child was killed")
+    # One notification for one failure, naming the instance and the reason.
+    wait_until(lambda: any(msg.startswith("Daemon 'clip' error: killed by signal 9") for _t, msg in icon.notes[n0:]),
+               10, "the notification naming clip")
+    wait_until(lambda: app.view.colour == "green" and app.view.status == "vae: running · clip: running",
+               60, "green again after the restart")
+    assert icon.colours[-1] == "green"
+    new_child = _children_named(os.getpid(), "clip")
+    assert new_child and new_child[0].pid != child.pid
+    assert _pings(clip_port, token)
+
+    # Stop one instance from its submenu: the other keeps serving; stopped on purpose = green.
+    icon.activate("clip: running", "Stop")
+    _wait_status(app, "vae: running · clip: stopped", 60)
+    assert app.view.colour == "green"
+    assert _pings(vae_port, token)
+    wait_until(lambda: port_free(clip_port), 15, "the clip port to be free")
+    assert not app.view.item("stop:clip").enabled and app.view.item("start:clip").enabled
+    n0 = len(icon.notes)
+    icon.activate(app.view.item("instance:clip").label, "Check Status")  # "clip: stopped"
+    title, body = wait_until(lambda: icon.notes[n0:] and icon.notes[-1], 15, "the clip status notification")
+    assert title == "Luna Daemon status: clip" and body.startswith("stopped"), (title, body)
+
+    # Start Daemon acts on all: clip comes back; Stop Daemon stops both -> gray.
+    icon.activate("Start Daemon")
+    _wait_status(app, "vae: running · clip: running", 60)
+    wait_until(lambda: app.view.colour == "green", 30, "green with both again")
+    assert _pings(clip_port, token)
+    icon.activate("Stop Daemon")
+    wait_until(lambda: app.view.colour == "gray", 60, "gray with both stopped")
+    assert app.view.status.startswith("vae: stopped") and " · clip: stopped" in app.view.status, app.view.status
+    assert port_free(vae_port) and port_free(clip_port)
+
+    # Exit: run() returns 0, no child left behind.
+    icon.activate("Start Daemon")
+    wait_until(lambda: app.view.colour == "green", 60, "green before Exit")
+    pid = _children_named(os.getpid(), "clip")[0].pid
+    icon.activate("Exit")
+    thread.join(60)
+    assert not thread.is_alive() and result["code"] == 0
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 15,
+               "the clip child to exit")
+    assert port_free(vae_port) and port_free(clip_port)
+
+
 # =============================================================================================
 # Part 2: the real tray on a virtual screen
 # =============================================================================================
@@ -349,9 +466,11 @@ class RealTray:
 
     WM_CLASS = "tray_app.py"  # the GTK backend names its windows after the script
 
-    def __init__(self, xs, tmp: Path, **settings: str):
+    def __init__(self, xs, tmp: Path, instances: list[dict] | None = None, **settings: str):
         self.xs = xs
         self.tmp = tmp
+        if instances:  # [[instances]] in the config file under LUNA_HOME
+            write_config(tmp / "luna", instances_toml(instances))
         self.port, self.monitor_port, self.lock_port = free_port(), free_port(), free_port()
         self.port = int(settings.pop("port", self.port))
         bindir = tmp / "bin"
@@ -402,18 +521,29 @@ class RealTray:
         time.sleep(0.3)  # let GTK finish mapping and drawing the popup
         return menu
 
-    def activate(self, key: str, state: TrayState, screenshot: str | None = None) -> None:
-        """Open the menu and activate ``key`` with the keyboard, as a user can.
+    def activate(self, key: str, state: TrayState, screenshot: str | None = None, sub: str | None = None) -> None:
+        """Open the menu and activate ``key`` with the keyboard, as a user can; ``sub``: then
+        open ``key``'s submenu (Right) and activate ``sub`` in it.
 
         GTK's keyboard navigation skips disabled rows and separators, so the number of
         presses is the item's position among the enabled ones in the view for ``state``.
         """
-        enabled = [it.key for it in build_view(state).items if not it.separator and it.enabled]
+        view = build_view(state)
+        enabled = [it.key for it in view.items if not it.separator and it.enabled]
         assert key in enabled, f"{key} is not enabled in {state}"
         i = enabled.index(key)
         self.open_menu()
         presses = ["Down"] * (i + 1) if i < len(enabled) - i else ["Up"] * (len(enabled) - i)
         self.xs.keys(*presses)
+        if sub is not None:
+            inner = [it.key for it in view.item(key).submenu if it.enabled]
+            assert sub in inner, f"{sub} is not enabled in {state}"
+            # Right opens the submenu with its first enabled row selected.
+            time.sleep(0.2)
+            self.xs.keys("Right")
+            time.sleep(0.3)
+            if inner.index(sub):
+                self.xs.keys(*["Down"] * inner.index(sub))
         time.sleep(0.2)
         if screenshot:
             shot(self.xs, screenshot)
@@ -642,4 +772,83 @@ def test_real_tray_that_cannot_start_falls_back_to_headless(xs, tmp_path):
         proc.terminate()
         assert proc.wait(60) == 0  # and it is not kept alive by pystray's setup thread
     for p in (port, monitor_port, lock_port):
+        assert port_free(p)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_real_tray_two_instances(xs, real_tray):
+    """Issue 14 on screen: a VAE and a CLIP instance (the CLIP one a child process) in the
+    GTK tray -- green, SIGKILL of the child -> red -> green, clip stopped from its submenu
+    while vae keeps answering, the status line naming both."""
+    import signal
+
+    import psutil
+
+    from luna_daemon.settings import Settings
+
+    clip_port = free_port()
+    # The primary (vae) listens on the tray's LUNA_PORT; the child on its table's port.
+    tray = real_tray(autostart_delay="0", instances=[dict(name="vae", service="vae"),
+                                                     dict(name="clip", service="clip", port=clip_port)])
+    vae_port = tray.port
+    tray.wait_docked(30)
+    tray.wait_colour("green", 60)
+    shot(xs, "20-two-instances-green")
+    token = Settings.load(env={"LUNA_HOME": tray.env["LUNA_HOME"]}).token_path.read_text().strip()
+    assert _pings(vae_port, token) and _pings(clip_port, token)
+    # The status line / title name both (the title is logged with every colour change).
+    both = f"vae: running (port {vae_port}) · clip: running (port {clip_port})"
+    wait_until(lambda: both in tray.log.read_text(), 10, "the green title naming both instances")
+    monitor_up = listening(tray.monitor_port)
+
+    def state(clip: str = "running") -> TrayState:
+        return TrayState(dashboard=monitor_up, instances=(
+            InstanceState("vae", "vae", "running", health=HEALTHY, port=vae_port),
+            InstanceState("clip", "clip", clip, health=HEALTHY, port=clip_port)))
+
+    menu = tray.open_menu()
+    shot(xs, "21-two-instances-menu")
+    assert menu.rect.h > 250, "expected the instance rows besides the usual ones"
+    xs.keys("Escape")
+    wait_until(lambda: not xs.menus(RealTray.WM_CLASS), 10, "the menu to close")
+
+    # SIGKILL the child: red with its exit reason, then green after the host restarted it.
+    child = wait_until(lambda: _children_named(tray.proc.pid, "clip"), 10, "the clip child")[0]
+    n0 = len(xs.notifications())
+    child.send_signal(signal.SIGKILL)
+    tray.wait_colour("red", 30)
+    _notified(xs, n0, lambda n: n["body"].startswith("Daemon 'clip' error: killed by signal 9"), 15,
+              "the notification naming the instance")
+    shot(xs, "22-child-killed-red")
+    assert _pings(vae_port, token)  # the other instance never stopped serving
+    tray.wait_colour("green", 60)
+    shot(xs, "23-child-restarted-green")
+    assert _children_named(tray.proc.pid, "clip")[0].pid != child.pid
+    assert _pings(clip_port, token)
+    log_text = tray.log.read_text()
+    red_line = next(line for line in log_text.splitlines() if "tray icon red" in line)
+    assert "clip: error" in red_line or "clip: not responding" in red_line, red_line
+
+    # Stop clip from its own submenu: vae still answers, the icon stays green.
+    tray.activate("instance:clip", state(), screenshot="24-clip-submenu-stop", sub="stop:clip")
+    wait_until(lambda: port_free(clip_port), 60, "the clip port to be free")
+    wait_until(lambda: not _children_named(tray.proc.pid, "clip"), 30, "the clip child to exit")
+    assert _pings(vae_port, token)
+    tray.wait_colour("green", 10)  # stopped on purpose: the running one decides
+    shot(xs, "25-clip-stopped-green")
+
+    # Its submenu starts it again.
+    tray.activate("instance:clip", state("stopped"), sub="start:clip")
+    wait_until(lambda: _children_named(tray.proc.pid, "clip"), 30, "a new clip child")
+    wait_until(lambda: listening(clip_port), 60, "clip serving again")
+    tray.wait_colour("green", 60)
+    assert _pings(clip_port, token)
+
+    # SIGTERM = Exit: code 0, no child left, every port free.
+    pids = [c.pid for c in _children_named(tray.proc.pid, "clip")]
+    tray.proc.terminate()
+    assert tray.proc.wait(60) == 0, tray.output()[-3000:]
+    wait_until(lambda: not any(psutil.pid_exists(p) for p in pids), 15, "the child to exit with the tray")
+    for p in (vae_port, clip_port, tray.monitor_port, tray.lock_port):
         assert port_free(p)

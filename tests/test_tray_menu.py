@@ -11,8 +11,10 @@ from luna_daemon.tray.menu import (
     HEALTHY,
     MENU_KEYS,
     REASON_MAX,
+    STATUS_MAX,
     TITLE_MAX,
     UNKNOWN,
+    InstanceState,
     TrayState,
     build_view,
     colour_for,
@@ -237,3 +239,95 @@ def test_tray_needs_a_display_on_linux():
     assert tray_unavailable_reason({}, "win32") is None
     assert tray_unavailable_reason({}, "darwin") is None
     assert "dummy" in tray_unavailable_reason({"DISPLAY": ":0", "PYSTRAY_BACKEND": "dummy"}, "linux")
+
+
+# ----------------------------------------------------------------------------- several instances
+def _two(clip: dict | None = None, vae: dict | None = None, **tray) -> TrayState:
+    base = dict(daemon="running", health=HEALTHY)
+    return TrayState(instances=(
+        InstanceState("clip", "clip", port=19283, **{**base, **(clip or {})}),
+        InstanceState("vae", "vae", port=19284, **{**base, **(vae or {})}),
+    ), **tray)
+
+
+OK, CHECKING = dict(daemon="running", health=HEALTHY), dict(daemon="running", health=UNKNOWN)
+STOPPED = dict(daemon="stopped", health=UNKNOWN)
+WORST = [
+    (OK, OK, "green"),
+    (OK, STOPPED, "green"),  # stopped on purpose: every wanted instance answers
+    (STOPPED, STOPPED, "gray"),
+    (OK, CHECKING, "yellow"),  # green needs the tray's own ping of *each* running instance
+    (OK, dict(daemon="starting"), "yellow"),
+    (STOPPED, dict(daemon="stopping"), "yellow"),
+    (OK, dict(daemon="error", detail="exited with code 1"), "red"),
+    (dict(daemon="starting"), dict(daemon="error", detail="killed by signal 9"), "red"),
+    (OK, dict(daemon="running", health=FAILING, health_detail="timeout"), "red"),
+    (STOPPED, dict(daemon="error", detail="x"), "red"),
+]
+
+
+@pytest.mark.parametrize("clip,vae,colour", WORST, ids=[f"{a['daemon']}+{b['daemon']}-{c}" for a, b, c in WORST])
+def test_several_instances_show_the_worst_colour(clip, vae, colour):
+    s = _two(clip, vae)
+    assert colour_for(s) == build_view(s).colour == colour
+    assert build_view(s.with_(busy="exiting")).colour == "yellow"
+
+
+def test_several_instances_status_line_names_each():
+    v = build_view(_two(vae=dict(daemon="error", detail="exited with code 1: Traceback (most recent call last) boom")))
+    assert v.status == "clip: running · vae: error (exited with code 1…)"
+    assert v.item("status").label == v.status and not v.item("status").enabled
+    assert len(v.status) <= STATUS_MAX
+    assert v.title == "Luna Daemon — clip: running (port 19283) · vae: error (exited with code 1…)"
+    # Check Status while not everything runs: one line per instance, the reasons uncut.
+    assert v.detail.splitlines() == ["clip: running on port 19283 · 0 models · 0 clients · 0 B",
+                                     "vae: error (exited with code 1: Traceback (most recent call last) boom)"]
+    assert build_view(_two(vae=CHECKING)).status == "clip: running · vae: checking…"
+    assert build_view(_two(vae=dict(daemon="running", health=FAILING, health_detail="t"))).status == \
+        "clip: running · vae: not responding"
+    assert build_view(_two(clip=dict(daemon="starting"), vae=STOPPED)).status == "clip: starting… · vae: stopped"
+    assert build_view(_two(restart_needed=("port",))).status == "clip: running · vae: running · restart needed"
+    assert build_view(_two(busy="exiting")).status == "Exiting…"
+    # a long reason on both still leaves both names in the row
+    long = build_view(_two(clip=dict(daemon="error", detail="y" * 300), vae=dict(daemon="error", detail="z" * 300)))
+    assert long.status.startswith("clip: error (") and " · vae: error (" in long.status
+    assert len(long.status) <= STATUS_MAX and len(long.title) <= TITLE_MAX
+
+
+def test_several_instances_get_one_submenu_each_after_check_status():
+    v = build_view(_two(vae=STOPPED))
+    keys = [it.key for it in v.items if not it.separator]
+    assert keys == ["status", "start", "stop", "check", "instance:clip", "instance:vae", *MENU_KEYS[4:]]
+    clip, vae = v.item("instance:clip"), v.item("instance:vae")
+    assert (clip.label, vae.label) == ("clip: running", "vae: stopped")
+    assert [(it.key, it.label) for it in clip.submenu] == [("start:clip", "Start"), ("stop:clip", "Stop"),
+                                                          ("check:clip", "Check Status")]
+    assert {it.key for it in clip.submenu if it.enabled} == {"stop:clip", "check:clip"}
+    assert {it.key for it in vae.submenu if it.enabled} == {"start:vae", "check:vae"}
+    assert v.item("stop:clip") is clip.submenu[1]  # item() finds submenu rows too
+    # Start / Stop Daemon act on all: each is offered when one instance can take it.
+    assert v.item("start").enabled and v.item("stop").enabled
+    both_up = build_view(_two())
+    assert not both_up.item("start").enabled and both_up.item("stop").enabled
+    both_down = build_view(_two(STOPPED, STOPPED))
+    assert both_down.item("start").enabled and not both_down.item("stop").enabled
+    assert build_view(_two(vae=dict(daemon="running", health=HEALTHY, models=1))).item("unload").enabled
+    assert not both_up.item("unload").enabled
+    exiting = build_view(_two(busy="exiting"))
+    assert not any(it.enabled for it in exiting.items if it.key != "-")
+    assert not any(sub.enabled for it in exiting.items for sub in it.submenu)
+
+
+def test_one_instance_is_the_single_daemon_view_exactly():
+    single = TrayState(daemon="running", health=HEALTHY, models=1, port=4321)
+    one = single.with_(instances=(InstanceState("main", daemon="running", health=HEALTHY, models=1, port=4321),))
+    assert build_view(one) == build_view(single)
+    assert not any(it.submenu for it in build_view(one).items)
+
+
+def test_instance_rows_name_the_service_when_the_name_does_not():
+    s = TrayState(instances=(InstanceState("main", "full", "running", health=HEALTHY),
+                             InstanceState("gpu1", "clip", "stopped")))
+    v = build_view(s)
+    assert (v.item("instance:main").label, v.item("instance:gpu1").label) == ("main (full): running", "gpu1 (clip): stopped")
+    assert v.status == "main: running · gpu1: stopped"

@@ -54,11 +54,9 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, running):
-    """A fresh browser context; fails the test on any page error or console error
-    (a CSP violation, a broken script) unless the test expects them. Depends on
-    ``running`` so the page closes before the host does (no reconnect noise)."""
+def _checked_page(browser):
+    """A fresh browser context and page that fails the test on any page error or console
+    error (a CSP violation, a broken script) unless the test expects them."""
     ctx = browser.new_context(viewport={"width": 1280, "height": 860}, accept_downloads=True)
     pg = ctx.new_page()
     problems: list[str] = []
@@ -70,6 +68,13 @@ def page(browser, running):
     ctx.close()
     if not pg.expect_problems:  # type: ignore[attr-defined]
         assert problems == [], problems
+
+
+@pytest.fixture
+def page(browser, running):
+    """See _checked_page. Depends on ``running`` so the page closes before the host does
+    (no reconnect noise)."""
+    yield from _checked_page(browser)
 
 
 @pytest.fixture
@@ -358,3 +363,64 @@ def test_page_from_another_site_gets_nothing(page, running):
         evil.shutdown()
         evil.server_close()
     assert any("refused" in json.dumps(line) for line in running.log_tail.since(0))
+
+
+# ----------------------------------------------------------------------------- several instances
+@pytest.fixture
+def pair(tmp_path, model_dir):
+    """A host with a VAE-only primary and a CLIP-only child process (free ports), started."""
+    from luna_daemon.settings import Settings
+
+    config = tmp_path / "pair.toml"
+    config.write_text(
+        f'engine = "standalone"\nmonitor_port = 0\nlock_port = 0\nhealth_interval = 0.5\n'
+        f'model_roots = ["{model_dir.as_posix()}"]\n\n'
+        '[[instances]]\nname = "vae"\nservice = "vae"\nport = 0\n\n'
+        '[[instances]]\nname = "clip"\nservice = "clip"\nport = 0\n')
+    h = Host(Settings.load(config, env={"LUNA_HOME": str(tmp_path / "home")}), log_to_stderr=False)
+    try:
+        h.start_monitor()
+        assert h.monitor is not None and h.start_all() == {}
+        yield h
+    finally:
+        h.close(10)
+
+
+@pytest.fixture
+def pair_page(browser, pair):
+    yield from _checked_page(browser)
+
+
+def test_stop_on_one_instance_card_stops_only_that_instance(pair_page, pair):
+    page, h = pair_page, pair
+    open_dashboard(page, h, "status")
+    cards = page.locator("[data-testid=instance-card]")
+    expect(cards).to_have_count(2, timeout=WAIT_MS)
+    vae, clip = page.locator("[data-instance=vae]"), page.locator("[data-instance=clip]")
+    expect(vae.locator("h2")).to_have_text("vae (primary)")
+    for c in (vae, clip):
+        expect(c.locator("[data-testid=instance-state]")).to_have_text("running", timeout=WAIT_MS)
+    expect(clip.locator("[data-field=service]")).to_have_text("clip")
+    expect(clip.locator("[data-field=address]")).to_have_text(f"127.0.0.1:{h.instance('clip').address[1]}")
+    assert colour(page, "[data-instance=clip] .dot") == "rgb(30, 185, 70)"
+    shot(page, "instances")
+
+    clip.locator("[data-testid=instance-stop]").click()
+    expect(clip.locator("[data-testid=instance-state]")).to_have_text("stopped", timeout=WAIT_MS)
+    expect(clip.locator("[data-testid=instance-msg]")).to_contain_text("stop: done (stopped)")
+    assert colour(page, "[data-instance=clip] .dot") == "rgb(150, 150, 150)"  # gray, and the word says it too
+    expect(vae.locator("[data-testid=instance-state]")).to_have_text("running")
+    assert (h.daemon.state, h.instance("clip").state) == ("running", "stopped")
+    # Some stopped on purpose, the rest running: the host counts as running.
+    expect(page.locator("#state-label")).to_have_text("running")
+    expect(clip.locator("[data-testid=instance-start]")).to_be_enabled()
+    expect(clip.locator("[data-testid=instance-stop]")).to_be_disabled()
+    shot(page, "instances-one-stopped")
+
+    # The log viewer can show one instance's lines only.
+    page.click("nav a[data-page=logs]")
+    expect(page.locator("#log-instance-label")).to_be_visible()
+    page.select_option("#log-instance", "clip")
+    expect(page.locator("#log-view .log-line").first).to_contain_text("[clip]", timeout=WAIT_MS)
+    texts = page.locator("#log-view .log-line").all_inner_texts()
+    assert texts and all("[clip]" in t for t in texts)

@@ -120,6 +120,11 @@ def metric_samples(port: int) -> dict[tuple[str, tuple], float]:
     return out
 
 
+def key(name: str, instance: str = "main", **labels: str) -> tuple[str, tuple]:
+    """A metric_samples key: every series carries its instance's name."""
+    return name, tuple(sorted({"instance": instance, **labels}.items()))
+
+
 # ----------------------------------------------------------------------------- health
 def test_healthz_follows_daemon_state(host):
     port = host.monitor.port
@@ -169,12 +174,12 @@ def test_healthz_shows_error_and_monitor_outlives_failed_daemon(make_settings):
 def test_metrics_parse_and_counters_move(running, dclient, model_dir):
     port = running.monitor.port
     before = metric_samples(port)
-    assert before[("luna_daemon_up", ())] == 1.0
-    assert before[("luna_daemon_state", (("state", "running"),))] == 1.0
-    assert before[("luna_daemon_state", (("state", "stopped"),))] == 0.0
-    assert before[("luna_daemon_uptime_seconds", ())] >= 0.0
-    ping_ok = before.get(("luna_daemon_requests_total", (("op", "ping"), ("outcome", "ok"))), 0.0)
-    ping_n = before.get(("luna_daemon_request_duration_seconds_count", (("op", "ping"),)), 0.0)
+    assert before[key("luna_daemon_up")] == 1.0
+    assert before[key("luna_daemon_state", state="running")] == 1.0
+    assert before[key("luna_daemon_state", state="stopped")] == 0.0
+    assert before[key("luna_daemon_uptime_seconds")] >= 0.0
+    ping_ok = before.get(key("luna_daemon_requests_total", op="ping", outcome="ok"), 0.0)
+    ping_n = before.get(key("luna_daemon_request_duration_seconds_count", op="ping"), 0.0)
 
     for _ in range(3):
         dclient.ping()
@@ -183,32 +188,34 @@ def test_metrics_parse_and_counters_move(running, dclient, model_dir):
     info = dclient.vae_load(str(model_dir / "vae_folder"))
 
     after = metric_samples(port)
-    assert after[("luna_daemon_requests_total", (("op", "ping"), ("outcome", "ok")))] >= ping_ok + 3
-    assert after[("luna_daemon_requests_total", (("op", "unload"), ("outcome", "not_found")))] == 1.0
-    assert after[("luna_daemon_requests_total", (("op", "vae_load"), ("outcome", "ok")))] == 1.0
-    count = after[("luna_daemon_request_duration_seconds_count", (("op", "ping"),))]
+    assert after[key("luna_daemon_requests_total", op="ping", outcome="ok")] >= ping_ok + 3
+    assert after[key("luna_daemon_requests_total", op="unload", outcome="not_found")] == 1.0
+    assert after[key("luna_daemon_requests_total", op="vae_load", outcome="ok")] == 1.0
+    count = after[key("luna_daemon_request_duration_seconds_count", op="ping")]
     assert count >= ping_n + 3
-    assert after[("luna_daemon_request_duration_seconds_bucket", (("le", "+Inf"), ("op", "ping")))] == count
-    assert after[("luna_daemon_request_duration_seconds_sum", (("op", "ping"),))] > 0
+    assert after[key("luna_daemon_request_duration_seconds_bucket", le="+Inf", op="ping")] == count
+    assert after[key("luna_daemon_request_duration_seconds_sum", op="ping")] > 0
     buckets = sorted((float(dict(k[1])["le"]), v) for k, v in after.items()
                      if k[0] == "luna_daemon_request_duration_seconds_bucket" and dict(k[1])["op"] == "vae_load")
     assert [v for _, v in buckets] == sorted(v for _, v in buckets), "histogram buckets must be cumulative"
-    assert after[("luna_daemon_models_loaded", (("kind", "vae"),))] == 1.0
-    assert after[("luna_daemon_model_bytes", (("device", "cpu"),))] == info["bytes"] > 0
-    assert after[("luna_daemon_connected_clients", ())] >= 1
-    assert ("luna_daemon_queue_depth", ()) in after
-    assert ("luna_daemon_lora_cache_bytes", ()) in after
-    assert ("luna_daemon_lora_cache_hits_total", ()) in after
-    assert ("luna_daemon_lora_cache_misses_total", ()) in after
+    assert after[key("luna_daemon_models_loaded", kind="vae")] == 1.0
+    assert after[key("luna_daemon_model_bytes", device="cpu")] == info["bytes"] > 0
+    assert after[key("luna_daemon_connected_clients")] >= 1
+    assert key("luna_daemon_queue_depth") in after
+    assert key("luna_daemon_lora_cache_bytes") in after
+    assert key("luna_daemon_lora_cache_hits_total") in after
+    assert key("luna_daemon_lora_cache_misses_total") in after
+    # One daemon: every series is labelled with its instance, "main", and nothing else changed.
+    assert {dict(labels).get("instance") for _, labels in after} == {"main"}
 
     running.daemon.stop(10)
     stopped = metric_samples(port)
-    assert stopped[("luna_daemon_up", ())] == 0.0
-    assert stopped[("luna_daemon_state", (("state", "stopped"),))] == 1.0
+    assert stopped[key("luna_daemon_up")] == 0.0
+    assert stopped[key("luna_daemon_state", state="stopped")] == 1.0
     # Counters stay visible while stopped (they reset only when a new daemon starts).
-    assert stopped[("luna_daemon_requests_total", (("op", "vae_load"), ("outcome", "ok")))] == 1.0
-    assert stopped[("luna_daemon_models_loaded", (("kind", "vae"),))] == 0.0
-    assert stopped[("luna_daemon_lora_cache_bytes", ())] == 0.0  # no cache while stopped
+    assert stopped[key("luna_daemon_requests_total", op="vae_load", outcome="ok")] == 1.0
+    assert stopped[key("luna_daemon_models_loaded", kind="vae")] == 0.0
+    assert stopped[key("luna_daemon_lora_cache_bytes")] == 0.0  # no cache while stopped
 
 
 # ----------------------------------------------------------------------------- origin / host
@@ -774,3 +781,159 @@ def test_dashboard_cannot_widen_what_the_daemon_runs_or_reads(running, tmp_path)
         reply = request(ws, {"type": "restart"}, 9)
         assert reply["ok"] is True and d.state == "running"
     assert d.snapshot()["engine"] == "standalone"
+
+
+# ----------------------------------------------------------------------------- several instances
+def wait_for(pred, timeout: float = WAIT, what: str = "condition"):
+    """Poll ``pred`` until it returns something truthy (bounded); returns that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        time.sleep(0.1)
+
+
+def api_status(host) -> dict:
+    status, _, body = http_get(host.monitor.port, "/api/status")
+    assert status == 200
+    return json.loads(body)
+
+
+def card(host, name: str) -> dict:
+    return next(i for i in api_status(host)["instances"] if i["name"] == name)
+
+
+@pytest.fixture(scope="module")
+def pair_host(tmp_path_factory, model_dir):
+    """A real Host with a VAE-only primary (in-process) and a CLIP-only child process, both
+    on free ports, from a config.toml with two [[instances]] tables; all started. Shared by
+    the tests below (a child start costs seconds); each leaves both instances running,
+    the hung-child test comes last."""
+    from luna_daemon.settings import Settings
+
+    tmp_path = tmp_path_factory.mktemp("pair")
+    config = tmp_path / "pair.toml"
+    config.write_text(
+        f'engine = "standalone"\nmonitor_port = 0\nlock_port = 0\nhealth_interval = 0.5\n'
+        f'model_roots = ["{model_dir.as_posix()}"]\n\n'
+        '[[instances]]\nname = "vae"\nservice = "vae"\nport = 0\n\n'
+        '[[instances]]\nname = "clip"\nservice = "clip"\nport = 0\n')
+    h = Host(Settings.load(config, env={"LUNA_HOME": str(tmp_path / "home")}), log_to_stderr=False)
+    try:
+        h.start_monitor()
+        assert h.monitor is not None
+        assert h.start_all() == {}
+        yield h
+    finally:
+        h.close(10)
+
+
+def test_every_instance_has_a_card_metrics_and_its_own_actions(pair_host, model_dir):
+    h = pair_host
+    port = h.monitor.port
+    child = h.instance("clip")
+    s = api_status(h)
+    assert s["overall"] == "running" and s["overall_colour"] == "green"
+    assert [(i["name"], i["primary"], i["service"], i["state"], i["colour"]) for i in s["instances"]] == [
+        ("vae", True, "vae", "running", "green"), ("clip", False, "clip", "running", "green")]
+    assert s["instances"][1]["address"] == f"127.0.0.1:{child.address[1]}"
+    assert set(s["instances"][1]["devices"]) == {"vae", "clip"}
+
+    # A model loaded on the child shows on its card, in the models list and in /metrics.
+    with DaemonClient(*child.address, token=child.token, timeout=60) as c:
+        info = c.clip_load([str(model_dir / "clip_l")])
+    wait_for(lambda: card(h, "clip")["models"] == 1, what="the child's card showing its model")
+    status, _, body = http_get(port, "/api/models")
+    assert [(m["instance"], m["id"]) for m in json.loads(body)["models"]] == [("clip", info["model"])]
+    samples = wait_for(lambda: (m := metric_samples(port)).get(
+        key("luna_daemon_requests_total", "clip", op="clip_load", outcome="ok")) == 1.0 and m, what="child metrics")
+    assert samples[key("luna_daemon_up", "vae")] == samples[key("luna_daemon_up", "clip")] == 1.0
+    assert samples[key("luna_daemon_models_loaded", "clip", kind="clip")] == 1.0
+    assert samples[key("luna_daemon_models_loaded", "vae", kind="clip")] == 0.0
+    assert key("luna_daemon_requests_total", "vae", op="clip_load", outcome="ok") not in samples
+    assert samples[key("luna_daemon_model_bytes", "clip", device="cpu")] == info["bytes"] > 0
+    # The child's histogram, from its status answer's latency.
+    assert samples[key("luna_daemon_request_duration_seconds_count", "clip", op="clip_load")] == 1.0
+    assert samples[key("luna_daemon_request_duration_seconds_bucket", "clip", le="+Inf", op="clip_load")] == 1.0
+    assert samples[key("luna_daemon_request_duration_seconds_sum", "clip", op="clip_load")] > 0
+    assert all("instance" in dict(labels) for _, labels in samples)
+
+    with ws_connect(port) as ws:
+        recv_json(ws)
+        assert login(ws, token=h.daemon.token)["ok"]
+        # Unknown or malformed instance names: a typed error naming the configured ones.
+        for i, bad in enumerate(["nope", 7, None], start=1):
+            reply = request(ws, {"type": "stop", "instance": bad}, i)
+            assert reply["ok"] is False and reply["error"]["code"] == "bad_args", bad
+        assert "configured: vae, clip" in request(ws, {"type": "unload", "all": True, "instance": "x"}, 4)["error"]["message"]
+        assert (h.daemon.state, child.state) == ("running", "running")
+
+        reply = request(ws, {"type": "unload", "all": True, "instance": "clip"}, 5)
+        assert reply["ok"] is True and [(u["instance"], u["id"]) for u in reply["result"]["unloaded"]] == [
+            ("clip", info["model"])]
+
+        # Stopping one instance leaves the other serving.
+        reply = request(ws, {"type": "stop", "instance": "clip"}, 6)
+        assert reply["ok"] is True and reply["result"]["state"] == "stopped"
+        assert (h.daemon.state, child.state) == ("running", "stopped")
+        s = api_status(h)
+        assert [i["state"] for i in s["instances"]] == ["running", "stopped"] and s["overall"] == "running"
+        stopped = metric_samples(port)
+        assert stopped[key("luna_daemon_up", "clip")] == 0.0 and stopped[key("luna_daemon_up", "vae")] == 1.0
+        # Its counters stay visible while it is stopped, as the primary's do.
+        assert stopped[key("luna_daemon_requests_total", "clip", op="clip_load", outcome="ok")] == 1.0
+        assert request(ws, {"type": "unload", "all": True, "instance": "clip"}, 7)["error"]["code"] == "not_running"
+
+        reply = request(ws, {"type": "start", "instance": "clip"}, 8)
+        assert reply["ok"] is True and reply["result"]["state"] == "running" and child.state == "running"
+
+        # No instance: the top-level Stop / Start act on all.
+        reply = request(ws, {"type": "stop"}, 9)
+        assert reply["ok"] is True and reply["result"]["states"] == {"vae": "stopped", "clip": "stopped"}
+        assert api_status(h)["overall"] == "stopped"
+        reply = request(ws, {"type": "start"}, 10)
+        assert reply["ok"] is True and reply["result"]["states"] == {"vae": "running", "clip": "running"}
+
+
+def test_log_viewer_filters_by_instance_and_downloads_each_file(pair_host):
+    h = pair_host
+    port = h.monitor.port
+    status, _, body = http_get(port, "/api/logs?since=0&limit=5000", bearer(h))
+    lines = json.loads(body)["lines"]
+    assert {ln["instance"] for ln in lines} >= {"vae", "clip"}, "the child's forwarded lines are in the tail"
+    for name in ("vae", "clip"):
+        status, _, body = http_get(port, f"/api/logs?since=0&instance={name}", bearer(h))
+        got = json.loads(body)["lines"]
+        assert status == 200 and got and {ln["instance"] for ln in got} == {name}
+    status, _, body = http_get(port, "/api/logs?instance=nope", bearer(h))
+    assert status == 400 and b"configured: vae, clip" in body
+    status, headers, body = http_get(port, "/api/logfile?instance=clip", bearer(h))
+    assert status == 200 and 'filename="luna-daemon-clip.log"' in headers["content-disposition"]
+    assert body, "the child writes its own log file"
+    assert http_get(port, "/api/logfile?instance=nope", bearer(h))[0] == 400
+    assert http_get(port, "/api/logfile?instance=clip")[0] == 401, "still needs a session"
+
+
+def test_a_hung_child_never_holds_up_the_dashboard_or_metrics(pair_host):
+    import os
+    import signal
+
+    h = pair_host
+    child = h.instance("clip")
+    pid = child.pid
+    assert pid
+    os.kill(pid, signal.SIGSTOP)  # the process exists and holds its port but answers nothing
+    try:
+        for _ in range(3):
+            t0 = time.monotonic()
+            samples = metric_samples(h.monitor.port)
+            status = api_status(h)
+            # Bounded, not a speed claim: a scrape that waited on the child would hang.
+            assert time.monotonic() - t0 < 5.0
+            assert key("luna_daemon_up", "clip") in samples and len(status["instances"]) == 2
+            time.sleep(0.6)  # past a poll interval, so the poller has tried the child
+    finally:
+        os.kill(pid, signal.SIGCONT)

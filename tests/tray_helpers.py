@@ -165,22 +165,45 @@ def headless_pystray() -> types.SimpleNamespace:
         def _remove_notification(self):
             pass
 
-        def activate(self, label: str) -> None:
-            """What a user does: pick an enabled item by its label (through pystray's MenuItem)."""
-            for item in self.menu.items:
-                if item.text == label:
-                    assert item.enabled, f"{label!r} is disabled"
-                    item(self)
-                    self.update_menu()
-                    return
-            raise AssertionError(f"no menu item {label!r}: {[i.text for i in self.menu.items]}")
+        def activate(self, *labels: str) -> None:
+            """What a user does: pick an enabled item by its label (through pystray's MenuItem);
+            several labels walk into submenus first (``activate("clip: running", "Stop")``)."""
+            items = self.menu.items
+            for depth, label in enumerate(labels):
+                item = next((i for i in items if i.text == label), None)
+                if item is None:
+                    raise AssertionError(f"no menu item {label!r}: {[i.text for i in items]}")
+                assert item.enabled, f"{label!r} is disabled"
+                if depth < len(labels) - 1:
+                    assert item.submenu, f"{label!r} has no submenu"
+                    items = item.submenu.items
+                    continue
+                item(self)
+                self.update_menu()
 
     return types.SimpleNamespace(Icon=HeadlessIcon, Menu=pystray.Menu, MenuItem=pystray.MenuItem)
 
 
-def start_tray_app(tmp_path: Path, *, monitor: bool = False, **overrides):
+def instances_toml(instances: list[dict]) -> str:
+    """``[[instances]]`` tables for config.toml (string / int / float values)."""
+    def value(v: object) -> str:
+        return f'"{v}"' if isinstance(v, str) else str(v)
+
+    return "".join("[[instances]]\n" + "".join(f"{k} = {value(v)}\n" for k, v in t.items()) for t in instances)
+
+
+def write_config(luna_home: Path, text: str) -> Path:
+    path = luna_home / "config" / "config.toml"  # where Settings.load looks under LUNA_HOME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def start_tray_app(tmp_path: Path, *, monitor: bool = False, instances: list[dict] | None = None, **overrides):
     """A TrayApp (headless backend) around a real Host on free ports, run() on a thread;
-    ``monitor``: with the dashboard (the Open Dashboard / Settings items enabled).
+    ``monitor``: with the dashboard (the Open Dashboard / Settings items enabled);
+    ``instances``: ``[[instances]]`` tables written to the config file (several = the
+    host supervises child processes).
 
     Returns (app, host, thread, result); ``result["code"]`` is run()'s return value.
     """
@@ -191,6 +214,8 @@ def start_tray_app(tmp_path: Path, *, monitor: bool = False, **overrides):
     base = dict(port=free_port(), monitor_port=free_port(), lock_port=0, engine="standalone",
                 autostart_delay=0.3, health_interval=0.3, stop_timeout=10.0)
     base.update(overrides)
+    if instances:
+        write_config(tmp_path / "luna", instances_toml(instances))
     settings = Settings.load(env={"LUNA_HOME": str(tmp_path / "luna")}, overrides=base)
     host = Host(settings, log_to_stderr=False)
     host.acquire()

@@ -15,6 +15,11 @@ Threads: pystray's loop owns the main thread. Menu callbacks only hand work to t
 ``luna-tray-actions`` worker (or a short-lived thread for "open" actions), so the UI never
 waits on a stop. ``luna-tray-health`` pings the daemon every ``health_interval`` and on
 every menu open. All icon / title / menu changes go through :meth:`TrayApp._update`.
+
+Several instances (``[[instances]]``, ``Host.instances``): the health thread pings every
+running instance, the icon shows the worst of them, Start / Stop Daemon act on all and each
+instance gets a submenu (Start / Stop / Check Status); notifications name the instance.
+One instance: exactly the single-daemon tray.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from luna_daemon.tray.menu import (
     FAILING,
     HEALTHY,
     UNKNOWN,
+    InstanceState,
     TrayState,
     View,
     build_view,
@@ -228,17 +234,25 @@ class TrayApp:
         self.config = config
         self._pystray = pystray
         self._lock = threading.RLock()  # guards _state, _view and the push to the icon
+        self.primary = host.daemon.name
+        broken = {"daemon": "error", "detail": f"config file: {host.config_error}"} if host.config_error else {}
         self._state = TrayState(
             port=self.settings.port,
             dashboard=host.monitor is not None,
             autostart=autostart.is_enabled(),
             restart_needed=tuple(host.config_status()["restart_needed"]),
             # A broken config file: red from the first frame (the daemon will not start).
-            **({"daemon": "error", "detail": f"config file: {host.config_error}"} if host.config_error else {}),
+            **broken,
+            instances=tuple(
+                InstanceState(name, service=inst.settings.service, port=inst.settings.port,
+                              **(broken if name == self.primary else {}))
+                for name, inst in self._instances().items()),
         )
+        self.multi = self._state.multi
         self._view: View = build_view(self._state)
         self._pushed: View | None = None
-        self._generation = 0  # bumped on every daemon state change; stale probes are dropped
+        # Per instance, bumped on every state change of it: stale probes are dropped.
+        self._generation: dict[str, int] = {i.name: 0 for i in self._state.instances}
         self._quit = threading.Event()
         self._probe_wanted = threading.Event()
         self._status_wanted = True  # next probe also asks for status (counts, memory)
@@ -258,19 +272,29 @@ class TrayApp:
                         pystray.Icon.__module__)
         self.notifier = Notifier(self.icon, enabled=lambda: self.settings.notifications)
 
+    def _instances(self) -> dict[str, Any]:
+        """name -> Daemon | ChildInstance in config order, primary first."""
+        return dict(self.host.instances)
+
+    def _instance(self, name: str) -> Any:
+        return self._instances()[name]
+
     # ------------------------------------------------------------ menu (pystray objects)
-    def _build_menu(self) -> Any:
+    def _build_menu(self, items: tuple | None = None) -> Any:
+        # The structure is fixed for the host's life (its instances do not change); labels,
+        # enabled and checked are read from the current view each time the menu is shown.
         P = self._pystray
         entries = []
-        for spec in self._view.items:
+        for spec in self._view.items if items is None else items:
             if spec.separator:
                 entries.append(P.Menu.SEPARATOR)
                 continue
             key = spec.key
-            kwargs: dict[str, Any] = {
-                "enabled": functools.partial(self._enabled, key),
-                "default": key == "check",  # left click on the icon = Check Status (GTK, Windows)
-            }
+            kwargs: dict[str, Any] = {"enabled": functools.partial(self._enabled, key)}
+            if spec.submenu:
+                entries.append(P.MenuItem(functools.partial(self._label, key), self._build_menu(spec.submenu), **kwargs))
+                continue
+            kwargs["default"] = key == "check"  # left click on the icon = Check Status (GTK, Windows)
             if spec.checked is not None:
                 kwargs["checked"] = functools.partial(self._checked, key)
             # functools.partial has no __code__, so pystray calls it as action(icon, item).
@@ -310,6 +334,21 @@ class TrayApp:
                 except NotImplementedError:  # backends without menus (xorg)
                     pass
 
+    def _update_instance(self, name: str, **changes: Any) -> None:
+        """Apply changes to one instance; the primary's also become the top-level fields
+        (what the single-daemon view shows)."""
+        with self._lock:
+            instances = tuple(i.with_(**changes) if i.name == name else i for i in self._state.instances)
+            self._update(instances=instances, **(changes if name == self.primary else {}))
+
+    def instance_state(self, name: str) -> InstanceState:
+        with self._lock:
+            return next(i for i in self._state.instances if i.name == name)
+
+    def _who(self, name: str) -> str:
+        """"Daemon", or with several instances "Daemon 'vae'": notifications name it."""
+        return f"Daemon '{name}'" if self.multi else "Daemon"
+
     @property
     def state(self) -> TrayState:
         with self._lock:
@@ -323,25 +362,35 @@ class TrayApp:
     # ------------------------------------------------------------ events from the daemon
     def _on_event(self, e: Any) -> None:
         # Runs on the emitting daemon thread: record and hand off, never block.
+        # Events without an instance come from the primary (the host's own daemon).
+        name = str(e.data.get("instance") or self.primary)
+        if name not in self._generation:
+            return  # not one of ours (an instance this host does not run)
         if e.type == "state":
             st, detail = e.data.get("state", ""), e.data.get("detail", "")
             with self._lock:
-                self._generation += 1
+                self._generation[name] += 1
                 changes: dict[str, Any] = {"daemon": st, "detail": detail, "health": UNKNOWN, "health_detail": ""}
                 if st != "running":
                     changes.update(models=0, clients=0, memory_bytes=0)
-                self._update(**changes)
+                self._update_instance(name, **changes)
             if st == "running":
                 self._want_probe(status=True)  # green only after our own ping succeeds
             elif st == "error":
-                self.notifier.alert(f"Daemon error: {detail or 'unknown'}")
+                self.notifier.alert(f"{self._who(name)} error: {detail or 'unknown'}")
             elif st == "stopped" and detail:
-                log.warning("daemon stopped: %s", detail)
+                log.warning("daemon %s stopped: %s", name, detail)
         elif e.type == "warning":
             msg = str(e.data.get("message") or "warning")
-            # Start failures come as state=error too; notify once, not twice.
-            if not msg.startswith("daemon failed to start"):
-                self.notifier.alert(msg, title="Luna Daemon warning")
+            # Start failures (and a child's exit) come as state=error too, emitted just
+            # before: notify once, not twice.
+            if msg.startswith("daemon failed to start"):
+                return
+            if e.data.get("instance") and e.data.get("level") == "error" and self.instance_state(name).daemon == "error":
+                return
+            if self.multi and f"'{name}'" not in msg:
+                msg = f"{name}: {msg}"
+            self.notifier.alert(msg, title="Luna Daemon warning")
         elif e.type in ("model_loaded", "model_unloaded"):
             self._want_probe(status=True)  # refresh models / memory in the status line
         elif e.type == "config":
@@ -350,8 +399,8 @@ class TrayApp:
             # Our probes are supervision: the daemon neither counts nor announces them.
             clients = e.data.get("clients")
             with self._lock:
-                if isinstance(clients, int) and self._state.daemon == "running":
-                    self._update(clients=max(0, clients))
+                if isinstance(clients, int) and self.instance_state(name).daemon == "running":
+                    self._update_instance(name, clients=max(0, clients))
 
     def _on_lock_message(self, msg: str) -> None:
         if msg == "show":
@@ -368,6 +417,8 @@ class TrayApp:
     # ------------------------------------------------------------ clicks
     def _clicked(self, key: str, _icon: Any = None, _item: Any = None) -> None:
         log.info("menu: %s", key)
+        if key.startswith("instance:"):
+            return  # a submenu row: opening it is all
         if key in ("logs", "dashboard", "settings", "autostart"):
             # Not queued behind a long Stop: these never touch the daemon's lifecycle.
             threading.Thread(target=self._run_action, args=(key,), name=f"luna-tray-{key}", daemon=True).start()
@@ -401,8 +452,13 @@ class TrayApp:
                 return
 
     def _run_action(self, key: str) -> None:
+        # "start:vae" = an instance's submenu item: _do_start_one("vae").
+        action, _, name = key.partition(":")
         try:
-            getattr(self, f"_do_{key}")()
+            if name:
+                getattr(self, f"_do_{action}_one")(name)
+            else:
+                getattr(self, f"_do_{key}")()
         except Exception as exc:
             log.exception("tray action %s failed", key)
             self.notifier.alert(f"{key} failed: {exc}")
@@ -412,37 +468,78 @@ class TrayApp:
 
         if self._exit_requested.is_set():
             return
+        if self.multi:
+            # Primary first, then the children; one that fails does not keep the others
+            # down (each failure is a state=error event, notified there).
+            for name, reason in self.host.start_all().items():
+                log.error("start of %s failed: %s", name, reason)
+            return
         try:
             self.host.daemon.start()
         except DaemonStartError as exc:
             log.error("start failed: %s", exc)  # state=error already notified
 
+    def _do_start_one(self, name: str) -> None:
+        from luna_daemon.daemon import DaemonStartError
+
+        if self._exit_requested.is_set():
+            return
+        try:
+            self._instance(name).start()
+        except DaemonStartError as exc:
+            log.error("start of %s failed: %s", name, exc)  # state=error already notified
+
     def _do_stop(self) -> None:
         # In-flight requests finish (up to stop_timeout), models are unloaded, connections
         # closed; a missed deadline arrives as a ``warning`` event and is notified there.
+        if self.multi:  # all at once, each with the same bounded clean stop
+            self.host.stop_all(self.settings.stop_timeout)
+            return
         self.host.daemon.stop(self.settings.stop_timeout)
+
+    def _do_stop_one(self, name: str) -> None:
+        self._instance(name).stop(self.settings.stop_timeout)
 
     def _do_check(self, title: str = "Luna Daemon status") -> None:
         """A real ``status`` call; the answer as a notification, the colour updated."""
+        if self.multi:  # every instance, one line each
+            self.notifier.reply("\n".join(f"{n}: {self._check_text(n)}" for n in self._instances()), title=title)
+            return
         st = self.host.daemon.snapshot()
         if st["state"] != "running":
             self.notifier.reply(self.view.detail, title=title)  # the full reason, not the short row
             return
-        ok, result = self._probe(st, with_status=True)
+        ok, result = self._probe(self.primary, st, with_status=True)
         self.notifier.reply(status_summary(result) if ok else f"Not responding: {result}", title=title)
+
+    def _do_check_one(self, name: str) -> None:
+        self.notifier.reply(self._check_text(name), title=f"Luna Daemon status: {name}")
+
+    def _check_text(self, name: str) -> str:
+        """One instance's Check Status answer: a real status call when it runs, else its
+        state with the whole reason."""
+        from luna_daemon.tray.menu import instance_text
+
+        st = self._instance(name).snapshot()
+        if st["state"] != "running":
+            return instance_text(self.instance_state(name), short=False)
+        ok, result = self._probe(name, st, with_status=True)
+        return status_summary(result) if ok else f"Not responding: {result}"
 
     def _do_show(self) -> None:
         # Another launch was refused: tell the user where the running one is.
         self._do_check(title="Luna Daemon is already running")
 
     def _do_unload(self) -> None:
-        st = self.host.daemon.snapshot()
-        if st["state"] != "running":
+        running = [st for st in (inst.snapshot() for inst in self._instances().values()) if st["state"] == "running"]
+        if not running:
             return
-        # A user's action, counted like the CLI's (not supervision).
-        with self._client(st["port"], self.settings.stop_timeout, supervisor=False) as c:
-            done = c.unload(all=True)
-        self.notifier.reply(f"Unloaded {len(done)} model(s)", title="Luna Daemon")
+        done = 0
+        for st in running:  # every running instance
+            # A user's action, counted like the CLI's (not supervision).
+            with self._client(st["port"], self.settings.stop_timeout, supervisor=False) as c:
+                done += len(c.unload(all=True))
+        self.notifier.reply(f"Unloaded {done} model(s)", title="Luna Daemon")
         self._want_probe(status=True)
 
     def _do_logs(self) -> None:
@@ -518,9 +615,14 @@ class TrayApp:
                 return
             with self._lock:
                 with_status, self._status_wanted = self._status_wanted, False
-            st = self.host.daemon.snapshot()
-            if st["state"] == "running":
-                self._probe(st, with_status=with_status)
+            # Each running instance gets its own real ping: green needs all of them. In turn:
+            # a hung one delays the others' probe by at most its timeout (10 s).
+            for name, inst in self._instances().items():
+                if self._quit.is_set():
+                    return
+                st = inst.snapshot()
+                if st["state"] == "running":
+                    self._probe(name, st, with_status=with_status)
 
     @contextlib.contextmanager
     def _client(self, port: int, timeout: float, *, supervisor: bool = True) -> Iterator[Any]:
@@ -534,12 +636,13 @@ class TrayApp:
             c.ping()
             yield c
 
-    def _probe(self, snapshot: dict, *, with_status: bool) -> tuple[bool, Any]:
-        """A real ping (and status) over the socket; updates colour. -> (ok, status|reason)."""
+    def _probe(self, name: str, snapshot: dict, *, with_status: bool) -> tuple[bool, Any]:
+        """A real ping (and status) of instance ``name`` over the socket; updates colour.
+        -> (ok, status|reason)."""
         from luna_daemon.client import DaemonError, DaemonUnavailable
 
         with self._lock:
-            generation = self._generation
+            generation = self._generation[name]
         timeout = min(10.0, max(2.0, float(self.settings.health_interval)))
         status: dict = {}
         try:
@@ -551,26 +654,30 @@ class TrayApp:
                         log.debug("status after a good ping failed: %s", exc)
         except (DaemonUnavailable, DaemonError, OSError) as exc:
             reason = getattr(exc, "message", None) or str(exc)
-            self._health_result(generation, False, reason, {})
+            self._health_result(name, generation, False, reason, {}, snapshot["port"])
             return False, reason
-        self._health_result(generation, True, "", status)
+        self._health_result(name, generation, True, "", status, snapshot["port"])
         return True, status or {"state": "running", "port": snapshot["port"]}
 
-    def _health_result(self, generation: int, ok: bool, reason: str, status: dict) -> None:
+    def _health_result(self, name: str, generation: int, ok: bool, reason: str, status: dict, port: int) -> None:
         with self._lock:
-            if generation != self._generation or self._state.daemon != "running":
+            current = self.instance_state(name)
+            if generation != self._generation[name] or current.daemon != "running":
                 return  # the daemon changed state while we probed: this answer is stale
-            was = self._state.health
+            was = current.health
             changes: dict[str, Any] = {"health": HEALTHY if ok else FAILING, "health_detail": reason}
             if status:
                 mem = sum(int((d or {}).get("models_bytes") or 0) for d in (status.get("devices") or {}).values())
                 changes.update(models=int(status.get("models") or 0), clients=int(status.get("clients") or 0), memory_bytes=mem)
-            self._update(**changes)
+            if self.multi:  # the port it really listens on (port = 0: a free one); one instance: settings.port
+                changes["port"] = int(port)
+            self._update_instance(name, **changes)
+        label = f"daemon {name}" if self.multi else "daemon"
         if ok and was == FAILING:
-            log.info("daemon answers ping again")
+            log.info("%s answers ping again", label)
         elif not ok and was != FAILING:
-            log.error("daemon is not responding: %s", reason)
-            self.notifier.alert(f"Daemon is not responding: {reason}")
+            log.error("%s is not responding: %s", label, reason)
+            self.notifier.alert(f"{self._who(name)} is not responding: {reason}")
 
     # ------------------------------------------------------------ lifecycle
     def _setup(self, icon: Any) -> None:

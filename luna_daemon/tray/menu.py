@@ -14,6 +14,12 @@ What a caller can rely on:
   separators (``key == "-"``) between groups; equal states give equal views, so a
   face can skip redrawing when nothing changed.
 * Titles are at most :data:`TITLE_MAX` characters (the Windows tooltip limit is 127).
+* Several instances (``[[instances]]`` in config.toml, :attr:`TrayState.instances` with
+  more than one entry): the colour is the worst over the instances (red > yellow > green
+  > gray; a stopped instance beside a green one was stopped on purpose: green), the status
+  row names each instance, and one submenu per instance (keys ``instance:NAME`` holding
+  ``start:NAME`` / ``stop:NAME`` / ``check:NAME``) sits after Check Status. With one
+  instance (or none given) the view is exactly the single-daemon view.
 """
 
 from __future__ import annotations
@@ -53,8 +59,28 @@ LABELS = {
 
 
 @dataclass(frozen=True)
+class InstanceState:
+    """One daemon instance as the tray sees it (its state and the tray's own probe)."""
+
+    name: str
+    service: str = "full"
+    daemon: str = "stopped"
+    detail: str = ""
+    health: str = UNKNOWN
+    health_detail: str = ""
+    models: int = 0
+    clients: int = 0
+    memory_bytes: int = 0
+    port: int = 0
+
+    def with_(self, **changes) -> InstanceState:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
 class TrayState:
-    """Everything the tray shows. ``daemon`` is the Daemon's state string."""
+    """Everything the tray shows. ``daemon`` is the Daemon's state string (the primary's);
+    ``instances`` every configured instance in config order (more than one = multi view)."""
 
     daemon: str = "stopped"
     detail: str = ""
@@ -70,9 +96,14 @@ class TrayState:
     busy: str = ""  # an action in progress that changes what may be clicked: "exiting"
     # Keys edited in config.toml that apply only after a restart (Host.config_status).
     restart_needed: tuple[str, ...] = ()
+    instances: tuple[InstanceState, ...] = ()
 
     def with_(self, **changes) -> TrayState:
         return replace(self, **changes)
+
+    @property
+    def multi(self) -> bool:
+        return len(self.instances) > 1
 
 
 @dataclass(frozen=True)
@@ -83,6 +114,7 @@ class ItemSpec:
     label: str = ""
     enabled: bool = True
     checked: bool | None = None
+    submenu: tuple[ItemSpec, ...] = ()  # non-empty: this row opens these items
 
     @property
     def separator(self) -> bool:
@@ -101,22 +133,37 @@ class View:
     detail: str = ""  # the same with the full reason, uncut (Check Status notification)
 
     def item(self, key: str) -> ItemSpec:
+        """The row with ``key``, also inside a submenu."""
         for it in self.items:
             if it.key == key:
                 return it
+            for sub in it.submenu:
+                if sub.key == key:
+                    return sub
         raise KeyError(key)
+
+
+# Worst first wins: any red is red; gray only when every instance is gray.
+_RANK = {GRAY: 0, GREEN: 1, YELLOW: 2, RED: 3}
+
+
+def instance_colour(daemon: str, health: str) -> str:
+    """One daemon's colour from its state and the tray's last probe of it."""
+    if daemon == "error":
+        return RED
+    if daemon in ("starting", "stopping"):
+        return YELLOW
+    if daemon == "running":
+        return {HEALTHY: GREEN, FAILING: RED}.get(health, YELLOW)
+    return GRAY
 
 
 def colour_for(s: TrayState) -> str:
     if s.busy == "exiting":
         return YELLOW
-    if s.daemon == "error":
-        return RED
-    if s.daemon in ("starting", "stopping"):
-        return YELLOW
-    if s.daemon == "running":
-        return {HEALTHY: GREEN, FAILING: RED}.get(s.health, YELLOW)
-    return GRAY
+    if s.multi:
+        return max((instance_colour(i.daemon, i.health) for i in s.instances), key=_RANK.__getitem__)
+    return instance_colour(s.daemon, s.health)
 
 
 def _plural(n: int, word: str) -> str:
@@ -171,24 +218,92 @@ def _state_text(s: TrayState, *, short: bool) -> str:
 
 
 def status_line(s: TrayState) -> str:
-    """The disabled first menu row: state · models · clients · memory, or a short reason."""
+    """The disabled first menu row: state · models · clients · memory, or a short reason.
+    Several instances: ``clip: running · vae: error (exited with code 1…)``."""
+    if s.multi:
+        return _clip(_multi_text(s, short=True), STATUS_MAX)
     return _clip(_status_text(s, short=True), STATUS_MAX)
 
 
 def full_status(s: TrayState) -> str:
-    """The status line with the whole reason, never cut (one line)."""
+    """The status line with the whole reason, never cut (one line; several instances: one
+    line per instance)."""
+    if s.multi:
+        return _multi_text(s, short=False)
     return _status_text(s, short=False)
 
 
 def title_for(s: TrayState) -> str:
     """Tooltip / title: app name + the status with the full reason (cut only at TITLE_MAX)."""
+    if s.multi:  # every instance must fit: short reasons, the full ones are in Check Status
+        return _clip(f"{APP_NAME} — {_multi_text(s, short=True, ports=True)}", TITLE_MAX)
     line = full_status(s)
     if s.daemon == "running" and colour_for(s) == GREEN:
         line = f"{line} · port {s.port}"
     return _clip(f"{APP_NAME} — {line}", TITLE_MAX)
 
 
+# Per-instance reasons in the shared status row: two instances must fit STATUS_MAX.
+INSTANCE_REASON_MAX = 24
+
+
+def instance_text(i: InstanceState, *, short: bool) -> str:
+    """One instance's state in a few words (``running``, ``error (port in use…)``);
+    ``short=False``: the whole reason and, when green, its counts and port."""
+
+    def reason(text: str) -> str:
+        return short_reason(text, INSTANCE_REASON_MAX) if short else " ".join(text.split())
+
+    colour = instance_colour(i.daemon, i.health)
+    if i.daemon == "error":
+        return f"error ({reason(i.detail or 'unknown')})"
+    if i.daemon == "running" and colour == RED:
+        return "not responding" + ("" if short else f" ({reason(i.health_detail or 'no answer to ping')})")
+    if i.daemon == "running" and colour == YELLOW:
+        return "checking…"
+    if i.daemon == "running":
+        if short:
+            return "running"
+        return " · ".join((f"running on port {i.port}", _plural(i.models, "model"),
+                           _plural(i.clients, "client"), fmt_bytes(i.memory_bytes)))
+    if i.daemon in ("starting", "stopping"):
+        return f"{i.daemon}…"
+    return "stopped" + (f" ({reason(i.detail)})" if i.detail else "")
+
+
+def _multi_text(s: TrayState, *, short: bool, ports: bool = False) -> str:
+    if s.busy == "exiting":
+        return "Exiting…"
+
+    def one(i: InstanceState) -> str:
+        text = f"{i.name}: {instance_text(i, short=short)}"
+        if ports and i.daemon == "running" and instance_colour(i.daemon, i.health) == GREEN:
+            text += f" (port {i.port})"
+        return text
+
+    sep = " · " if short else "\n"
+    text = sep.join(one(i) for i in s.instances)
+    if s.restart_needed:
+        text += sep + ("restart needed" if short else f"restart needed ({', '.join(s.restart_needed)})")
+    return text
+
+
+def _instance_item(i: InstanceState, exiting: bool) -> ItemSpec:
+    # The service too where the name does not say it ("gpu1 (clip): running").
+    who = i.name if i.service in (i.name, "") else f"{i.name} ({i.service})"
+    label = _clip(f"{who}: {instance_text(i, short=True)}", STATUS_MAX)
+    running = i.daemon == "running"
+    sub = (
+        ItemSpec(f"start:{i.name}", "Start", i.daemon in ("stopped", "error") and not exiting),
+        ItemSpec(f"stop:{i.name}", "Stop", running and not exiting),
+        ItemSpec(f"check:{i.name}", LABELS["check"], not exiting),
+    )
+    return ItemSpec(f"instance:{i.name}", label, not exiting, submenu=sub)
+
+
 def build_view(s: TrayState) -> View:
+    if s.multi:
+        return _build_multi_view(s)
     exiting = s.busy == "exiting"
     st = s.daemon
     running = st == "running"
@@ -211,6 +326,36 @@ def build_view(s: TrayState) -> View:
         item("settings", s.dashboard),
         SEPARATOR,
         item("unload", running and s.models > 0),
+        item("autostart", s.autostart_supported, s.autostart),
+        SEPARATOR,
+        item("exit", True),
+    )
+    return View(colour_for(s), title_for(s), status, items, full_status(s))
+
+
+def _build_multi_view(s: TrayState) -> View:
+    exiting = s.busy == "exiting"
+    states = [i.daemon for i in s.instances]
+
+    def item(key: str, enabled: bool, checked: bool | None = None) -> ItemSpec:
+        return ItemSpec(key, LABELS[key], enabled and not exiting, checked)
+
+    status = status_line(s)
+    items = (
+        ItemSpec("status", status, False),
+        SEPARATOR,
+        # Start / Stop Daemon act on every instance: enabled when one of them can.
+        item("start", any(st in ("stopped", "error") for st in states)),
+        item("stop", "running" in states),
+        item("check", True),
+        SEPARATOR,
+        *(_instance_item(i, exiting) for i in s.instances),
+        SEPARATOR,
+        item("logs", True),
+        item("dashboard", s.dashboard),
+        item("settings", s.dashboard),
+        SEPARATOR,
+        item("unload", any(i.daemon == "running" and i.models > 0 for i in s.instances)),
         item("autostart", s.autostart_supported, s.autostart),
         SEPARATOR,
         item("exit", True),

@@ -31,6 +31,7 @@ from luna_daemon.protocol import ErrorCode, LunaError
 from luna_daemon.web import views
 from luna_daemon.web.auth import SESSION_HEADER, Gate, well_formed_host, well_formed_origin
 from luna_daemon.web.common import one_line, to_json
+from luna_daemon.web.instances import ChildPoller, find, instance_items, log_file_of, overall_state
 from luna_daemon.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from luna_daemon.web.metrics import Metrics
 
@@ -116,8 +117,9 @@ class HttpRoutes:
     """Plain HTTP answers of one running monitor (its gate knows the real port)."""
 
     def __init__(self, host: Any, gate: Gate, port: int, metrics: Metrics, clients: Callable[[], int],
-                 max_ws_clients: int, refusals: RateLimitedLog):
+                 max_ws_clients: int, refusals: RateLimitedLog, *, children: ChildPoller | None = None):
         self.host = host
+        self.children = children
         self.settings = host.settings
         self.gate = gate
         self.port = port
@@ -192,29 +194,57 @@ class HttpRoutes:
 
     # ------------------------------------------------------------ routes
     def _healthz(self, query: dict[str, list[str]]) -> Response:
-        snap = self.host.daemon.snapshot()
-        if snap["state"] == "running":
+        items = instance_items(self.host)
+        if len(items) == 1:
+            snap = items[0][1].snapshot()
+            if snap["state"] == "running":
+                return respond(200, "ok\n")
+            detail = f": {snap['detail']}" if snap.get("detail") else ""
+            return respond(503, f"{snap['state']}{detail}\n")
+        overall = overall_state(self.host)
+        if overall == "running":
             return respond(200, "ok\n")
-        detail = f": {snap['detail']}" if snap.get("detail") else ""
-        return respond(503, f"{snap['state']}{detail}\n")
+        # Name each instance that is not running, with its reason (e.g. the exit code).
+        parts = []
+        for name, inst in items:
+            snap = inst.snapshot()
+            if snap["state"] != "running":
+                parts.append(f"{name} {snap['state']}" + (f" ({snap['detail']})" if snap.get("detail") else ""))
+        return respond(503, f"{overall}: {'; '.join(parts)}\n")
 
     def _metrics(self, query: dict[str, list[str]]) -> Response:
         return respond(200, self.metrics.render(), METRICS_CONTENT_TYPE)
 
     def _api_status(self, query: dict[str, list[str]]) -> Response:
-        return _json(views.status(self.host, monitor_clients=self.clients()))
+        return _json(views.status(self.host, monitor_clients=self.clients(), children=self.children))
 
     def _api_models(self, query: dict[str, list[str]]) -> Response:
-        return _json({"state": self.host.daemon.snapshot()["state"], "models": views.models(self.host)})
+        return _json({"state": self.host.daemon.snapshot()["state"], "models": views.models(self.host, self.children)})
+
+    def _instance_param(self, query: dict[str, list[str]]) -> tuple[str, Any] | Response | None:
+        """The instance named by ``?instance=`` (None when absent), or a 400 naming the
+        configured ones."""
+        if "instance" not in query:
+            return None
+        try:
+            return find(self.host, query["instance"][0])
+        except ValueError as exc:
+            return respond(400, f"{exc}\n")
 
     def _api_logs(self, query: dict[str, list[str]]) -> Response:
         since = _int_param(query, "since", 0)
         limit = max(1, min(_int_param(query, "limit", 1000), 5000))
-        lines = self.host.log_tail.since(since, limit)
+        chosen = self._instance_param(query)
+        if isinstance(chosen, Response):
+            return chosen
+        lines = self.host.log_tail.lines(since, limit, instance=None if chosen is None else chosen[0])
         return _json({"lines": lines, "last": lines[-1]["seq"] if lines else since})
 
     def _api_logfile(self, query: dict[str, list[str]]) -> Response:
-        path = Path(self.settings.log_file)
+        chosen = self._instance_param(query)
+        if isinstance(chosen, Response):
+            return chosen
+        path = Path(self.settings.log_file if chosen is None else log_file_of(self.host, *chosen))
         try:
             # A checked, non-blocking open: a FIFO at that path is refused instead of
             # hanging the event loop; a huge (e.g. sparse) file costs only its tail.

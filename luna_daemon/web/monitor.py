@@ -35,6 +35,7 @@ from luna_daemon.netutil import PortInUse, bind_listener
 from luna_daemon.web.auth import LOGIN_TTL, Gate
 from luna_daemon.web.common import PAGES, refusal_log
 from luna_daemon.web.http_routes import HttpRoutes
+from luna_daemon.web.instances import ChildPoller
 from luna_daemon.web.metrics import Metrics
 from luna_daemon.web.ws_hub import MAX_WS_CLIENTS, QUEUE_LIMIT, WsHub
 
@@ -79,7 +80,10 @@ class Monitor:
         self.gate: Gate | None = None
         self._hub: WsHub | None = None
         self._http: HttpRoutes | None = None
-        self.metrics = Metrics(host, lambda: self._hub.client_count if self._hub is not None else 0)
+        # Child instances' numbers (status / ps answers), fetched off the event loop: a page
+        # or a scrape never waits on a child process.
+        self.children = ChildPoller(host)
+        self.metrics = Metrics(host, lambda: self._hub.client_count if self._hub is not None else 0, self.children)
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -107,9 +111,10 @@ class Monitor:
         self._sock = _bind(self.settings.host, self.settings.monitor_port)
         self._port = self._sock.getsockname()[1]
         self.gate = Gate(self.settings.host, self._port, self.settings.allowed_origins, login_ttl=self.login_ttl)
-        self._hub = hub = WsHub(self.host, self.gate, self._refusals, queue_limit=self.queue_limit)
+        self._hub = hub = WsHub(self.host, self.gate, self._refusals, queue_limit=self.queue_limit,
+                                children=self.children)
         self._http = HttpRoutes(self.host, self.gate, self._port, self.metrics, lambda: hub.client_count,
-                                MAX_WS_CLIENTS, self._refusals)
+                                MAX_WS_CLIENTS, self._refusals, children=self.children)
         self._loop = asyncio.new_event_loop()
         self._ready.clear()
         self._thread = threading.Thread(target=self._run, name="luna-monitor", daemon=True)
@@ -120,6 +125,7 @@ class Monitor:
             self.stop()
             raise MonitorError(errno.EIO, f"monitor failed to start on port {self._port}: {err}")
         self._unsubscribe = self.host.events.subscribe(hub.on_event)
+        self.children.start()
         log.info("dashboard at http://%s:%d/", self._display_host(), self._port)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -127,6 +133,7 @@ class Monitor:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        self.children.stop()
         thread, loop = self._thread, self._loop
         if thread is not None and loop is not None:
             try:

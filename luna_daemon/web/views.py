@@ -3,7 +3,8 @@
 Every function here works in every daemon state: a stopped or failed daemon has no
 registry, service or server, and the views then report zeros and empty lists rather than
 raising. They read each daemon attribute once into a local, because a stop on another
-thread may set it to None between two reads.
+thread may set it to None between two reads. A child instance's numbers are the last
+answers :class:`~luna_daemon.web.instances.ChildPoller` fetched (never a blocking call).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 from luna_daemon import __version__
 
-from luna_daemon.daemon import STATE_COLOURS  # noqa: F401  (used by the monitor)
+from luna_daemon.daemon import STATE_COLOURS
+from luna_daemon.web.instances import ChildPoller, instance_items, is_primary, log_file_of, overall_state
 
 
 def devices() -> list[str]:
@@ -64,20 +66,70 @@ def lora_stats(lora_cache: Any) -> dict[str, int] | None:
     return out
 
 
-def models(host: Any) -> list[dict[str, Any]]:
-    """``ps`` of the running daemon (empty when stopped), with a display ``file`` name."""
-    reg = host.daemon.registry
-    if reg is None:
-        return []
-    out = []
-    for m in reg.ps():
-        paths = m.get("paths") or []
-        out.append({**m, "file": Path(paths[0]).name if paths else ""})
+def _with_file(m: dict[str, Any], instance: str) -> dict[str, Any]:
+    paths = m.get("paths") or []
+    return {**m, "file": Path(paths[0]).name if paths else "", "instance": instance}
+
+
+def models(host: Any, children: ChildPoller | None = None) -> list[dict[str, Any]]:
+    """``ps`` of every running instance (the primary's live, a child's as last polled),
+    each model with a display ``file`` name and its ``instance``; empty when stopped."""
+    out: list[dict[str, Any]] = []
+    for name, inst in instance_items(host):
+        if is_primary(host, inst):
+            reg = inst.registry
+            out += [_with_file(m, name) for m in (reg.ps() if reg is not None else [])]
+        elif children is not None and getattr(inst, "state", None) == "running":
+            cached = children.get(name)
+            out += [_with_file(m, name) for m in (cached["models"] if cached else [])]
     return out
 
 
-def status(host: Any, *, monitor_clients: int = 0) -> dict[str, Any]:
-    """Everything the Status page shows; JSON-safe."""
+def _instance_view(host: Any, name: str, inst: Any, children: ChildPoller | None) -> dict[str, Any]:
+    """One instance's card: its snapshot plus colour, address, devices, queue, requests."""
+    snap = dict(inst.snapshot())
+    iset = getattr(inst, "settings", None) or host.settings
+    state = snap.get("state", "stopped")
+    view = {
+        **snap,
+        "name": name,
+        "instance": snap.get("instance") or name,
+        "primary": is_primary(host, inst),
+        "service": snap.get("service") or iset.service,
+        "devices": snap.get("devices") or {"vae": iset.vae_device, "clip": iset.clip_device},
+        "colour": STATE_COLOURS.get(state, "gray"),
+        # Port 0 in the config is "a free port": there is no address until it runs.
+        "address": f"{snap.get('host', iset.host)}:{snap['port']}" if snap.get("port") else "",
+        "log_file": log_file_of(host, name, inst),
+    }
+    if view["primary"]:
+        reg, svc = inst.registry, inst.service
+        view["queue"] = sum(e.executor.depth for e in reg.entries()) if reg is not None else 0
+        view["requests"] = svc.stats.snapshot() if svc is not None else _NO_REQUESTS
+    else:
+        # The poller's answer first: the card's counts then match /api/models (the same
+        # fetch round); the supervisor's heartbeat numbers in the snapshot until then.
+        cached = children.get(name) if children is not None else None
+        st = cached["status"] if cached else {}
+        view["requests"] = st.get("requests") or _NO_REQUESTS
+        for key in ("models", "clients", "in_flight", "queue"):
+            value = st.get(key) if state == "running" and cached else view.get(key)
+            view[key] = value if isinstance(value, int) and state == "running" else 0
+    return view
+
+
+_NO_REQUESTS = {"total": 0, "errors": 0, "per_minute": 0, "by_op": {}}
+
+
+def instances(host: Any, children: ChildPoller | None = None) -> list[dict[str, Any]]:
+    """One card per instance (config order, primary first)."""
+    return [_instance_view(host, n, i, children) for n, i in instance_items(host)]
+
+
+def status(host: Any, *, monitor_clients: int = 0, children: ChildPoller | None = None) -> dict[str, Any]:
+    """Everything the Status page shows; JSON-safe. The top-level fields are the
+    primary's (as before instances existed); ``instances`` has one card per instance and
+    ``overall`` the host's worst state (``Host.overall_state``) with its colour."""
     d = host.daemon
     snap = d.snapshot()
     reg, svc, lora = d.registry, d.service, d.lora_cache
@@ -86,8 +138,9 @@ def status(host: Any, *, monitor_clients: int = 0) -> dict[str, Any]:
     devs = []
     for dev in devices():
         devs.append({"name": dev, **device_memory(dev), "models_bytes": by_dev.get(dev, 0)})
-    requests = svc.stats.snapshot() if svc is not None else {"total": 0, "errors": 0, "per_minute": 0, "by_op": {}}
+    requests = svc.stats.snapshot() if svc is not None else dict(_NO_REQUESTS)
     state = snap["state"]
+    overall = overall_state(host)
     return {
         **snap,
         "colour": STATE_COLOURS.get(state, "gray"),
@@ -104,4 +157,7 @@ def status(host: Any, *, monitor_clients: int = 0) -> dict[str, Any]:
         "log_file": str(host.settings.log_file),
         "config_file": host.settings.config_file,
         "time": time.time(),
+        "instances": instances(host, children),
+        "overall": overall,
+        "overall_colour": STATE_COLOURS.get(overall, "gray"),
     }

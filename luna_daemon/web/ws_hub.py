@@ -30,6 +30,7 @@ from luna_daemon.logs import RateLimitedLog
 from luna_daemon.web import settings_io, views
 from luna_daemon.web.auth import Gate, token_matches
 from luna_daemon.web.common import PAGES, one_line, to_json
+from luna_daemon.web.instances import ChildPoller, find, instance_items, is_primary, overall_state
 
 log = logging.getLogger("luna_daemon.web.monitor")
 
@@ -133,8 +134,10 @@ def _reply(mid: Any, *, result: Any = None, error: tuple[str, str] | None = None
 class WsHub:
     """Every dashboard connection of one monitor; see the module docstring."""
 
-    def __init__(self, host: Any, gate: Gate, refusals: RateLimitedLog, *, queue_limit: int = QUEUE_LIMIT):
+    def __init__(self, host: Any, gate: Gate, refusals: RateLimitedLog, *, queue_limit: int = QUEUE_LIMIT,
+                 children: ChildPoller | None = None):
         self.host = host
+        self.children = children
         self.settings = host.settings
         self.gate = gate
         self.refusals = refusals
@@ -154,6 +157,8 @@ class WsHub:
     # ------------------------------------------------------------ event fan-out
     def on_event(self, event: Any) -> None:
         """EventBus subscriber: runs on the emitting (daemon) thread; never blocks."""
+        if event.type == "state" and self.children is not None:
+            self.children.poke()  # a child started or stopped: its card's numbers follow soon
         if not self._clients:
             return
         with self._lock:
@@ -176,14 +181,17 @@ class WsHub:
                 c.poke()
 
     def _status(self) -> dict[str, Any]:
-        return views.status(self.host, monitor_clients=len(self._clients))
+        return views.status(self.host, monitor_clients=len(self._clients), children=self.children)
+
+    def _models(self) -> list[dict[str, Any]]:
+        return views.models(self.host, self.children)
 
     def _snapshot(self, seq: int, reason: str, client: _Client, dropped: int = 0) -> dict[str, Any]:
         return {
             "type": "snapshot", "seq": seq, "reason": reason, "dropped": dropped,
             "authenticated": client.authed,
             "status": self._status(),
-            "models": views.models(self.host),
+            "models": self._models(),
             "logs": self.host.log_tail.since(0, SNAPSHOT_LOG_LINES) if client.authed else [],
             "settings": settings_io.describe(self.settings, views.devices()),
             "pages": list(PAGES),
@@ -252,7 +260,7 @@ class WsHub:
                     refresh = refresh or name in _REFRESH_ON
                 now = loop.time()
                 if (refresh and now - last_status >= REFRESH_MIN_INTERVAL) or now - last_status >= TICK:
-                    await c.ws.send(to_json({"type": "status", "status": self._status(), "models": views.models(self.host)}))
+                    await c.ws.send(to_json({"type": "status", "status": self._status(), "models": self._models()}))
                     last_status = now
                 elif refresh:
                     # Too soon after the last push: make sure the next wait ends in time.
@@ -362,39 +370,119 @@ class WsHub:
                     other.poke()
 
     def _do_control(self, kind: str, msg: dict[str, Any]) -> Any:
-        """Runs on a worker thread (daemon start/stop/unload may take seconds)."""
+        """Runs on a worker thread (daemon start/stop/unload may take seconds). ``instance``
+        names one instance; without it start/stop/restart/unload act on every instance."""
         from luna_daemon.daemon import DaemonStartError
         from luna_daemon.protocol import LunaError
 
-        d = self.host.daemon
         model = msg.get("model")
-        log.info("dashboard: %s%s", kind, f" {model[:200]}" if isinstance(model, str) and model else "")
+        if kind == "save_settings":
+            log.info("dashboard: %s", kind)
+            return settings_io.save(self.settings, msg.get("values"), views.devices())
+        targets = self._targets(msg)
+        one = "instance" in msg
+        log.info("dashboard: %s%s%s", kind, f" {model[:200]}" if isinstance(model, str) and model else "",
+                 f" (instance {targets[0][0]})" if one else "")
         try:
             if kind == "start":
-                d.start()
-                return {"state": d.state}
+                return self._start(targets)
             if kind == "stop":
-                return {"clean": d.stop(), "state": d.state}
+                clean = self._stop(targets, one)
+                return {"clean": clean, **self._states(targets)}
             if kind == "restart":
-                clean = d.stop()
-                d.start()
-                return {"clean": clean, "state": d.state}
+                clean = self._stop(targets, one)
+                return {"clean": clean, **self._start(targets)}
             if kind == "unload":
-                reg = d.registry
-                if reg is None:
-                    raise _ControlError("not_running", "the daemon is not running; nothing is loaded")
-                if msg.get("all") is True:
-                    return {"unloaded": reg.unload_all()}
-                if not isinstance(model, str) or not model:
-                    raise _ControlError("bad_args", "unload needs a model id (or all: true)")
-                return {"unloaded": [reg.unload(model)]}
-            if kind == "save_settings":
-                return settings_io.save(self.settings, msg.get("values"), views.devices())
+                return self._unload(targets, msg, model)
         except DaemonStartError as exc:
             raise _ControlError("start_failed", f"daemon failed to start: {exc}") from None
         except LunaError as exc:
             raise _ControlError(exc.code, exc.message) from None
         raise _ControlError("unknown_type", kind)
+
+    def _targets(self, msg: dict[str, Any]) -> list[tuple[str, Any]]:
+        if "instance" not in msg:
+            return instance_items(self.host)
+        name = msg["instance"]
+        if not isinstance(name, str):
+            raise _ControlError("bad_args", '"instance" must be an instance name (a string), or left out for all')
+        try:
+            return [find(self.host, name)]
+        except ValueError as exc:
+            raise _ControlError("bad_args", str(exc)) from None
+
+    def _states(self, targets: list[tuple[str, Any]]) -> dict[str, Any]:
+        """``state`` (the one target's, or the host's overall state) and ``states`` per instance."""
+        states = {n: i.state for n, i in targets}
+        state = next(iter(states.values())) if len(targets) == 1 else overall_state(self.host)
+        return {"state": state, "states": states}
+
+    def _start(self, targets: list[tuple[str, Any]]) -> dict[str, Any]:
+        from luna_daemon.daemon import DaemonStartError
+
+        if len(targets) == 1:
+            name, inst = targets[0]
+            try:
+                inst.start()
+            except DaemonStartError as exc:
+                if len(instance_items(self.host)) == 1:
+                    raise  # one daemon: the message it always had
+                raise _ControlError("start_failed", f"instance {name!r} failed to start: {exc}") from None
+        else:
+            # Host.start_all: primary first, then the children; one failing does not keep
+            # the others from starting, and the error names each one that failed.
+            failed = self.host.start_all()
+            if failed:
+                raise _ControlError("start_failed", "; ".join(f"instance {n!r} failed to start: {why}"
+                                                              for n, why in failed.items()))
+        return self._states(targets)
+
+    def _stop(self, targets: list[tuple[str, Any]], one: bool) -> bool:
+        if one:
+            return bool(targets[0][1].stop())
+        return bool(self.host.stop_all())  # all at once, each with its bounded clean stop
+
+    def _unload(self, targets: list[tuple[str, Any]], msg: dict[str, Any], model: Any) -> dict[str, Any]:
+        everything = msg.get("all") is True
+        if not everything and (not isinstance(model, str) or not model):
+            raise _ControlError("bad_args", "unload needs a model id (or all: true)")
+        running = [(n, i) for n, i in targets if i.state == "running"]
+        if not running:
+            what = f"instance {targets[0][0]!r} is" if len(targets) == 1 else "no instance is"
+            raise _ControlError("not_running", f"{what} not running; nothing is loaded")
+        if not everything and len(running) > 1:
+            # A model id belongs to one instance; ask the one that has it (or the primary).
+            owner = next((n for n, _ in running if any(m.get("id") == model and m.get("instance") == n
+                                                         for m in views.models(self.host, self.children))), None)
+            running = [t for t in running if t[0] == owner] or running[:1]
+        out: list[dict[str, Any]] = []
+        for name, inst in running:
+            got = self._unload_one(name, inst, model if not everything else None)
+            out += [{**u, "instance": name} for u in got]
+        if self.children is not None:
+            self.children.poke()
+        return {"unloaded": out}
+
+    def _unload_one(self, name: str, inst: Any, model: str | None) -> list[dict[str, Any]]:
+        if is_primary(self.host, inst):
+            reg = inst.registry
+            if reg is None:
+                raise _ControlError("not_running", "the daemon is not running; nothing is loaded")
+            return reg.unload_all() if model is None else [reg.unload(model)]
+        # A child: the same unload op any client sends, on a supervisor connection (not
+        # counted as client traffic), bounded by the child's own stop timeout.
+        from luna_daemon.client import DaemonClient, DaemonError, DaemonUnavailable
+
+        host, port = inst.address
+        token = getattr(inst, "token", None) or self.host.daemon.token
+        timeout = float(getattr(getattr(inst, "settings", None), "stop_timeout", 10.0)) + 5.0
+        with DaemonClient(host, port, token=token, timeout=timeout, connect_timeout=5.0, supervisor=True, shm=False) as c:
+            try:
+                return c.unload(model, all=model is None)
+            except DaemonUnavailable as exc:
+                raise _ControlError("unavailable", f"instance {name!r} did not answer: {exc}") from None
+            except DaemonError as exc:
+                raise _ControlError(exc.code, exc.message) from None
 
 
 async def _in_thread(fn: Callable[[], Any]) -> Any:

@@ -17,6 +17,7 @@
     status: null, models: [], loading: new Map(), logs: [], lastLogSeq: 0,
     paused: false, unseen: 0, settings: null, original: {}, nextId: 1, pending: new Map(),
     retry: 500, warnings: [], loginSecret: null, snapshots: 0,
+    cards: new Map(), instMsg: new Map(),
   };
   window.lunaDashboard = st; // for debugging (and the browser tests) only
 
@@ -153,9 +154,18 @@
     const d = m.data || {};
     switch (m.name) {
       case "log": addLine(fromLogRecord(d.line)); break;
-      case "state":
-        if (st.status) { st.status.state = d.state; st.status.detail = d.detail || ""; st.status.colour = COLOURS[d.state]; renderStatus(); }
+      case "state": {
+        const s = st.status;
+        if (!s) break;
+        // An event without "instance" (an older host) is the primary's.
+        const name = d.instance || primaryName();
+        const inst = (s.instances || []).find((i) => i.name === name);
+        if (inst) { inst.state = d.state; inst.detail = d.detail || ""; inst.colour = COLOURS[d.state]; }
+        if (!inst || inst.primary) { s.state = d.state; s.detail = d.detail || ""; s.colour = COLOURS[d.state]; }
+        s.overall = overallState(s);
+        renderStatus();
         break;
+      }
       case "model_loading":
         st.loading.set(d.model, { ...d, since: m.time });
         renderLoading();
@@ -180,7 +190,8 @@
         if (st.status && typeof d.clients === "number") { st.status.clients = d.clients; renderStatus(); }
         break;
       case "warning":
-        st.warnings.unshift({ time: m.time, message: d.message || JSON.stringify(d), level: d.level || "warning" });
+        st.warnings.unshift({ time: m.time, level: d.level || "warning",
+          message: (d.instance && multi() ? `[${d.instance}] ` : "") + (d.message || JSON.stringify(d)) });
         st.warnings.length = Math.min(st.warnings.length, 20);
         renderWarnings();
         break;
@@ -225,16 +236,101 @@
     }
     b.hidden = !s.config_error && !waiting.length;
   }
+  // ------------------------------------------------------------------ instances
+  const instances = () => (st.status && st.status.instances) || [];
+  const multi = () => instances().length > 1;
+  function primaryName() { const p = instances().find((i) => i.primary); return p ? p.name : "main"; }
+  // Host.overall_state's rule (daemon.overall_state): the worst state wins; a mix of
+  // running and stopped (some stopped on purpose) counts as running.
+  function overallState(s) {
+    const states = (s.instances || []).map((i) => i.state);
+    if (!states.length) return s.state;
+    if (states.includes("error")) return "error";
+    if (states.some((x) => x === "starting" || x === "stopping")) return "starting";
+    if (states.every((x) => x === "stopped")) return "stopped";
+    return "running";
+  }
+  function instanceCard(name) {
+    let c = st.cards.get(name);
+    if (c) return c;
+    const dot = el("span", { class: "dot gray" });
+    const state = el("span", { dataset: { testid: "instance-state" } }, "—");
+    const detail = el("div", { class: "detail" });
+    const kv = el("dl", { class: "kv" });
+    const msg = el("div", { class: "msg", dataset: { testid: "instance-msg" } });
+    const btn = (label, kind) => {
+      const b = el("button", { type: "button", textContent: label, dataset: { testid: `instance-${kind}` } });
+      b.addEventListener("click", () => instanceAction(name, kind));
+      return b;
+    };
+    const start = btn("Start", "start"), stop = btn("Stop", "stop"), unload = btn("Unload", "unload");
+    const title = el("h2", {}, name);
+    const root = el("div", { class: "card instance-card", dataset: { instance: name, testid: "instance-card" } },
+      title, el("div", { class: "inst-state" }, dot, state), detail, kv,
+      el("div", { class: "buttons" }, start, stop, unload), msg);
+    c = { root, title, dot, state, detail, kv, msg, start, stop, unload };
+    st.cards.set(name, c);
+    return c;
+  }
+  function renderInstances(s) {
+    const list = s.instances || [];
+    const box = $("instances");
+    box.hidden = list.length <= 1; // one instance: the page looks as it always did
+    if (box.hidden) return;
+    const offline = !st.ws;
+    const why = st.authed ? "" : "read-only: run `luna-daemon dashboard` (or use the tray's Open Dashboard)";
+    const cards = list.map((i) => {
+      const c = instanceCard(i.name);
+      c.title.textContent = i.name + (i.primary ? " (primary)" : "");
+      c.dot.className = "dot " + (COLOURS[i.state] || "gray");
+      c.state.textContent = i.state; // the colour is never the only sign
+      c.detail.textContent = i.detail || "";
+      // The devices this instance uses: a VAE-only instance has no CLIP device to show.
+      const devs = Object.entries(i.devices || {}).filter(([k]) => !i.service || i.service === "full" || i.service === k);
+      const rows = [["Service", i.service], ["Devices", devs.map(([k, v]) => `${k}: ${v}`).join(" · ") || "—"],
+        ["Address", i.address || "— (a free port once started)"], ["Models", i.models ?? 0], ["Queue", i.queue ?? 0],
+        ["Clients", i.clients ?? 0]];
+      if (!i.primary && i.restarts) rows.push(["Restarts", i.restarts]);
+      c.kv.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { dataset: { field: k.toLowerCase() } }, v)]));
+      for (const [b, ok] of [[c.start, i.state === "stopped" || i.state === "error"],
+        [c.stop, i.state === "running" || i.state === "starting"], [c.unload, i.state === "running" && (i.models || 0) > 0]]) {
+        b.disabled = offline || !st.authed || !ok; b.title = why;
+      }
+      const m = st.instMsg.get(i.name);
+      c.msg.textContent = m ? m.text : ""; c.msg.className = "msg" + (m && m.kind ? " " + m.kind : "");
+      return c.root;
+    });
+    // Keep the nodes (a click in flight stays on its button); only reorder / drop.
+    if (cards.length !== box.childElementCount || cards.some((c, n) => box.children[n] !== c)) box.replaceChildren(...cards);
+  }
+  async function instanceAction(name, kind) {
+    const say = (text, k = "") => { st.instMsg.set(name, { text, kind: k }); if (st.status) renderInstances(st.status); };
+    say(`${kind}…`);
+    const r = await request(kind === "unload" ? { type: "unload", all: true, instance: name } : { type: kind, instance: name });
+    if (!r.ok) say(`${kind} failed: ${r.error.message}`, "error");
+    else if (kind === "unload") say(`unloaded ${r.result.unloaded.length} model(s)`, "ok");
+    else say(`${kind}: done (${r.result.state})`, "ok");
+    return r;
+  }
+
   function renderStatus() {
     const s = st.status;
     if (!s) return;
-    const colour = COLOURS[s.state] || "gray";
+    const overall = s.overall || s.state;
+    const colour = COLOURS[overall] || "gray";
     setDot("state-dot", colour); setDot("status-dot", colour);
-    $("state-label").textContent = s.state;
-    $("status-state").textContent = s.state;
-    $("status-detail").textContent = s.detail || "";
+    $("state-label").textContent = overall;
+    $("status-state").textContent = overall;
+    $("status-detail").textContent = multi()
+      ? instances().filter((i) => i.state !== "running").map((i) => `${i.name}: ${i.state}${i.detail ? " (" + i.detail + ")" : ""}`).join(" · ")
+      : s.detail || "";
+    $("status-title").textContent = multi() ? "All instances" : "Daemon";
+    $("overview-title").textContent = multi() ? `Overview (${primaryName()})` : "Overview";
+    $("traffic-title").textContent = multi() ? `Traffic (${primaryName()})` : "Traffic";
     renderConfigBanner(s);
-    document.title = `Luna Daemon — ${s.state}`;
+    renderInstances(s);
+    renderLogInstances();
+    document.title = `Luna Daemon — ${overall}`;
     $("st-uptime").textContent = s.state === "running" ? fmtDuration(s.uptime) : "—";
     $("st-engine").textContent = s.engine || `${s.engine_setting} (not started)`;
     $("st-address").textContent = `${s.host}:${s.port}`;
@@ -262,9 +358,11 @@
     const offline = !st.ws;
     const why = st.authed ? "" : "read-only: run `luna-daemon dashboard` (or use the tray's Open Dashboard)";
     const set = (id, enabled) => { const b = $(id); b.disabled = offline || !st.authed || !enabled; b.title = why; };
-    set("btn-start", s.state === "stopped" || s.state === "error");
-    set("btn-stop", s.state === "running" || s.state === "starting");
-    set("btn-restart", s.state === "running");
+    // Start / Stop / Restart act on every instance: enabled while any one could use them.
+    const states = instances().length ? instances().map((i) => i.state) : [s.state];
+    set("btn-start", states.some((x) => x === "stopped" || x === "error"));
+    set("btn-stop", states.some((x) => x === "running" || x === "starting"));
+    set("btn-restart", states.some((x) => x === "running"));
   }
   function renderWarnings() {
     const items = st.warnings.map((w) => el("li", {}, `${fmtTime(w.time)} ${w.message}`));
@@ -284,15 +382,16 @@
     const rows = st.models.map((m) => {
       const btn = el("button", { type: "button", class: "danger", textContent: "Unload", disabled: !st.authed,
         dataset: { model: m.id, testid: "unload" } });
-      btn.addEventListener("click", () => unload(m.id, btn));
+      btn.addEventListener("click", () => unload(m.id, btn, m.instance));
       const expires = m.expires_at ? (m.expires_at > t ? `in ${fmtDuration(m.expires_at - t)}` : "now") : "never";
       return el("tr", { dataset: { model: m.id } },
-        el("td", {}, m.kind), el("td", { title: (m.paths || []).join("\n") }, m.file),
+        el("td", { class: "inst-col" }, m.instance || ""), el("td", {}, m.kind), el("td", { title: (m.paths || []).join("\n") }, m.file),
         el("td", {}, m.device), el("td", {}, m.dtype), el("td", { class: "num" }, fmtBytes(m.bytes)),
         el("td", {}, `${fmtDuration(t - m.last_used)} ago`), el("td", {}, expires),
         el("td", { class: "num" }, m.users), el("td", {}, btn));
     });
     $("models-body").replaceChildren(...rows);
+    $("models-table").classList.toggle("single", !multi());
     $("models-empty").hidden = st.models.length > 0 || st.loading.size > 0;
   }
   function renderLoading() {
@@ -301,24 +400,39 @@
       if (d.progress > 0) bar.value = d.progress; // no value = indeterminate
       const file = (d.paths && d.paths[0] || "").split(/[\\/]/).pop();
       return el("tr", { class: "loading", dataset: { loading: d.model } },
-        el("td", {}, d.kind || ""), el("td", {}, file), el("td", { colSpan: 5 }, bar, " loading…"), el("td", {}), el("td", {}));
+        el("td", { class: "inst-col" }, d.instance || primaryName()), el("td", {}, d.kind || ""), el("td", {}, file), el("td", { colSpan: 5 }, bar, " loading…"), el("td", {}), el("td", {}));
     });
     $("loading-body").replaceChildren(...rows);
     $("models-empty").hidden = st.models.length > 0 || st.loading.size > 0;
   }
-  async function unload(id, btn) {
+  async function unload(id, btn, instance) {
     if (btn) btn.disabled = true;
     showMsg("models-msg", "unloading…");
-    const r = await request({ type: "unload", model: id });
+    const r = await request(instance && multi() ? { type: "unload", model: id, instance } : { type: "unload", model: id });
     if (r.ok) showMsg("models-msg", `unloaded ${r.result.unloaded.map((u) => u.paths[0].split(/[\\/]/).pop()).join(", ")}`, "ok");
     else { showMsg("models-msg", `unload failed: ${r.error.message}`, "error"); if (btn) btn.disabled = false; }
   }
 
   // ------------------------------------------------------------------ logs page
   function fromLogRecord(line) {
-    return { level: line.level, time: line.time, logger: line.logger, message: line.message, seq: line.seq };
+    return { level: line.level, time: line.time, logger: line.logger, message: line.message, seq: line.seq,
+      instance: line.instance || primaryName() };
   }
-  function formatLine(l) { return `${fmtTime(l.time)} ${l.level.padEnd(7)} ${l.logger}: ${l.message}`; }
+  function formatLine(l) {
+    const who = multi() ? `[${l.instance || primaryName()}] ` : "";
+    return `${fmtTime(l.time)} ${l.level.padEnd(7)} ${who}${l.logger}: ${l.message}`;
+  }
+  // The instance filter: shown with more than one instance; its options follow the config.
+  function renderLogInstances() {
+    const sel = $("log-instance");
+    const names = instances().map((i) => i.name);
+    $("log-instance-label").hidden = names.length <= 1;
+    const have = [...sel.options].slice(1).map((o) => o.value);
+    if (have.join("\n") === names.join("\n")) return;
+    const cur = sel.value;
+    sel.replaceChildren(el("option", { value: "" }, "all instances"), ...names.map((n) => el("option", { value: n }, n)));
+    sel.value = names.includes(cur) ? cur : "";
+  }
   function pushLog(l) {
     if (l.seq) {
       if (l.seq <= st.lastLogSeq) return false; // already shown via the snapshot
@@ -331,6 +445,8 @@
   }
   function visible(l) {
     if (l.activity && !$("log-activity").checked) return false;
+    const only = $("log-instance").value;
+    if (only && (l.instance || primaryName()) !== only) return false;
     if ((RANK[l.level] || 20) < RANK[$("log-level").value]) return false;
     const q = $("log-search").value.trim().toLowerCase();
     return !q || l.text.toLowerCase().includes(q);
@@ -462,10 +578,11 @@
     // it with the header, then save the bytes (no cookie that other ports could see).
     showMsg("log-msg", "downloading…");
     try {
-      const r = await fetch("/api/logfile", { headers: { "X-Luna-Session": sessionStorage.getItem(SESSION_KEY) || "" }, cache: "no-store" });
+      const only = $("log-instance").value;
+      const r = await fetch("/api/logfile" + (only ? "?instance=" + encodeURIComponent(only) : ""), { headers: { "X-Luna-Session": sessionStorage.getItem(SESSION_KEY) || "" }, cache: "no-store" });
       if (!r.ok) throw new Error(`${r.status}: ${(await r.text()).trim()}`);
       const url = URL.createObjectURL(await r.blob());
-      const a = el("a", { href: url, download: "luna-daemon.log", hidden: true });
+      const a = el("a", { href: url, download: only && only !== primaryName() ? `luna-daemon-${only}.log` : "luna-daemon.log", hidden: true });
       document.body.append(a); a.click(); a.remove();
       setTimeout(() => URL.revokeObjectURL(url), 60000);
       showMsg("log-msg", "");
@@ -492,7 +609,7 @@
       const r = await request({ type: "unload", all: true });
       showMsg("models-msg", r.ok ? `unloaded ${r.result.unloaded.length} model(s)` : `unload failed: ${r.error.message}`, r.ok ? "ok" : "error");
     });
-    for (const id of ["log-level", "log-activity"]) $(id).addEventListener("change", renderLogs);
+    for (const id of ["log-level", "log-activity", "log-instance"]) $(id).addEventListener("change", renderLogs);
     $("log-search").addEventListener("input", renderLogs);
     $("log-pause").addEventListener("click", () => {
       st.paused = !st.paused;
