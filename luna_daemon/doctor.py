@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from luna_daemon.instance import who_holds_lock
+from luna_daemon.instances import instance_specs
 from luna_daemon.netutil import port_holder
 from luna_daemon.protocol import LunaError
 from luna_daemon.settings import CONFIG_FILE, Settings, SettingsError, read_token
@@ -72,6 +73,8 @@ class _Doctor:
                     self.error_source = "LUNA_* variables or flags"
                     settings = Settings.load(absent, env={k: v for k, v in os.environ.items() if k == "LUNA_HOME"})
         self.s = settings
+        # The primary (the first [[instances]] table, or the one daemon) and the others.
+        self.specs = instance_specs(settings)
         self.luna_pid: int | None = None  # the Luna host holding the lock, if any
         self.hello: dict[str, Any] | None = None  # the running daemon's hello answer
         self.comfy_root: Path | None = None
@@ -104,30 +107,56 @@ class _Doctor:
                         "the tray and 'serve' refuse to start", f"stop that program, or set {_where('lock_port')}")]
 
     def daemon_port(self) -> list[Finding]:
+        findings, self.hello = self._probe("daemon port", "", self.specs[0].port, f"set {_where('port')}")
+        return findings
+
+    def instances(self) -> list[Finding]:
+        """Each further ``[[instances]]`` table: who holds its port, does it answer (hello
+        and ping), is it the instance the table names."""
+        out: list[Finding] = []
+        for spec in self.specs[1:]:
+            if spec.port == 0:  # a free port at each start: nothing to look at beforehand
+                out.append(Finding("instance", OK, f"{spec.name} (service {spec.service}): port 0, a free port at "
+                                   "each start ('luna-daemon status' shows the one it has)"))
+                continue
+            fix = f"set port in the [[instances]] table named {spec.name!r} (config.toml)"
+            found, hello = self._probe("instance", f"{spec.name} (service {spec.service}): ", spec.port, fix)
+            if hello is not None and hello.get("instance") not in (None, spec.name):
+                found = [Finding("instance", WARN, f"{spec.name}: port {spec.port} answers as instance "
+                                 f"{hello.get('instance')!r}: the running host was started with another config.toml",
+                                 "restart the tray / serve with this config, or run this command with that one")]
+            out += found
+        return out
+
+    def _probe(self, check: str, label: str, port: int, fix: str) -> tuple[list[Finding], dict[str, Any] | None]:
+        """Findings about one daemon port (who holds it, whether a Luna daemon answers hello
+        and ping there) and its hello answer (None when none came)."""
         from luna_daemon.client import DaemonClient, DaemonError, DaemonUnavailable, NotLunaDaemon
 
-        port = self.s.port
         try:
             with DaemonClient(self.s.host, port, token="", connect_timeout=HELLO_S) as c:
-                self.hello = c.verify(HELLO_S)
+                hello = c.verify(HELLO_S)
+                c.call("ping", timeout=HELLO_S)
         except NotLunaDaemon:
             holder = port_holder(port)
             if holder is not None and holder.is_luna:
-                return [Finding("daemon port", FAIL, f"port {port} is held by a Luna process, {holder}, that does not "
-                                f"answer hello within {HELLO_S:g} s", "see 'luna-daemon logs'; restart it")]
-            return [Finding("daemon port", FAIL, f"port {port} is held by {holder or 'another program'}, "
-                            "which does not answer as a Luna daemon", f"stop that program, or set {_where('port')}")]
+                return [Finding(check, FAIL, f"{label}port {port} is held by a Luna process, {holder}, that does not "
+                                f"answer hello within {HELLO_S:g} s", "see 'luna-daemon logs'; restart it")], None
+            return [Finding(check, FAIL, f"{label}port {port} is held by {holder or 'another program'}, "
+                            "which does not answer as a Luna daemon", f"stop that program, or {fix}")], None
         except DaemonUnavailable:
             if self.luna_pid is not None:
-                return [Finding("daemon port", WARN, f"port {port} is free: the Luna host (pid {self.luna_pid}) runs "
-                                "but its daemon is stopped or failed", "Start Daemon in the tray menu; reasons in 'luna-daemon logs'")]
-            return [Finding("daemon port", OK, f"port {port} is free: no daemon runs (start it with the tray app "
-                            "or 'luna-daemon serve')")]
+                what = "its daemon is stopped or failed" if not label else "this instance is stopped or failed"
+                return [Finding(check, WARN, f"{label}port {port} is free: the Luna host (pid {self.luna_pid}) runs "
+                                f"but {what}", "Start Daemon in the tray menu; reasons in 'luna-daemon status' "
+                                "and 'luna-daemon logs'")], None
+            return [Finding(check, OK, f"{label}port {port} is free: no daemon runs (start it with the tray app "
+                            "or 'luna-daemon serve')")], None
         except DaemonError as exc:
-            return [Finding("daemon port", WARN, f"a Luna daemon on port {port} answered {exc.code}: {exc.message}")]
-        h = self.hello
-        return [Finding("daemon port", OK, f"Luna Daemon {h.get('daemon')} answers on port {port} "
-                        f"(engine {h.get('engine')}, service {h.get('service')}, devices {', '.join(h.get('devices') or [])})")]
+            return [Finding(check, WARN, f"{label}a Luna daemon on port {port} answered {exc.code}: {exc.message}")], None
+        h = hello
+        return [Finding(check, OK, f"{label}Luna Daemon {h.get('daemon')} answers on port {port} "
+                        f"(engine {h.get('engine')}, service {h.get('service')}, devices {', '.join(h.get('devices') or [])})")], h
 
     def monitor_port(self) -> list[Finding]:
         port = self.s.monitor_port
@@ -164,11 +193,11 @@ class _Doctor:
             from luna_daemon.client import DaemonClient, DaemonError, DaemonUnavailable
 
             try:
-                with DaemonClient(self.s.host, self.s.port, token=text, timeout=10, connect_timeout=HELLO_S) as c:
+                with DaemonClient(self.s.host, self.specs[0].port, token=text, timeout=10, connect_timeout=HELLO_S) as c:
                     c.ps()
             except DaemonError as exc:
                 if exc.code == "unauthorized":
-                    return out + [Finding("token", FAIL, f"the daemon on port {self.s.port} refuses the token in {path}",
+                    return out + [Finding("token", FAIL, f"the daemon on port {self.specs[0].port} refuses the token in {path}",
                                           "run the CLI / ComfyUI with the same LUNA_HOME (config dir) as the daemon")]
             except DaemonUnavailable:
                 pass  # it stopped meanwhile; the daemon check said what it saw
@@ -267,7 +296,7 @@ def run_checks(settings: Settings | None, error: SettingsError | None = None, *,
     (reported as the first finding; the rest run on the defaults)."""
     doc = _Doctor(settings, error, config_file)
     checks: list[Callable[[], list[Finding]]] = [
-        doc.config, doc.lock, doc.daemon_port, doc.monitor_port, doc.token, doc.comfyui, doc.engine,
+        doc.config, doc.lock, doc.daemon_port, doc.instances, doc.monitor_port, doc.token, doc.comfyui, doc.engine,
     ]
     if devices:
         checks.append(doc.devices)

@@ -1,4 +1,4 @@
-"""The shipped transport benchmark runs end to end and reports what it claims.
+"""The shipped transport and instances benchmarks run end to end and report what they claim.
 
 No timing is asserted (the machine is noisy): these tests check that every measurement
 is made against a real daemon process and a real raw peer, and that the placement check
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +71,31 @@ def test_transport_benchmark_runs_end_to_end():
     assert d["ratio_f_shm_over_memcpy"] == pytest.approx(d["f_shm_s"] / d["f_memcpy_s"])
     assert any("(e) shared memory" in line for line in report["lines"])
     assert any("(f) video-sized" in line for line in report["lines"])
+
+
+def test_instances_benchmark_quick_reports_both_layouts():
+    """``bench --instances --quick --json`` as a user runs it: real serve hosts (one full
+    daemon, a clip + vae host with a child process), two real client processes at once."""
+    import json
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "luna_daemon", "bench", "--instances", "--quick", "--json"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["benchmark"] == "instances" and rep["ok"] is True and (rep["seconds"], rep["rounds"]) == (1.0, 1)
+    # The fake ComfyUI of tests/ stands in for the comfy engine when no ComfyUI is configured.
+    assert set(rep["engines"]) == {"standalone", "comfy"} and rep["skipped"] == {}
+    for name, e in rep["engines"].items():
+        assert e["solo"]["vae_decodes_per_s"] > 0 and e["solo"]["clip_encodes_per_s"] > 0, name
+        for layout in ("one_daemon", "two_instances"):
+            x = e[layout]
+            assert x["vae_decodes_per_s"] > 0 and x["clip_encodes_per_s"] > 0, (name, layout)
+            assert x["aggregate"] == pytest.approx(x["vae_share_of_solo"] + x["clip_share_of_solo"])
+            assert x["vae_share_of_solo"] == pytest.approx(x["vae_decodes_per_s"] / e["solo"]["vae_decodes_per_s"])
+        [one_round] = e["rounds"]  # one round: the medians are that round's figures
+        assert {k: one_round[k] for k in ("solo", "one_daemon", "two_instances", "ratio_b_over_a")} == \
+            {k: e[k] for k in ("solo", "one_daemon", "two_instances", "ratio_b_over_a")}
+        assert e["ratio_b_over_a"] == pytest.approx(e["two_instances"]["aggregate"] / e["one_daemon"]["aggregate"])
+        assert any(line.startswith(f"[{name}] solo:") and "(b)/(a) = " in line for line in rep["lines"])
+    assert not list(Path(tempfile.gettempdir()).glob("luna-bench-instances-*"))  # its temp folders are gone

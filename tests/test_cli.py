@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -312,7 +314,8 @@ def test_light_commands_do_not_import_torch(served, model_dir, tmp_path):
     env, proc = served
     down = dict(env, LUNA_PORT=str(free_port()))
     runs = [(env, ["--version"], 0), (env, ["--help"], 0), (env, ["config", "--show"], 0), (env, ["logs"], 0),
-            (down, ["status"], 3), (env, ["status"], 0), (env, ["ps"], 0),
+            (down, ["status"], 3), (env, ["status"], 0), (env, ["ps"], 0), (env, ["status", "--instance", "main"], 0),
+            (env, ["ps", "--instance", "nope"], 2),
             (env, ["load", "vae", str(model_dir / "vae_folder")], 0), (env, ["unload", "--all"], 0),
             (env, ["doctor", "--no-devices"], 0), (env, ["dashboard", "--no-open", "--json"], 0), (env, ["stop"], 0)]
     for run_env, args, rc in runs:
@@ -330,3 +333,127 @@ def test_bench_cli_times_every_light_command():
                                    "status (nothing on the port)", "ps", "config --show"}
     assert all(v["median_s"] > 0 for v in rep["results"].values())
     assert rep["results"]["--version"]["target_s"] == 0.3 and rep["results"]["status (daemon running)"]["target_s"] == 0.5
+
+
+# ------------------------------------------------------------------ several instances ([[instances]])
+def _two_instances(env: dict, vae_port: int) -> None:
+    """config.toml of the original Luna layout: clip (the primary, on LUNA_PORT) + vae."""
+    cfg = Path(env["LUNA_HOME"]) / "config" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(f'[[instances]]\nname = "clip"\nservice = "clip"\n\n'
+                   f'[[instances]]\nname = "vae"\nservice = "vae"\nport = {vae_port}\n', encoding="utf-8")
+
+
+@contextlib.contextmanager
+def serve_two(tmp_path, model_dir, vae_port: int | None = None):
+    """A real ``serve`` host with a clip and a vae instance; yields (env, proc, vae_port).
+    Given ``vae_port`` (held by someone else), it does not wait for the vae instance."""
+    env = _env(tmp_path, model_dir)
+    wait_vae = vae_port is None
+    vae_port = vae_port or free_port()
+    _two_instances(env, vae_port)
+    proc = subprocess.Popen([sys.executable, "-m", "luna_daemon", "serve", "--no-monitor"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_daemon("127.0.0.1", int(env["LUNA_PORT"]), 90, proc=proc)
+        if wait_vae:
+            wait_for_daemon("127.0.0.1", vae_port, 90, proc=proc)
+        yield env, proc, vae_port
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(60)
+        proc.stderr.close()
+
+
+def _probe_torch(env, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _PROBE, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_instances_status_ps_load_unload_stop(tmp_path, model_dir):
+    with serve_two(tmp_path, model_dir) as (env, proc, vae_port):
+        clip_port = int(env["LUNA_PORT"])
+        st = _cli(env, "status", "--json")
+        assert st.returncode == 0, st.stdout + st.stderr
+        status = json.loads(st.stdout)
+        assert [(b["name"], b["service"], b["port"], b["state"], b["primary"]) for b in status["instances"]] == [
+            ("clip", "clip", clip_port, "running", True), ("vae", "vae", vae_port, "running", False)]
+        assert status["state"] == "running" and status["instances"][1]["status"]["service"] == "vae"
+        human = _cli(env, "status").stdout
+        assert _lines_with(human, "[clip] running") and _lines_with(human, f"[vae] running  127.0.0.1:{vae_port}"), human
+        # load routes by kind; --instance forces one (the daemon then refuses what it does not serve).
+        vae = json.loads(_cli(env, "load", "vae", str(model_dir / "vae_folder"), "--json").stdout)
+        clip = json.loads(_cli(env, "load", "clip", str(model_dir / "clip_l"), "--json").stdout)
+        assert (vae["instance"], vae["kind"], clip["instance"], clip["kind"]) == ("vae", "vae", "clip", "clip")
+        wrong = _cli(env, "load", "vae", str(model_dir / "vae_file"), "--instance", "clip")
+        assert wrong.returncode == 1 and "wrong_instance" in wrong.stdout and "'vae'" in wrong.stdout, wrong.stdout
+        ps = json.loads(_cli(env, "ps", "--json").stdout)
+        assert {m["id"]: m["instance"] for m in ps} == {clip["model"]: "clip", vae["model"]: "vae"}
+        only = json.loads(_cli(env, "ps", "--json", "--instance", "vae").stdout)
+        assert [m["id"] for m in only] == [vae["model"]]
+        human = _cli(env, "ps").stdout
+        assert _lines_with(human, "[clip] 127.0.0.1") and _lines_with(human, vae["model"]), human
+        unknown = _cli(env, "status", "--instance", "nope")
+        assert unknown.returncode == 2 and "no instance named 'nope'; configured: clip, vae" in unknown.stdout
+        assert "Traceback" not in unknown.stderr
+        for args in (["status"], ["ps"], ["ps", "--instance", "vae"]):  # still torch-free with several instances
+            r = _probe_torch(env, *args)
+            assert r.returncode == 0 and r.stdout.rstrip().endswith("TORCH=False"), (args, r.stdout, r.stderr)
+        # unload without --instance looks on every instance.
+        un = _cli(env, "unload", vae["model"], "--json")
+        assert un.returncode == 0 and [(d["id"], d["instance"]) for d in json.loads(un.stdout)] == [(vae["model"], "vae")]
+        assert _cli(env, "unload", vae["model"]).returncode == 1  # gone everywhere: not_found
+        un = _cli(env, "unload", "--all", "--json")
+        assert [(d["id"], d["instance"]) for d in json.loads(un.stdout)] == [(clip["model"], "clip")]
+        # stop --instance: that one only (the host keeps it stopped, the primary serves on).
+        one = _cli(env, "stop", "--instance", "vae")
+        assert one.returncode == 0 and "instance vae" in one.stdout, one.stdout
+        deadline = time.monotonic() + 60
+        # Until the host has seen the child exit, it is down as "not answering"; then the
+        # host's reason: stopped on purpose (not restarted).
+        while not any(" — stopped" in ln for ln in _lines_with(_cli(env, "status").stdout, "[vae] down")):
+            assert time.monotonic() < deadline, "the vae instance did not stop"
+            time.sleep(0.5)
+        assert _cli(env, "status", "--instance", "clip").returncode == 0
+        # stop ends the host and so every instance.
+        stop = _cli(env, "stop")
+        assert stop.returncode == 0 and "instances clip, vae" in stop.stdout, stop.stdout
+        assert proc.wait(90) == 0
+        for port in (clip_port, vae_port):
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_a_down_instance_is_a_line_with_its_reason(tmp_path, model_dir):
+    """The vae instance's port is held by a foreign program: its child cannot start. status /
+    ps show it as down with the host's reason (no traceback), doctor names the holder."""
+    vae_port = free_port()
+    with foreign_listener("silent", vae_port) as holder, serve_two(tmp_path, model_dir, vae_port) as (env, proc, _):
+        token = (Path(env["LUNA_HOME"]) / "config" / "token").read_text().strip()
+        with DaemonClient("127.0.0.1", int(env["LUNA_PORT"]), token=token, timeout=10) as c:
+            deadline = time.monotonic() + 120
+            while next(e for e in c.hello()["instances"] if e["name"] == "vae")["state"] != "error":
+                assert time.monotonic() < deadline, "the vae instance never reported its failure"
+                time.sleep(0.5)
+        st = _cli(env, "status")
+        assert st.returncode == 0 and "Traceback" not in st.stderr, st.stdout + st.stderr
+        [line] = _lines_with(st.stdout, "[vae] down")
+        # The host's own reason (its hello map's detail), not only "connection refused".
+        reason = line.split(" — ", 1)[1]
+        assert f"127.0.0.1:{vae_port}" in line and re.match(r"(error|starting): \S", reason), line
+        assert _lines_with(st.stdout, "[clip] running")
+        blocks = json.loads(_cli(env, "status", "--json").stdout)["instances"]
+        assert blocks[1]["name"] == "vae" and blocks[1]["down"] and "status" not in blocks[1]
+        one = _cli(env, "status", "--instance", "vae")
+        assert one.returncode == 3 and "[vae] down" in one.stdout and "Traceback" not in one.stderr
+        ps = _cli(env, "ps")
+        assert ps.returncode == 0 and _lines_with(ps.stdout, "[vae] down"), ps.stdout
+        load = _cli(env, "load", "vae", str(model_dir / "vae_folder"))
+        assert load.returncode == 3 and "[vae] down" in load.stdout, load.stdout
+        dr = _cli(env, "doctor", "--json", "--no-devices", timeout=120)
+        [row] = _rows(dr.stdout, "instance")
+        assert row["status"] == "fail" and f"(pid {holder.pid})" in row["finding"] and row["finding"].startswith("vae")
+        assert "[[instances]] table named 'vae'" in row["fix"]
+        assert _rows(dr.stdout, "daemon port")[0]["status"] == "ok" and dr.returncode == 1
+        proc.terminate()
+        assert proc.wait(90) == 0  # the host ends cleanly with a child that never started
