@@ -258,8 +258,12 @@ def _probe_entry(block: str = "", folder: Path = REPO, pythonpath: str = "") -> 
 
 def test_root_init_exports_mappings_and_starts_nothing():
     out = _probe_entry()
-    assert out["classes"] == ["LunaCLIPLoader", "LunaCheckpointTunnel", "LunaDaemonStatus", "LunaVAELoader"]
+    assert out["classes"] == ["LunaCLIPLoader", "LunaCheckpointTunnel", "LunaDaemonStatus", "LunaDualCLIPLoader",
+                              "LunaQuadrupleCLIPLoader", "LunaTripleCLIPLoader", "LunaVAELoader"]
     assert out["names"] == {"LunaVAELoader": "Luna VAE Loader (daemon)", "LunaCLIPLoader": "Luna CLIP Loader (daemon)",
+                            "LunaDualCLIPLoader": "Luna Dual CLIP Loader (daemon)",
+                            "LunaTripleCLIPLoader": "Luna Triple CLIP Loader (daemon)",
+                            "LunaQuadrupleCLIPLoader": "Luna Quadruple CLIP Loader (daemon)",
                             "LunaCheckpointTunnel": "Luna Checkpoint Tunnel", "LunaDaemonStatus": "Luna Daemon Status"}
     assert out["threads"] == 1 and out["sockets"] == 0
     assert not out["client_imported"] and not out["torch_imported"] and not out["comfy_imported"]
@@ -280,7 +284,7 @@ def test_root_init_through_a_symlinked_checkout_does_not_warn(tmp_path):
     link = custom_nodes / "luna-daemon"
     link.symlink_to(REPO, target_is_directory=True)
     out = _probe_entry(folder=link, pythonpath=str(REPO))  # luna_daemon imported by its real path
-    assert len(out["classes"]) == 4
+    assert len(out["classes"]) == 7
     assert not any("using the luna_daemon package installed at" in line for line in out["logs"]), out["logs"]
     elsewhere = custom_nodes / "old-copy"
     elsewhere.mkdir()
@@ -396,20 +400,21 @@ def test_video_ratio_lambdas_are_rebuilt_from_index_formulas():
     v = DaemonVAE(remote)
     assert v.downscale_index_formula == (4, 8, 8) and v.spacial_compression_encode() == 8
     assert v.downscale_ratio[0](81) == 21 and v.upscale_ratio[0](21) == 81 and v.temporal_compression_decode() == 4
-    with pytest.raises(DaemonUnsupported, match="image VAEs only"):
-        v.decode(torch.zeros(1, 16, 3, 4, 4))
+    # Video VAEs run through the proxy: tests/test_comfy_families_vae.py.
 
 
 def test_vae_unsupported_calls_say_so(vae):
     latent = torch.zeros(1, 4, 4, 4)
-    with pytest.raises(DaemonUnsupported, match="vae_options"):
-        vae.decode(latent, vae_options={"num_chunks": 2})
+    with pytest.raises(DaemonUnsupported, match="vae_options"):  # options travel only as JSON scalars
+        vae.decode(latent, vae_options={"num_chunks": [2]})
     with pytest.raises(DaemonUnsupported, match="Luna Daemon"):
         vae.get_sd()
     with pytest.raises(AttributeError, match="runs in the Luna Daemon"):
         vae.first_stage_model  # noqa: B018
     assert not hasattr(vae, "patcher")
-    with pytest.raises(DaemonUnsupported, match="4-D"):
+    with pytest.raises(DaemonUnsupported, match="3-D to 5-D"):
+        vae.encode(torch.zeros(8, 3))
+    with pytest.raises(DaemonError, match="4-D pixel"):  # the daemon checks the rank against its VAE
         vae.encode(torch.zeros(8, 8, 3))
 
 
@@ -970,9 +975,10 @@ def test_proxy_overhead_benchmark_smoke():
 
     report = proxy_overhead_benchmark(repeats=3, decode_size=64, comfyui_root=str(FAKE_ROOT))
     assert report["lines"] and all(isinstance(line, str) for line in report["lines"])
-    assert {"clip_encode", "vae_decode"} <= set(report["results"])
+    assert {"clip_encode", "vae_decode", "flux_encode", "video_vae_decode"} <= set(report["results"])  # the fake's small T5
     for result in report["results"].values():
-        assert result["proxy_ms"] > 0 and result["in_process_ms"] > 0
+        assert result["proxy_ms"] > 0 and result["in_process_ms"] > 0 and result["max_abs_diff"] <= 1e-5
+    assert report["ok"]
 
 
 # ------------------------------------------- zero-config folders, ComfyUI's warnings (issue 12)

@@ -13,6 +13,10 @@
   when several ComfyUI instances start it at once.
 * ``comfy_fallback = "local"`` is read here (:attr:`Connection.fallback_local`); the loader
   nodes act on it.
+* Multi-daemon: the loader nodes' ``instance`` input (``auto`` or an instance name from
+  ``[[instances]]``) picks the connection: :func:`get_connection` keeps one per value, each
+  with its own client made with ``DaemonClient(..., instance=...)``. ``auto`` lets the client
+  route each op to an instance that serves it.
 """
 
 from __future__ import annotations
@@ -32,12 +36,58 @@ log = logging.getLogger("luna_daemon.comfy")
 START_HINT = "start the Luna Daemon tray app (start_tray_daemon.bat / .sh) or run `luna-daemon serve`"
 LAUNCH_WAIT_S = 90.0  # a cold start imports torch and ComfyUI's comfy package
 PROGRESS_EVERY_S = 2.0  # "waiting for Luna Daemon…" lines in ComfyUI's log while it starts
+AUTO_INSTANCE = "auto"  # the loaders' default: the client routes VAE / CLIP ops itself
+MAX_INSTANCE_NAME = 64
+
+
+def instance_name(value: Any) -> str:
+    """A loader's ``instance`` input as a connection key: ``auto`` for None / "" / "auto"
+    (any case), else the name stripped. Raises TypeError / ValueError for a value that is no name."""
+    if value is None:
+        return AUTO_INSTANCE
+    if not isinstance(value, str):
+        raise TypeError(f"instance must be a string ('auto' or an instance name), got {type(value).__name__}")
+    name = value.strip()
+    if not name or name.lower() == AUTO_INSTANCE:
+        return AUTO_INSTANCE
+    if len(name) > MAX_INSTANCE_NAME or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"instance {value!r} is not an instance name: use 'auto' or the name of an [[instances]] "
+                         "table in the Luna Daemon config.toml (letters, digits, '_', '-', '.')")
+    return name
+
+
+def _client_takes_instance() -> bool:
+    import inspect
+
+    from luna_daemon.client import DaemonClient
+
+    try:
+        return "instance" in inspect.signature(DaemonClient).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def make_client(settings: Any, instance: str = AUTO_INSTANCE) -> Any:
+    """``DaemonClient.from_settings(settings, instance=instance)``. A client without the
+    ``instance`` keyword (single-daemon builds) serves ``auto`` only."""
+    from luna_daemon.client import DaemonClient
+
+    if _client_takes_instance():
+        return DaemonClient.from_settings(settings, instance=instance)
+    if instance != AUTO_INSTANCE:
+        from luna_daemon.client import DaemonError
+
+        raise DaemonError("bad_args", f"instance {instance!r}: this Luna Daemon client has no multi-daemon support; "
+                                      "set the loader's instance to 'auto'")
+    return DaemonClient.from_settings(settings)
 
 
 class Connection:
-    """Settings + one shared client. ``settings`` / ``client`` may be injected (tests, bench)."""
+    """Settings + one shared client for one ``instance`` (``auto``: the client routes).
+    ``settings`` / ``client`` may be injected (tests, bench)."""
 
-    def __init__(self, settings: Any = None, client: Any = None):
+    def __init__(self, settings: Any = None, client: Any = None, instance: str = AUTO_INSTANCE):
+        self.instance = instance_name(instance)
         self._settings = settings
         self._client = client
         self._owns_client = client is None  # an injected client is closed by whoever made it
@@ -66,9 +116,7 @@ class Connection:
         settings = self.settings
         with self._lock:
             if self._client is None:
-                from luna_daemon.client import DaemonClient
-
-                self._client = DaemonClient.from_settings(settings)
+                self._client = make_client(settings, self.instance)
             return self._client
 
     @property
@@ -330,36 +378,42 @@ def spawn_detached(command: list[str], *, output: Path | None = None, env: dict[
             sink.close()
 
 
-# ---------------------------------------------------------------------- the singleton
+# ---------------------------------------------------------------------- the connections
 
-_CONNECTION: Connection | None = None
+# One connection per ``instance`` value; "auto" is the process-wide one configure() sets.
+_CONNECTIONS: dict[str, Connection] = {}
 _CONNECTION_LOCK = threading.Lock()
 
 
-def get_connection() -> Connection:
-    """The process-wide connection (created on first use from Luna's settings)."""
-    global _CONNECTION
+def get_connection(instance: Any = AUTO_INSTANCE) -> Connection:
+    """The process-wide connection for ``instance`` (created on first use from Luna's
+    settings; a named instance reuses the settings injected into the ``auto`` one).
+    Raises TypeError / ValueError for a value that is not an instance name."""
+    key = instance_name(instance)
     with _CONNECTION_LOCK:
-        if _CONNECTION is None:
-            _CONNECTION = Connection()
-        return _CONNECTION
+        conn = _CONNECTIONS.get(key)
+        if conn is None:
+            base = _CONNECTIONS.get(AUTO_INSTANCE)
+            conn = _CONNECTIONS[key] = Connection(base._settings if base is not None else None, instance=key)
+        return conn
 
 
 def configure(settings: Any = None, client: Any = None) -> Connection:
-    """Replace the process-wide connection (tests, benchmarks, embedding hosts)."""
-    global _CONNECTION
+    """Replace the process-wide connections (tests, benchmarks, embedding hosts): the
+    ``auto`` one uses ``settings`` / ``client``; named ones are rebuilt on next use."""
     with _CONNECTION_LOCK:
-        old, _CONNECTION = _CONNECTION, Connection(settings, client)
-        new = _CONNECTION
-    if old is not None:
-        old.close()
+        old = list(_CONNECTIONS.values())
+        _CONNECTIONS.clear()
+        new = _CONNECTIONS[AUTO_INSTANCE] = Connection(settings, client)
+    for conn in old:
+        conn.close()
     return new
 
 
 def reset() -> None:
-    """Forget the process-wide connection (the next call builds a new one from settings)."""
-    global _CONNECTION
+    """Forget every connection (the next call builds new ones from settings)."""
     with _CONNECTION_LOCK:
-        old, _CONNECTION = _CONNECTION, None
-    if old is not None:
-        old.close()
+        old = list(_CONNECTIONS.values())
+        _CONNECTIONS.clear()
+    for conn in old:
+        conn.close()

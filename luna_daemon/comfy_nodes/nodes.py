@@ -1,8 +1,11 @@
 """The Luna nodes for ComfyUI (v1 node classes, category "Luna").
 
-* **Luna VAE Loader (daemon)** / **Luna CLIP Loader (daemon)**: files from ComfyUI's model
-  folders, loaded by the Luna Daemon; the outputs are proxies (``VAE`` / ``CLIP``) that the
-  stock nodes use unchanged.
+* **Luna VAE Loader (daemon)** / **Luna CLIP Loader (daemon)** and its **Dual / Triple /
+  Quadruple** siblings (ComfyUI's DualCLIPLoader, TripleCLIPLoader, QuadrupleCLIPLoader:
+  same types, same file lists): files from ComfyUI's model folders, loaded by the Luna
+  Daemon; the outputs are proxies (``VAE`` / ``CLIP``) that the stock nodes use unchanged.
+  Every loader (and the tunnel) has an optional ``instance`` input: ``auto`` (the client
+  routes VAE and CLIP ops to an instance serving them) or an ``[[instances]]`` name.
 * **Luna Checkpoint Tunnel**: MODEL passes through; the checkpoint's CLIP and VAE are
   registered with the daemon by content hash and replaced by proxies.
 * **Luna Daemon Status**: a text summary and whether the daemon runs (re-runs every time).
@@ -33,13 +36,20 @@ log = logging.getLogger("luna_daemon.comfy")
 CATEGORY = "Luna"
 DEVICES = ["default", "cpu", "cuda:0", "cuda:1", "cuda:2", "cuda:3", "mps"]
 DTYPES = ["default", "fp32", "fp16", "bf16"]
-# The daemon's clip_type names (ComfyUI's CLIPType members in lower case, plus sd1/sd2/sdxl).
-CLIP_TYPES = ["sd1", "sd2", "sdxl", "sdxl_refiner", "sd3", "flux", "stable_cascade", "stable_audio", "mochi", "ltxv",
-              "pixart", "cosmos", "lumina2", "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image",
-              "hunyuan_video", "hunyuan_image", "hunyuan_dit"]
+# The daemon's clip_type names: ComfyUI's CLIPType members in lower case (CLIPLoader's list
+# includes "stable_diffusion"), plus Luna's own sd1 / sd2 / sdxl / sdxl_refiner (older
+# workflows keep them). One file: CLIPLoader's types and the SD/SDXL ones; two files (the
+# optional clip_name2): as DualCLIPLoader.
+CLIP_TYPES = ["sd1", "sd2", "sdxl", "sdxl_refiner", "stable_diffusion", "sd3", "flux", "stable_cascade",
+              "stable_audio", "mochi", "ltxv", "pixart", "cosmos", "lumina2", "wan", "hidream", "chroma", "ace",
+              "omnigen2", "qwen_image", "hunyuan_video", "hunyuan_image", "hunyuan_dit"]
+# ComfyUI v0.3.64 DualCLIPLoader's types, in its order.
+DUAL_CLIP_TYPES = ["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"]
 NONE = "None"
 
 _DEVICE_TIP = "where the daemon runs it; default = the daemon's vae_device / clip_device setting"
+_INSTANCE_TIP = ("which Luna Daemon instance loads it: auto = the one serving this kind of model (a single daemon, or "
+                 "the [[instances]] routing), else an instance name from config.toml")
 _DTYPE_TIP = ("weight precision in the daemon; default = what this ComfyUI would use (its --fp16-vae / --bf16-vae / "
               "--fp32-vae, --fp16-text-enc ... flags and its device), else the daemon's vae_dtype / clip_dtype")
 _warned_dtypes: set[str] = set()
@@ -188,11 +198,31 @@ def _fallback_warning(conn: connection.Connection, exc: BaseException, what: str
 # ------------------------------------------------------------------------------- nodes
 
 
-# The optional inputs of both loaders.
+# The optional inputs of every loader.
+_INSTANCE_OPTION = {"instance": ("STRING", {"default": "auto", "tooltip": _INSTANCE_TIP, "advanced": True})}
 _LOAD_OPTIONS = {
     "device": (DEVICES, {"default": "default", "tooltip": _DEVICE_TIP, "advanced": True}),
     "dtype": (DTYPES, {"default": "default", "tooltip": _DTYPE_TIP, "advanced": True}),
+    **_INSTANCE_OPTION,
 }
+
+
+def _check_instance(instance: Any) -> bool | str:
+    try:
+        connection.instance_name(instance)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return True
+
+
+def _connection(instance: Any) -> connection.Connection:
+    """The connection for a node's ``instance`` input (a bad name: the typed error)."""
+    try:
+        return connection.get_connection(instance)
+    except (TypeError, ValueError) as exc:
+        from luna_daemon.client import DaemonError
+
+        raise DaemonError("bad_args", str(exc)) from None
 
 
 class LunaVAELoader:
@@ -215,14 +245,15 @@ class LunaVAELoader:
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, vae_name: str) -> bool | str:
-        return _check_file("vae", vae_name)
+    def VALIDATE_INPUTS(cls, vae_name: str, instance: str = "auto") -> bool | str:
+        checked = _check_file("vae", vae_name)
+        return checked if checked is not True else _check_instance(instance)
 
-    def load_vae(self, vae_name: str, device: str = "default", dtype: str = "default") -> tuple:
+    def load_vae(self, vae_name: str, device: str = "default", dtype: str = "default", instance: str = "auto") -> tuple:
         from . import proxies
 
         path = _full_path("vae", vae_name)
-        conn = connection.get_connection()
+        conn = _connection(instance)
         try:
             return (proxies.load_vae(conn, path, device=device, dtype=_load_dtype("vae", device, dtype)),)
         except _unavailable() as exc:
@@ -232,19 +263,54 @@ class LunaVAELoader:
             return (native_vae(path, device, dtype),)
 
 
-class LunaCLIPLoader:
-    """Load text encoder(s) in the Luna Daemon; outputs a proxy CLIP."""
+def _load_clip_files(names: list[str], clip_type: str, device: str, dtype: str, instance: str) -> tuple:
+    """Load text-encoder files (names in ComfyUI's text_encoders / clip folders) as one CLIP
+    in the daemon (or locally with comfy_fallback = "local")."""
+    from . import proxies
 
-    DESCRIPTION = ("Loads one or two text encoders in the Luna Daemon (shared by every ComfyUI using it) and outputs a "
-                   "proxy CLIP for CLIP Text Encode, CLIP Set Last Layer, LoRA loaders and the SDXL/SD3/Flux encoders.")
+    paths = [_full_path("text_encoders", n) for n in names]
+    conn = _connection(instance)
+    try:
+        return (proxies.load_clip(conn, paths, clip_type, device=device, dtype=_load_dtype("clip", device, dtype)),)
+    except _unavailable() as exc:
+        if not conn.fallback_local:
+            raise
+        _fallback_warning(conn, exc, f"loading CLIP {', '.join(Path(p).name for p in paths)}")
+        return (native_clip(paths, clip_type, device, dtype),)
+
+
+def _check_clip_files(*names: Any, optional: tuple[Any, ...] = ()) -> bool | str:
+    for name in names:
+        checked = _check_file("text_encoders", name)
+        if checked is not True:
+            return checked
+    for name in optional:
+        if name not in (None, "", NONE):
+            checked = _check_file("text_encoders", name)
+            if checked is not True:
+                return checked
+    return True
+
+
+_TE_TIP = "a file in ComfyUI's models/text_encoders (or clip) folders"
+
+
+class LunaCLIPLoader:
+    """Load text encoder(s) in the Luna Daemon; outputs a proxy CLIP (ComfyUI's CLIPLoader,
+    plus an optional second file as DualCLIPLoader)."""
+
+    DESCRIPTION = ("Loads one text encoder (or two, with clip_name2) in the Luna Daemon (shared by every ComfyUI using "
+                   "it) and outputs a proxy CLIP for CLIP Text Encode, CLIP Set Last Layer, LoRA loaders and the "
+                   "family encoders (SDXL / SD3 / Flux / ...). Three or four files: Luna Triple / Quadruple CLIP Loader.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         files = _filenames("text_encoders")
         return {
             "required": {
-                "clip_name1": (files, {"tooltip": "a file in ComfyUI's models/text_encoders (or clip) folders"}),
-                "type": (CLIP_TYPES, {"default": "sd1", "tooltip": "model family; sdxl / sd3 / flux take two files"}),
+                "clip_name1": (files, {"tooltip": _TE_TIP}),
+                "type": (CLIP_TYPES, {"default": "sd1", "tooltip": "model family (ComfyUI's CLIPLoader / "
+                                                                   "DualCLIPLoader type); sdxl / flux take two files"}),
             },
             "optional": {
                 "clip_name2": ([NONE, *files], {"default": NONE, "tooltip": "second file (SDXL: clip_g, Flux: t5xxl)"}),
@@ -257,29 +323,97 @@ class LunaCLIPLoader:
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, clip_name1: str, clip_name2: str = NONE) -> bool | str:
-        first = _check_file("text_encoders", clip_name1)
-        if first is not True:
-            return first
-        if clip_name2 not in (None, "", NONE):
-            return _check_file("text_encoders", clip_name2)
-        return True
+    def VALIDATE_INPUTS(cls, clip_name1: str, clip_name2: str = NONE, instance: str = "auto") -> bool | str:
+        checked = _check_clip_files(clip_name1, optional=(clip_name2,))
+        return checked if checked is not True else _check_instance(instance)
 
     def load_clip(self, clip_name1: str, type: str = "sd1", clip_name2: str = NONE, device: str = "default",
-                  dtype: str = "default") -> tuple:
-        from . import proxies
+                  dtype: str = "default", instance: str = "auto") -> tuple:
+        names = [clip_name1] + ([clip_name2] if clip_name2 not in (None, "", NONE) else [])
+        return _load_clip_files(names, type, device, dtype, instance)
 
-        paths = [_full_path("text_encoders", clip_name1)]
-        if clip_name2 not in (None, "", NONE):
-            paths.append(_full_path("text_encoders", clip_name2))
-        conn = connection.get_connection()
-        try:
-            return (proxies.load_clip(conn, paths, type, device=device, dtype=_load_dtype("clip", device, dtype)),)
-        except _unavailable() as exc:
-            if not conn.fallback_local:
-                raise
-            _fallback_warning(conn, exc, f"loading CLIP {', '.join(Path(p).name for p in paths)}")
-            return (native_clip(paths, type, device, dtype),)
+
+class LunaDualCLIPLoader:
+    """ComfyUI's DualCLIPLoader through the Luna Daemon: two files and its types."""
+
+    DESCRIPTION = ("Loads two text encoders in the Luna Daemon, like ComfyUI's DualCLIPLoader (sdxl: clip-l, clip-g; "
+                   "sd3: two of clip-l / clip-g / t5; flux: clip-l, t5; hidream: t5 and/or llama; hunyuan_video; "
+                   "hunyuan_image: qwen2.5vl 7b and byt5 small), and outputs a proxy CLIP.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        files = _filenames("text_encoders")
+        return {"required": {"clip_name1": (files, {"tooltip": _TE_TIP}), "clip_name2": (files, {"tooltip": _TE_TIP}),
+                             "type": (DUAL_CLIP_TYPES, {"tooltip": "model family (DualCLIPLoader's type)"})},
+                "optional": dict(_LOAD_OPTIONS)}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load_clip"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, clip_name1: str, clip_name2: str, instance: str = "auto") -> bool | str:
+        checked = _check_clip_files(clip_name1, clip_name2)
+        return checked if checked is not True else _check_instance(instance)
+
+    def load_clip(self, clip_name1: str, clip_name2: str, type: str = "sdxl", device: str = "default",
+                  dtype: str = "default", instance: str = "auto") -> tuple:
+        return _load_clip_files([clip_name1, clip_name2], type, device, dtype, instance)
+
+
+class LunaTripleCLIPLoader:
+    """ComfyUI's TripleCLIPLoader (SD3 / SD3.5: clip-l, clip-g, t5) through the Luna Daemon."""
+
+    DESCRIPTION = ("Loads three text encoders in the Luna Daemon, like ComfyUI's TripleCLIPLoader (sd3 / sd3.5: clip-l, "
+                   "clip-g, t5xxl), and outputs a proxy CLIP for CLIP Text Encode (SD3) and the other encoders.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        files = _filenames("text_encoders")
+        return {"required": {f"clip_name{i}": (files, {"tooltip": _TE_TIP}) for i in (1, 2, 3)},
+                "optional": dict(_LOAD_OPTIONS)}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load_clip"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, clip_name1: str, clip_name2: str, clip_name3: str, instance: str = "auto") -> bool | str:
+        checked = _check_clip_files(clip_name1, clip_name2, clip_name3)
+        return checked if checked is not True else _check_instance(instance)
+
+    def load_clip(self, clip_name1: str, clip_name2: str, clip_name3: str, device: str = "default",
+                  dtype: str = "default", instance: str = "auto") -> tuple:
+        # ComfyUI picks the SD3 encoder from the file count (any clip_type); "sd3" says so.
+        return _load_clip_files([clip_name1, clip_name2, clip_name3], "sd3", device, dtype, instance)
+
+
+class LunaQuadrupleCLIPLoader:
+    """ComfyUI's QuadrupleCLIPLoader (HiDream: long clip-l, long clip-g, t5xxl, llama 3.1 8b)."""
+
+    DESCRIPTION = ("Loads four text encoders in the Luna Daemon, like ComfyUI's QuadrupleCLIPLoader (hidream: long "
+                   "clip-l, long clip-g, t5xxl, llama_8b_3.1_instruct), and outputs a proxy CLIP.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        files = _filenames("text_encoders")
+        return {"required": {f"clip_name{i}": (files, {"tooltip": _TE_TIP}) for i in (1, 2, 3, 4)},
+                "optional": dict(_LOAD_OPTIONS)}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load_clip"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, clip_name1: str, clip_name2: str, clip_name3: str, clip_name4: str,
+                        instance: str = "auto") -> bool | str:
+        checked = _check_clip_files(clip_name1, clip_name2, clip_name3, clip_name4)
+        return checked if checked is not True else _check_instance(instance)
+
+    def load_clip(self, clip_name1: str, clip_name2: str, clip_name3: str, clip_name4: str, device: str = "default",
+                  dtype: str = "default", instance: str = "auto") -> tuple:
+        # ComfyUI picks the HiDream encoder from the file count (any clip_type).
+        return _load_clip_files([clip_name1, clip_name2, clip_name3, clip_name4], "hidream", device, dtype, instance)
 
 
 class LunaCheckpointTunnel:
@@ -291,17 +425,22 @@ class LunaCheckpointTunnel:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",)}}
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",)},
+                "optional": dict(_INSTANCE_OPTION)}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     RETURN_NAMES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "tunnel"
     CATEGORY = CATEGORY
 
-    def tunnel(self, model: Any, clip: Any, vae: Any) -> tuple:
+    @classmethod
+    def VALIDATE_INPUTS(cls, instance: str = "auto") -> bool | str:
+        return _check_instance(instance)
+
+    def tunnel(self, model: Any, clip: Any, vae: Any, instance: str = "auto") -> tuple:
         from . import proxies
 
-        conn = connection.get_connection()
+        conn = _connection(instance)
         try:
             conn.call("ping")  # reachable (or started) now, even when both proxies are cached
             new_clip = proxies.tunnel_clip(conn, clip)
@@ -377,6 +516,9 @@ def daemon_summary(conn: connection.Connection) -> tuple[str, bool]:
 NODE_CLASS_MAPPINGS = {
     "LunaVAELoader": LunaVAELoader,
     "LunaCLIPLoader": LunaCLIPLoader,
+    "LunaDualCLIPLoader": LunaDualCLIPLoader,
+    "LunaTripleCLIPLoader": LunaTripleCLIPLoader,
+    "LunaQuadrupleCLIPLoader": LunaQuadrupleCLIPLoader,
     "LunaCheckpointTunnel": LunaCheckpointTunnel,
     "LunaDaemonStatus": LunaDaemonStatus,
 }
@@ -384,6 +526,9 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LunaVAELoader": "Luna VAE Loader (daemon)",
     "LunaCLIPLoader": "Luna CLIP Loader (daemon)",
+    "LunaDualCLIPLoader": "Luna Dual CLIP Loader (daemon)",
+    "LunaTripleCLIPLoader": "Luna Triple CLIP Loader (daemon)",
+    "LunaQuadrupleCLIPLoader": "Luna Quadruple CLIP Loader (daemon)",
     "LunaCheckpointTunnel": "Luna Checkpoint Tunnel",
     "LunaDaemonStatus": "Luna Daemon Status",
 }

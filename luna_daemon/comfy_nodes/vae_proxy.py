@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,11 +54,53 @@ def _tile(value: Any, default: int, name: str, minimum: int) -> int:
     return value
 
 
-def _tiled(tile_x: Any, tile_y: Any, overlap: Any, default: TiledArgs) -> dict:
+def _optional_tile(value: Any, name: str, minimum: int) -> int | None:
+    return None if value is None else _tile(value, 0, name, minimum)
+
+
+def _tiled(tile_x: Any, tile_y: Any, overlap: Any, default: TiledArgs, tile_t: Any = None, overlap_t: Any = None) -> dict:
     """The wire ``tiled`` argument; None means ComfyUI's default. ``exact``: the stock
-    node has clamped the sizes already, so the daemon must not adjust them again."""
+    node has clamped the sizes already, so the daemon must not adjust them again. The
+    temporal sizes travel as given (None = the VAE's own); image VAEs ignore them."""
     return {"tile_x": _tile(tile_x, default.tile_x, "tile_x", 1), "tile_y": _tile(tile_y, default.tile_y, "tile_y", 1),
-            "overlap": _tile(overlap, default.overlap, "overlap", 0), "exact": True}
+            "overlap": _tile(overlap, default.overlap, "overlap", 0), "exact": True,
+            "tile_t": _optional_tile(tile_t, "tile_t", 1), "overlap_t": _optional_tile(overlap_t, "overlap_t", 0)}
+
+
+_DTYPE_SIZES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
+
+
+def _memory_estimate(model: Any, what: str) -> Callable[..., float]:
+    """``memory_used_encode`` / ``memory_used_decode`` rebuilt from the daemon's model of its
+    VAE's estimate (``_memory_model`` in the comfy engine): reference bytes scaled by each
+    dimension's ratio to the reference shape (clamped below at its floor), raised to the
+    probed exponent."""
+
+    def estimate(shape: Any, dtype: Any = torch.float32, *args: Any, **kwargs: Any) -> float:
+        if not isinstance(model, dict):
+            raise DaemonUnsupported(f"{what}: the Luna Daemon did not send this VAE's memory estimate (engine "
+                                    "standalone, or an older daemon); ComfyUI's nodes do not need it")
+        ref, exps = model["shape"], model["exponents"]
+        floors = model.get("floors") or [1] * len(ref)
+        shape = list(shape)
+        if len(shape) != len(ref):
+            raise DaemonUnsupported(f"{what}: expected a {len(ref)}-D shape like {ref}, got {shape}")
+        size = float(model["bytes"])
+        for got, base, exp, floor in zip(shape, ref, exps, floors):
+            if exp:
+                size *= (max(float(got), float(floor)) / float(base)) ** float(exp)
+        return size * _DTYPE_SIZES.get(dtype, 4) / float(model.get("dtype_size", 4))
+
+    return estimate
+
+
+def _json_options(options: dict) -> dict:
+    bad = [k for k, v in options.items()
+           if not isinstance(k, str) or not (v is None or isinstance(v, (bool, int, float, str)))]
+    if bad:
+        raise DaemonUnsupported(f"VAE decode: vae_options {bad} are not numbers, strings or booleans, so they cannot "
+                                "be sent to the Luna Daemon; load that VAE with ComfyUI's VAELoader")
+    return dict(options)
 
 
 class DaemonVAE:
@@ -81,6 +124,9 @@ class DaemonVAE:
         self.vae_dtype = _DTYPES.get(str(info.get("vae_dtype")), None) or torch.float32
         self.working_dtypes = [d for d in (_DTYPES.get(str(n)) for n in info.get("working_dtypes") or []) if d]
         self.disable_offload = False
+        # ComfyUI's estimates (bytes for a [B, C, ...] shape and a dtype), as the daemon's VAE has them.
+        self.memory_used_encode = _memory_estimate(info.get("memory_used_encode"), "memory_used_encode")
+        self.memory_used_decode = _memory_estimate(info.get("memory_used_decode"), "memory_used_decode")
 
     # -- what the proxy is
 
@@ -141,40 +187,43 @@ class DaemonVAE:
 
     # -- calls
 
-    def _image_only(self, what: str, tensor: Any, ndim: int) -> None:
-        if self.latent_dim != 2:
-            raise DaemonUnsupported(f"{what}: the Luna Daemon serves image VAEs only; {self._remote.what} is a "
-                                    f"{self.latent_dim}-D (video/audio) VAE - load it with ComfyUI's VAELoader")
-        if not isinstance(tensor, torch.Tensor) or tensor.ndim != ndim:
+    def _check(self, what: str, tensor: Any) -> None:
+        # The ranks the daemon's VAE takes are checked there, against the loaded model
+        # (image, video and audio VAEs differ); here only what cannot be sent at all.
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim < 3:
             shape = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise DaemonUnsupported(f"{what}: the Luna Daemon takes {ndim}-D tensors here, got {shape}")
+            raise DaemonUnsupported(f"{what}: the Luna Daemon takes 3-D to 5-D tensors here, got {shape}")
 
     def decode(self, samples_in: torch.Tensor, vae_options: dict | None = None) -> torch.Tensor:
-        if vae_options:
-            raise DaemonUnsupported(f"VAE decode with vae_options {sorted(vae_options)} is not supported by the Luna "
-                                    "Daemon (used by Hunyuan3D); load that VAE with ComfyUI's VAELoader")
-        return self._run("VAE decode", "vae_decode", "latent", samples_in, "image")
+        extra = {"vae_options": _json_options(vae_options)} if vae_options else {}
+        return self._run("VAE decode", "vae_decode", "latent", samples_in, "image", extra)
 
-    def decode_tiled(self, samples: torch.Tensor, tile_x: int | None = 64, tile_y: int | None = 64,
-                     overlap: int | None = 16, tile_t: int | None = None, overlap_t: int | None = None) -> torch.Tensor:
-        # tile_t / overlap_t only matter for 3-D (video) latents, which _image_only refuses:
-        # ComfyUI ignores them for image VAEs too.
+    def decode_tiled(self, samples: torch.Tensor, tile_x: int | None = None, tile_y: int | None = None,
+                     overlap: int | None = None, tile_t: int | None = None, overlap_t: int | None = None) -> torch.Tensor:
+        # None x / y / overlap = ComfyUI's 2-D defaults (64 / 64 / 16). For a video latent
+        # ComfyUI builds the overlap triple from ``overlap`` and fails on None, so that is
+        # refused here with the reason; the temporal sizes travel as given (None included).
+        if isinstance(samples, torch.Tensor) and samples.ndim == 5 and None in (tile_x, tile_y, overlap):
+            raise DaemonUnsupported("VAE decode_tiled of a video latent needs tile_x, tile_y and overlap (VAEDecodeTiled "
+                                    "always passes them)")
         return self._run("VAE decode_tiled", "vae_decode", "latent", samples, "image",
-                         _tiled(tile_x, tile_y, overlap, DEFAULT_DECODE_TILE))
+                         {"tiled": _tiled(tile_x, tile_y, overlap, DEFAULT_DECODE_TILE, tile_t, overlap_t)})
 
     def encode(self, pixel_samples: torch.Tensor) -> torch.Tensor:
         return self._run("VAE encode", "vae_encode", "pixels", pixel_samples, "latent")
 
-    def encode_tiled(self, pixel_samples: torch.Tensor, tile_x: int | None = 512, tile_y: int | None = 512,
-                     overlap: int | None = 64, tile_t: int | None = None, overlap_t: int | None = None) -> torch.Tensor:
+    def encode_tiled(self, pixel_samples: torch.Tensor, tile_x: int | None = None, tile_y: int | None = None,
+                     overlap: int | None = None, tile_t: int | None = None, overlap_t: int | None = None) -> torch.Tensor:
+        if isinstance(pixel_samples, torch.Tensor) and self.latent_dim == 3 and None in (tile_x, tile_y, overlap):
+            raise DaemonUnsupported("VAE encode_tiled with a video VAE needs tile_x, tile_y and overlap (VAEEncodeTiled "
+                                    "always passes them)")
         return self._run("VAE encode_tiled", "vae_encode", "pixels", pixel_samples, "latent",
-                         _tiled(tile_x, tile_y, overlap, DEFAULT_ENCODE_TILE))
+                         {"tiled": _tiled(tile_x, tile_y, overlap, DEFAULT_ENCODE_TILE, tile_t, overlap_t)})
 
-    def _run(self, what: str, op: str, arg: str, tensor: torch.Tensor, result: str, tiled: dict | None = None) -> torch.Tensor:
-        """One encode/decode on the daemon: an image tensor in, ``result`` out on the client's device."""
-        self._image_only(what, tensor, 4)
-        extra = {} if tiled is None else {"tiled": tiled}
-        out = self._remote.call(op, lambda mid: {"model": mid, arg: tensor, **extra})
+    def _run(self, what: str, op: str, arg: str, tensor: torch.Tensor, result: str, extra: dict | None = None) -> torch.Tensor:
+        """One encode/decode on the daemon: the tensor in, ``result`` out on the client's device."""
+        self._check(what, tensor)
+        out = self._remote.call(op, lambda mid: {"model": mid, arg: tensor, **(extra or {})})
         return _to_client(out[result])
 
     def get_sd(self) -> dict:

@@ -41,12 +41,16 @@ class TiledArgs:
     """Tile geometry as ComfyUI's ``decode_tiled`` / ``encode_tiled`` take it.
 
     For decode the sizes are in latent pixels (default 64/64/16), for encode in image
-    pixels (default 512/512/64).
+    pixels (default 512/512/64). ``tile_t`` / ``overlap_t`` are the temporal sizes of a
+    video VAE (latent frames for decode, raw frames for encode, as ComfyUI's nodes pass
+    them); None leaves them to the VAE, and image VAEs ignore them, as in ComfyUI.
     """
 
     tile_x: int
     tile_y: int
     overlap: int
+    tile_t: int | None = None
+    overlap_t: int | None = None
 
 
 # ComfyUI's defaults: decode tiles in latent pixels (VAEDecodeTiled's 512/64 px / 8),

@@ -58,6 +58,7 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+import math
 import sys
 import threading
 from collections import OrderedDict
@@ -329,6 +330,37 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _memory_model(fn: Any, *, encode: bool, dims: int, channels: int) -> dict[str, Any] | None:
+    """A JSON model of a VAE's ``memory_used_encode`` / ``memory_used_decode`` lambda, so a
+    proxy can answer it without a round trip: the bytes at a reference shape and, per
+    dimension, the exponent the estimate grows with (probed by doubling that dimension) and
+    the size below which it stops shrinking. ComfyUI's estimates are products of powers of
+    the sizes, a few with the frame count clamped by ``max(frames, n)``, which this
+    reproduces exactly; None when the lambda cannot be evaluated."""
+    if not callable(fn):
+        return None
+    # [B, C, *sizes]: pixels for encode (sizes in pixels / frames), latents for decode.
+    size = 64 if encode else 16
+    shape = [1, channels] + [size] * max(1, dims)
+    def at(i: int, value: int) -> float:
+        probe = list(shape)
+        probe[i] = value
+        return float(fn(tuple(probe), torch.float32))
+
+    try:
+        base = float(fn(tuple(shape), torch.float32))
+        exponents, floors = [], []
+        for i in range(len(shape)):
+            grown = at(i, shape[i] * 2)
+            exponents.append(round(math.log2(grown / base), 3) if base > 0 and grown > 0 else 0.0)
+            # A clamp such as ``max(frames, 7)``: the largest size that still costs as much as 1.
+            smallest = at(i, 1)
+            floors.append(max(v for v in range(1, 33) if at(i, v) == smallest) if exponents[-1] else 1)
+    except Exception:  # noqa: BLE001 - an estimate for an unusual shape is optional
+        return None
+    return {"shape": shape, "bytes": base, "exponents": exponents, "floors": floors, "dtype_size": 4}
+
+
 # -------------------------------------------------------------------- VAE configs
 
 
@@ -415,7 +447,11 @@ def _inferred_vae_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any] | Non
 
 
 class ComfyVae(VaeModel):
-    """A ``comfy.sd.VAE`` behind the ``VaeModel`` interface."""
+    """A ``comfy.sd.VAE`` behind the ``VaeModel`` interface: any class ComfyUI builds (image,
+    video with 5-D latents, audio). Tensors go to ComfyUI's own ``encode`` / ``decode`` /
+    ``*_tiled`` unchanged (its crop, frame folding and temporal tiling apply); only ranks the
+    VAE cannot take are refused first, as ``bad_args``. ``info()`` carries every attribute a
+    proxy mirrors, the memory estimates as :func:`_memory_model` models."""
 
     def __init__(self, vae: Any, *, source: str):
         self._vae = vae
@@ -453,6 +489,11 @@ class ComfyVae(VaeModel):
             "extra_1d_channel": _jsonable(getattr(vae, "extra_1d_channel", None)),
             "working_dtypes": _jsonable(getattr(vae, "working_dtypes", None)),
             "vae_dtype": _jsonable(vae.vae_dtype),
+            "memory_used_encode": _memory_model(getattr(vae, "memory_used_encode", None), encode=True,
+                                                dims=int(getattr(vae, "latent_dim", 2)), channels=3),
+            "memory_used_decode": _memory_model(getattr(vae, "memory_used_decode", None), encode=False,
+                                                dims=int(getattr(vae, "latent_dim", 2)),
+                                                channels=int(vae.latent_channels)),
         }
 
     def nbytes(self) -> int:
@@ -476,30 +517,64 @@ class ComfyVae(VaeModel):
             raise EngineError("model_error", f"VAE {self.source} has been released")
         return vae
 
+    def _what(self) -> str:
+        return f"VAE {Path(self.source).name}"
+
+    def _check_shape(self, vae: Any, tensor: torch.Tensor, what: str, layout: str) -> None:
+        """The tensor ranks ComfyUI's VAE takes: ``latent_dim + 2``, and for a video VAE's
+        encode also a 4-D batch of frames (one clip); anything else would fail deep in comfy."""
+        dims = int(getattr(vae, "latent_dim", 2))
+        ranks = {dims + 2}
+        if what == "encode" and dims == 3:
+            ranks.add(4)  # [T, H, W, C] frames: comfy treats them as one clip (or T images, not_video)
+        if what == "decode" and getattr(vae, "extra_1d_channel", None) is not None:
+            ranks.add(3)
+        if tensor.ndim not in ranks:
+            want = " or ".join(f"{r}-D" for r in sorted(ranks))
+            raise EngineError("bad_args", f"{self._what()} {what} takes {want} {layout} tensors (latent_dim "
+                                          f"{dims}), got shape {list(tensor.shape)}")
+
     def encode(self, pixels: torch.Tensor, tiled: TiledArgs | None = None) -> torch.Tensor:
         vae = self._require()
         if not isinstance(pixels, torch.Tensor) or pixels.ndim < 3 or not pixels.is_floating_point():
             raise EngineError("bad_args", "VAE encode expects a float tensor [B, H, W, C]")
+        self._check_shape(vae, pixels, "encode", "pixel")
         if int(getattr(vae, "latent_dim", 2)) == 2 and pixels.ndim == 4 and pixels.shape[-1] > vae.output_channels:
             pixels = pixels[..., : vae.output_channels]  # what VAEEncode does (drops alpha)
-        with _comfy_call(f"VAE {Path(self.source).name} encode"):
+        with _comfy_call(f"{self._what()} encode"):
             if tiled is None:
                 out = vae.encode(pixels)
             else:
-                out = vae.encode_tiled(pixels, tile_x=tiled.tile_x, tile_y=tiled.tile_y, overlap=tiled.overlap)
+                out = vae.encode_tiled(pixels, tile_x=tiled.tile_x, tile_y=tiled.tile_y, overlap=tiled.overlap,
+                                       tile_t=tiled.tile_t, overlap_t=tiled.overlap_t)
             return out.float().cpu().contiguous()
 
-    def decode(self, latent: torch.Tensor, tiled: TiledArgs | None = None) -> torch.Tensor:
+    # ``decode(..., options={...})`` is ComfyUI's ``decode(samples, vae_options=...)``.
+    supports_vae_options = True
+
+    def decode(self, latent: torch.Tensor, tiled: TiledArgs | None = None,
+               options: Mapping[str, Any] | None = None) -> torch.Tensor:
         vae = self._require()
         if not isinstance(latent, torch.Tensor) or latent.ndim < 3 or not latent.is_floating_point():
-            raise EngineError("bad_args", "VAE decode expects a float latent tensor [B, C, h, w]")
+            raise EngineError("bad_args", "VAE decode expects a float latent tensor [B, C, h, w] / [B, C, T, h, w]")
         if latent.shape[1] != vae.latent_channels:
             raise EngineError("bad_args", f"VAE decode expects {vae.latent_channels} latent channels, got {latent.shape[1]}")
-        with _comfy_call(f"VAE {Path(self.source).name} decode"):
-            if tiled is None:
+        self._check_shape(vae, latent, "decode", "latent")
+        if options and tiled is not None:
+            raise EngineError("bad_args", "vae_options cannot be combined with a tiled decode (ComfyUI's decode_tiled "
+                                          "takes none)")
+        with _comfy_call(f"{self._what()} decode"):
+            if tiled is None and options:
+                try:
+                    out = vae.decode(latent, vae_options=dict(options))
+                except TypeError as exc:  # the model's decode() takes no such keyword
+                    raise EngineError("bad_args", f"{self._what()} does not take vae_options {sorted(options)}: "
+                                                  f"{_first_line(exc)}") from exc
+            elif tiled is None:
                 out = vae.decode(latent)
             else:
-                out = vae.decode_tiled(latent, tile_x=tiled.tile_x, tile_y=tiled.tile_y, overlap=tiled.overlap)
+                out = vae.decode_tiled(latent, tile_x=tiled.tile_x, tile_y=tiled.tile_y, overlap=tiled.overlap,
+                                       tile_t=tiled.tile_t, overlap_t=tiled.overlap_t)
             return out.float().cpu().contiguous()
 
 
@@ -588,41 +663,53 @@ class ComfyClip(ClipModel):
             except TypeError as exc:
                 raise EngineError("bad_args", f"tokenize: {exc}") from exc
 
-    def _check_tokens(self, tokens: Any) -> dict[str, list[list[tuple]]]:
+    def _check_tokens(self, tokens: Any) -> dict[str, Any]:
+        """The token dict as ComfyUI's tokenizer made it, unchanged apart from the wire's
+        number forms (a float id that is an integer becomes an int).
+
+        Whatever shape a stock node gives it passes through: empty chunk lists
+        (``CLIPTextEncodeSD3`` with ``empty_padding = none``), ``(token, weight, word_id)``
+        items, embedding vectors (tensors) and image dicts (``{"type": "image", "data":
+        tensor}``, Qwen-Image edit) as tokens, keys this CLIP does not read. Only what would
+        crash ComfyUI's encoder in a confusing way is refused here, as ``bad_args`` naming
+        the place; anything else ComfyUI itself rejects comes back as ``model_error``."""
         if not isinstance(tokens, Mapping) or not tokens:
             raise EngineError("bad_args", "tokens must be a non-empty dict {encoder_key: [chunk, ...]}")
         missing = [k for k in self._token_keys if k not in tokens]
         if missing:
             raise EngineError("bad_args", f"tokens lack the {', '.join(map(repr, missing))} encoder's chunks "
                                           f"(this CLIP uses {self._token_keys})")
-        out: dict[str, list[list[tuple]]] = {}
+        out: dict[str, Any] = {}
         for key, chunks in tokens.items():
-            if not isinstance(chunks, (list, tuple)) or not chunks:
-                raise EngineError("bad_args", f"tokens[{key!r}] must be a non-empty list of chunks")
+            if key not in self._token_keys:
+                out[key] = chunks  # not an encoder stream of this CLIP: ComfyUI ignores it, so do we
+                continue
+            if not isinstance(chunks, (list, tuple)):
+                raise EngineError("bad_args", f"tokens[{key!r}] must be a list of chunks (it may be empty)")
             fixed = []
             for chunk in chunks:
-                if not isinstance(chunk, (list, tuple)) or not chunk:
-                    raise EngineError("bad_args", f"tokens[{key!r}]: every chunk must be a non-empty list")
-                items = []
-                for item in chunk:
-                    if isinstance(item, Mapping):
-                        items.append(item)
-                        continue
-                    if not isinstance(item, (list, tuple)) or len(item) < 2:
-                        raise EngineError("bad_args", f"tokens[{key!r}]: expected (token, weight) items, got {item!r}")
-                    token, weight = item[0], item[1]
-                    if isinstance(token, bool) or not isinstance(token, (int, float, torch.Tensor)):
-                        raise EngineError("bad_args", f"tokens[{key!r}]: bad token {token!r}")
-                    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                        raise EngineError("bad_args", f"tokens[{key!r}]: weight {weight!r} is not a number")
-                    if isinstance(token, float):
-                        if not token.is_integer():
-                            raise EngineError("bad_args", f"tokens[{key!r}]: token id {token!r} is not an integer")
-                        token = int(token)
-                    items.append((token, float(weight), *item[2:]))
-                fixed.append(items)
+                if not isinstance(chunk, (list, tuple)):
+                    raise EngineError("bad_args", f"tokens[{key!r}]: every chunk must be a list of (token, weight) items")
+                fixed.append([self._check_item(key, item) for item in chunk])
             out[key] = fixed
         return out
+
+    @staticmethod
+    def _check_item(key: str, item: Any) -> Any:
+        if isinstance(item, Mapping):
+            return item
+        if not isinstance(item, (list, tuple)) or len(item) < 2:
+            raise EngineError("bad_args", f"tokens[{key!r}]: expected (token, weight) items, got {item!r}")
+        token, weight = item[0], item[1]
+        if isinstance(token, bool) or not isinstance(token, (int, float, torch.Tensor, Mapping)):
+            raise EngineError("bad_args", f"tokens[{key!r}]: bad token {token!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise EngineError("bad_args", f"tokens[{key!r}]: weight {weight!r} is not a number")
+        if isinstance(token, float):
+            if not token.is_integer():
+                raise EngineError("bad_args", f"tokens[{key!r}]: token id {token!r} is not an integer")
+            token = int(token)
+        return (token, weight, *item[2:]) if token is not item[0] else tuple(item)
 
     # ``encode(..., unprojected=True)`` is ``encode_from_tokens(return_pooled="unprojected")``.
     supports_unprojected = True

@@ -90,7 +90,9 @@ class CLIPEmbeddings(torch.nn.Module):
 
     def forward(self, input_tokens, dtype=torch.float32):
         x = self.token_embedding(input_tokens, out_dtype=dtype)
-        return x + self.position_embedding.weight[: x.shape[1]].to(device=x.device, dtype=dtype)
+        # The whole position table, as ComfyUI adds it: a sequence of another length (an
+        # empty stream's 2 tokens) fails with a size mismatch there too.
+        return x + self.position_embedding.weight.to(device=x.device, dtype=dtype)
 
 
 class CLIPTextModel_(torch.nn.Module):
@@ -109,7 +111,7 @@ class CLIPTextModel_(torch.nn.Module):
     def forward(self, input_tokens=None, attention_mask=None, embeds=None, num_tokens=None,
                 intermediate_output=None, final_layer_norm_intermediate=True, dtype=torch.float32):
         if embeds is not None:
-            x = embeds.to(dtype) + self.embeddings.position_embedding.weight[: embeds.shape[1]].to(device=embeds.device, dtype=dtype)
+            x = embeds.to(dtype) + self.embeddings.position_embedding.weight.to(device=embeds.device, dtype=dtype)
         else:
             x = self.embeddings(input_tokens, dtype=dtype)
         t = x.shape[1]

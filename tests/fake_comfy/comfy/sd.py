@@ -6,6 +6,7 @@ See ../README.md for what is modelled and what is simplified.
 
 import enum
 import logging
+import math
 
 import torch
 
@@ -279,6 +280,24 @@ def _model_options_long_clip(sd, tokenizer_data, model_options):
     return tokenizer_data, model_options
 
 
+def _t5xxl_detect(clip_data):
+    """T5 dtype facts of the first file holding a T5-XXL (comfy.sd's t5xxl_detect)."""
+    from comfy.text_encoders import sd3_clip
+
+    for sd in clip_data:
+        if ("encoder.block.23.layer.1.DenseReluDense.wi_1.weight" in sd
+                or "encoder.block.23.layer.1.DenseReluDense.wi.weight" in sd):
+            return sd3_clip.t5_xxl_detect(sd)
+    return {}
+
+
+def _sd3_target(clip_target, clip_data, **parts):
+    from comfy.text_encoders import sd3_clip
+
+    clip_target.clip = sd3_clip.sd3_clip(**parts, **_t5xxl_detect(clip_data))
+    clip_target.tokenizer = sd3_clip.SD3Tokenizer
+
+
 def load_clip(ckpt_paths, embedding_directory=None, clip_type=CLIPType.STABLE_DIFFUSION, model_options={}):
     clip_data = []
     for p in ckpt_paths:
@@ -303,28 +322,56 @@ def load_text_encoder_state_dicts(state_dicts=[], embedding_directory=None, clip
     if len(clip_data) == 1:
         te_model = detect_te_model(clip_data[0])
         if te_model == TEModel.CLIP_G:
-            if clip_type in (CLIPType.STABLE_CASCADE, CLIPType.SD3, CLIPType.HIDREAM):
+            if clip_type == CLIPType.SD3:
+                _sd3_target(clip_target, clip_data, clip_l=False, clip_g=True, t5=False)
+            elif clip_type in (CLIPType.STABLE_CASCADE, CLIPType.HIDREAM):
                 raise _not_in_fake(f"CLIP-G for {clip_type.name}")
-            clip_target.clip = sdxl_clip.SDXLRefinerClipModel
-            clip_target.tokenizer = sdxl_clip.SDXLTokenizer
+            else:
+                clip_target.clip = sdxl_clip.SDXLRefinerClipModel
+                clip_target.tokenizer = sdxl_clip.SDXLTokenizer
         elif te_model == TEModel.CLIP_H:
             clip_target.clip = sd2_clip.SD2ClipModel
             clip_target.tokenizer = sd2_clip.SD2Tokenizer
+        elif te_model == TEModel.T5_XXL and clip_type == CLIPType.SD3:
+            _sd3_target(clip_target, clip_data, clip_l=False, clip_g=False, t5=True)
+        elif te_model == TEModel.T5_XXL and clip_type in (CLIPType.PIXART, CLIPType.CHROMA):
+            from comfy.text_encoders import pixart_t5
+
+            clip_target.clip = pixart_t5.pixart_te(**_t5xxl_detect(clip_data))
+            clip_target.tokenizer = pixart_t5.PixArtTokenizer
+        elif te_model == TEModel.QWEN25_7B and clip_type != CLIPType.HUNYUAN_IMAGE:
+            from comfy.text_encoders import llama, qwen_image
+
+            clip_target.clip = qwen_image.te(**llama.llama_detect(clip_data[0]))
+            clip_target.tokenizer = qwen_image.QwenImageTokenizer
         elif te_model is not None and te_model != TEModel.CLIP_L:
-            raise _not_in_fake(f"{te_model.name} text encoders")
+            raise _not_in_fake(f"{te_model.name} text encoders for {clip_type.name}")
         else:
-            if clip_type in (CLIPType.SD3, CLIPType.HIDREAM):
+            if clip_type == CLIPType.SD3:
+                _sd3_target(clip_target, clip_data, clip_l=True, clip_g=False, t5=False)
+            elif clip_type == CLIPType.HIDREAM:
                 raise _not_in_fake(f"CLIP-L for {clip_type.name}")
-            clip_target.clip = sd1_clip.SD1ClipModel
-            clip_target.tokenizer = sd1_clip.SD1Tokenizer
+            else:
+                clip_target.clip = sd1_clip.SD1ClipModel
+                clip_target.tokenizer = sd1_clip.SD1Tokenizer
     elif len(clip_data) == 2:
-        if clip_type in (CLIPType.SD3, CLIPType.HUNYUAN_DIT, CLIPType.FLUX, CLIPType.HUNYUAN_VIDEO, CLIPType.HIDREAM,
-                         CLIPType.HUNYUAN_IMAGE):
+        if clip_type == CLIPType.SD3:
+            found = [detect_te_model(c) for c in clip_data]
+            _sd3_target(clip_target, clip_data, clip_l=TEModel.CLIP_L in found, clip_g=TEModel.CLIP_G in found,
+                        t5=TEModel.T5_XXL in found)
+        elif clip_type == CLIPType.FLUX:
+            from comfy.text_encoders import flux
+
+            clip_target.clip = flux.flux_clip(**_t5xxl_detect(clip_data))
+            clip_target.tokenizer = flux.FluxTokenizer
+        elif clip_type in (CLIPType.HUNYUAN_DIT, CLIPType.HUNYUAN_VIDEO, CLIPType.HIDREAM, CLIPType.HUNYUAN_IMAGE):
             raise _not_in_fake(f"two-file {clip_type.name} text encoders")
-        clip_target.clip = sdxl_clip.SDXLClipModel
-        clip_target.tokenizer = sdxl_clip.SDXLTokenizer
+        else:
+            clip_target.clip = sdxl_clip.SDXLClipModel
+            clip_target.tokenizer = sdxl_clip.SDXLTokenizer
     elif len(clip_data) == 3:
-        raise _not_in_fake("SD3 (three text encoders)")
+        # Three files are SD3 whatever the clip_type (TripleCLIPLoader passes none).
+        _sd3_target(clip_target, clip_data)
     elif len(clip_data) == 4:
         raise _not_in_fake("HiDream (four text encoders)")
     else:
@@ -417,8 +464,10 @@ class VAE:
                 raise _not_in_fake(f"{what} VAEs")
         if "decoder.conv_in.weight" in sd:
             z_channels = sd["decoder.conv_in.weight"].shape[1]
-            if z_channels in (64, 32):
-                raise _not_in_fake("HunyuanImage VAEs")
+            if z_channels == 64:
+                return self._family("hunyuan_image", sd)
+            if z_channels == 32:
+                raise _not_in_fake("the HunyuanImage refiner VAE")
             ddconfig = {"double_z": True, "z_channels": z_channels, "resolution": 256, "in_channels": 3, "out_ch": 3,
                         "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
                         "dropout": 0.0}
@@ -435,18 +484,28 @@ class VAE:
                     encoder_config={"target": _ENCODER, "params": ddconfig},
                     decoder_config={"target": _DECODER, "params": ddconfig})
             return "kl"
+        # In ComfyUI's order: the first signature key present decides.
         video_or_audio = (
             ("decoder.layers.1.layers.0.beta", "Stable Audio"),
             ("blocks.2.blocks.3.stack.5.weight", "Mochi"),
-            ("decoder.up_blocks.0.res_blocks.0.conv1.conv.weight", "LTXV"),
-            ("decoder.conv_in.conv.weight", "HunyuanVideo"),
+            ("decoder.up_blocks.0.res_blocks.0.conv1.conv.weight", "ltxv"),
+            ("decoder.conv_in.conv.weight", "hunyuan_video"),
             ("decoder.unpatcher3d.wavelets", "Cosmos"),
-            ("decoder.middle.0.residual.0.gamma", "Wan"),
+            ("decoder.middle.0.residual.0.gamma", "wan"),
             ("geo_decoder.cross_attn_decoder.ln_1.bias", "Hunyuan3D"),
             ("vocoder.backbone.channel_layers.0.0.bias", "ACE-Step"),
         )
         for key, what in video_or_audio:
             if key in sd:
+                if what == "ltxv":
+                    return self._family("ltxv", sd)
+                if what == "hunyuan_video":
+                    if sd[key].shape[1] == 32:
+                        raise _not_in_fake("the HunyuanImage refiner VAE")
+                    return self._family("hunyuan_video", sd)
+                if what == "wan":
+                    wan22 = "decoder.upsamples.0.upsamples.0.residual.2.weight" in sd
+                    return self._family("wan2.2" if wan22 else "wan2.1", sd)
                 raise _not_in_fake(f"{what} VAEs")
         if "pixel_space_vae" in sd:
             self.first_stage_model = _PixelspaceConversionVAE()
@@ -461,6 +520,24 @@ class VAE:
         if "vocoder.activation_post.downsample.lowpass.filter" in sd:
             raise _not_in_fake("MMAudio VAEs")
         return None
+
+    def _family(self, name, sd):
+        """Set the attributes ComfyUI gives family ``name`` and build its (tiny) model."""
+        fam = _FAMILIES[name]
+        k, s = fam["ratio"]
+        self.latent_channels = fam["channels"]
+        self.working_dtypes = list(fam["dtypes"])
+        self.memory_used_encode, self.memory_used_decode = fam["memory"]
+        if k is None:  # an image VAE with a large ratio
+            self.downscale_ratio = self.upscale_ratio = s
+            self.latent_dim = 2
+        else:
+            self.latent_dim = 3
+            self.upscale_ratio = (lambda a, k=k: max(0, a * k - (k - 1)), s, s)
+            self.downscale_ratio = (lambda a, k=k: max(0, math.floor((a + k - 1) / k)), s, s)
+            self.upscale_index_formula = self.downscale_index_formula = (k, s, s)
+        self.first_stage_model = fam["build"](sd)
+        return name
 
     def throw_exception_if_invalid(self):
         if self.first_stage_model is None:
@@ -555,7 +632,11 @@ class VAE:
                 pixel_samples[x:x + batch_number] = out
         except model_management.OOM_EXCEPTION:
             logging.warning("Ran out of memory when regular VAE decoding, retrying with tiled VAE decoding.")
-            pixel_samples = self.decode_tiled_(samples_in)
+            if samples_in.ndim == 5:
+                tile = 256 // self.spacial_compression_decode()
+                pixel_samples = self.decode_tiled_3d(samples_in, tile_x=tile, tile_y=tile, overlap=(1, tile // 4, tile // 4))
+            else:
+                pixel_samples = self.decode_tiled_(samples_in)
         return pixel_samples.to(self.output_device).movedim(1, -1)
 
     def decode_tiled(self, samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
@@ -572,16 +653,40 @@ class VAE:
             args["overlap"] = overlap
         if dims == 2:
             output = self.decode_tiled_(samples, **args)
+        elif dims == 3:
+            args["overlap"] = (1 if overlap_t is None else max(1, overlap_t), overlap, overlap)
+            if tile_t is not None:
+                args["tile_t"] = max(2, tile_t)
+            output = self.decode_tiled_3d(samples, **args)
         else:
             raise _not_in_fake(f"{dims}-D tiled decoding")
         return output.movedim(1, -1)
+
+    def decode_tiled_3d(self, samples, tile_t=999, tile_x=32, tile_y=32, overlap=(1, 8, 8)):
+        def decode_fn(a):
+            return self.first_stage_model.decode(a.to(self.vae_dtype).to(self.device)).float()
+
+        return self.process_output(comfy.utils.tiled_scale_multidim(
+            samples, decode_fn, tile=(tile_t, tile_x, tile_y), overlap=overlap, upscale_amount=self.upscale_ratio,
+            out_channels=self.output_channels, index_formulas=self.upscale_index_formula,
+            output_device=self.output_device))
+
+    def encode_tiled_3d(self, samples, tile_t=9999, tile_x=512, tile_y=512, overlap=(1, 64, 64)):
+        def encode_fn(a):
+            return self.first_stage_model.encode(self.process_input(a).to(self.vae_dtype).to(self.device)).float()
+
+        return comfy.utils.tiled_scale_multidim(
+            samples, encode_fn, tile=(tile_t, tile_x, tile_y), overlap=overlap, upscale_amount=self.downscale_ratio,
+            out_channels=self.latent_channels, downscale=True, index_formulas=self.downscale_index_formula,
+            output_device=self.output_device)
 
     def encode(self, pixel_samples):
         self.throw_exception_if_invalid()
         pixel_samples = self.vae_encode_crop_pixels(pixel_samples)
         pixel_samples = pixel_samples.movedim(-1, 1)
         if self.latent_dim == 3 and pixel_samples.ndim < 5:
-            raise _not_in_fake("video VAEs")
+            # A batch of frames is one clip [1, C, T, H, W] (not_video VAEs: T images of one frame).
+            pixel_samples = pixel_samples.unsqueeze(2) if self.not_video else pixel_samples.movedim(1, 0).unsqueeze(0)
         samples = None
         try:
             memory_used = self.memory_used_encode(pixel_samples.shape, self.vae_dtype)
@@ -597,7 +702,10 @@ class VAE:
                 samples[x:x + batch_number] = out
         except model_management.OOM_EXCEPTION:
             logging.warning("Ran out of memory when regular VAE encoding, retrying with tiled VAE encoding.")
-            samples = self.encode_tiled_(pixel_samples)
+            if self.latent_dim == 3:
+                samples = self.encode_tiled_3d(pixel_samples, tile_x=256, tile_y=256, overlap=(1, 64, 64))
+            else:
+                samples = self.encode_tiled_(pixel_samples)
         return samples
 
     def encode_tiled(self, pixel_samples, tile_x=None, tile_y=None, overlap=None, tile_t=None, overlap_t=None):
@@ -605,6 +713,8 @@ class VAE:
         pixel_samples = self.vae_encode_crop_pixels(pixel_samples)
         dims = self.latent_dim
         pixel_samples = pixel_samples.movedim(-1, 1)
+        if dims == 3:
+            pixel_samples = pixel_samples.unsqueeze(2) if self.not_video else pixel_samples.movedim(1, 0).unsqueeze(0)
         memory_used = self.memory_used_encode(pixel_samples.shape, self.vae_dtype)
         model_management.load_models_gpu([self.patcher], memory_required=memory_used,
                                          force_full_load=self.disable_offload)
@@ -617,12 +727,73 @@ class VAE:
             args["overlap"] = overlap
         if dims == 2:
             samples = self.encode_tiled_(pixel_samples, **args)
+        elif dims == 3:
+            # Temporal sizes arrive in frames: rounded to what the VAE can represent
+            # (1 + k*n frames), and the clip is cut to such a length too.
+            tile_t_latent = 9999 if tile_t is None else max(2, self.downscale_ratio[0](tile_t))
+            args["tile_t"] = self.upscale_ratio[0](tile_t_latent)
+            if overlap_t is None:
+                args["overlap"] = (1, overlap, overlap)
+            else:
+                t_over = max(1, min(tile_t_latent // 2, self.downscale_ratio[0](overlap_t)))
+                args["overlap"] = (self.upscale_ratio[0](t_over), overlap, overlap)
+            frames = self.upscale_ratio[0](self.downscale_ratio[0](pixel_samples.shape[2]))
+            samples = self.encode_tiled_3d(pixel_samples[:, :, :frames], **args)
         else:
             raise _not_in_fake(f"{dims}-D tiled encoding")
         return samples
 
     def get_sd(self):
         return self.first_stage_model.state_dict()
+
+
+def _build(module, cls, **kwargs):
+    def build(sd):
+        import importlib
+
+        return getattr(importlib.import_module(module), cls)(**kwargs)
+
+    return build
+
+
+def _ltxv(sd):
+    from comfy.ldm.lightricks.vae.causal_video_autoencoder import SIGNATURE, VideoVAE
+
+    width = sd[SIGNATURE].shape[0]
+    version = 0 if width == 512 else (2 if "encoder.down_blocks.1.conv.conv.bias" in sd else 1)
+    return VideoVAE(version=version)
+
+
+def _memory(coef_encode, encode_dims, coef_decode, decode_dims, floor_t=None):
+    """ComfyUI's estimates: a coefficient times the sizes at ``*_dims`` of the shape, times
+    the dtype size (``floor_t``: the encode's frame count is taken as at least that)."""
+    def size(shape, dims, floor=None):
+        out = 1
+        for d in dims:
+            out *= max(shape[d], floor) if (floor is not None and d == 2) else shape[d]
+        return out
+
+    return (lambda shape, dtype: coef_encode * size(shape, encode_dims, floor_t) * model_management.dtype_size(dtype),
+            lambda shape, dtype: coef_decode * size(shape, decode_dims) * model_management.dtype_size(dtype))
+
+
+_BF16_FP16_FP32 = (torch.bfloat16, torch.float16, torch.float32)
+# What ComfyUI 0.3.64's VAE gives each family (ratio = (temporal k or None, spatial s)).
+_FAMILIES = {
+    "wan2.1": {"channels": 16, "ratio": (4, 8), "dtypes": _BF16_FP16_FP32,
+               "memory": _memory(6000, (3, 4), 7000 * 8 * 8, (3, 4)), "build": _build("comfy.ldm.wan.vae", "WanVAE")},
+    "wan2.2": {"channels": 48, "ratio": (4, 16), "dtypes": _BF16_FP16_FP32,
+               "memory": _memory(3300, (3, 4), 8000 * 16 * 16, (3, 4)),
+               "build": _build("comfy.ldm.wan.vae2_2", "WanVAE")},
+    "hunyuan_video": {"channels": 16, "ratio": (4, 8), "dtypes": _BF16_FP16_FP32,
+                      "memory": _memory(900, (2, 3, 4), 1500 * 4 * 8 * 8, (2, 3, 4), floor_t=2),
+                      "build": _build("comfy.ldm.hunyuan_video.causal_kl", "HunyuanVideoVAE")},
+    "ltxv": {"channels": 128, "ratio": (8, 32), "dtypes": (torch.bfloat16, torch.float32),
+             "memory": _memory(70, (2, 3, 4), 900 * 8 * 8 * 8, (2, 3, 4), floor_t=7), "build": _ltxv},
+    "hunyuan_image": {"channels": 64, "ratio": (None, 32), "dtypes": (torch.float16, torch.bfloat16, torch.float32),
+                      "memory": _memory(700, (2, 3), 700 * 32 * 32, (2, 3)),
+                      "build": _build("comfy.ldm.hunyuan_video.vae", "HunyuanImageVAE")},
+}
 
 
 class _PixelspaceConversionVAE(torch.nn.Module):

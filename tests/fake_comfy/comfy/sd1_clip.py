@@ -20,6 +20,7 @@ fit in the current chunk moves whole to the next one (longer words are split).
 
 import json
 import logging
+import numbers
 import os
 
 import torch
@@ -53,7 +54,11 @@ class ClipTokenWeightEncoder:
         weighted = any(w != 1.0 for row in weights for w in row)
         to_encode = list(sections)
         if weighted or count == 0:
-            to_encode.append(gen_empty_tokens(self.special_tokens, longest or self.max_length))
+            # No chunks at all (an empty stream): the empty sequence of length 0, i.e. just
+            # the start / end tokens -- CLIP gives 2 positions, T5 1. A model may define its
+            # own empty tokens (PixArt: pad only).
+            empty_tokens = getattr(self, "gen_empty_tokens", None) or gen_empty_tokens
+            to_encode.append(empty_tokens(self.special_tokens, longest))
 
         result = self.encode(to_encode)
         out, pooled = result[:2]
@@ -70,7 +75,13 @@ class ClipTokenWeightEncoder:
         cond = torch.cat(chunks, dim=-2) if chunks else out[-1:]
         cond = cond.to(comfy.model_management.intermediate_device())
         if len(result) > 2:
-            return cond, first_pooled, result[2]
+            # Extras (the attention mask) cover the given chunks only, as one [1, T] row.
+            extra = {}
+            for key, value in result[2].items():
+                if key == "attention_mask":
+                    value = value[:count].flatten().unsqueeze(dim=0).to(comfy.model_management.intermediate_device())
+                extra[key] = value
+            return cond, first_pooled, extra
         return cond, first_pooled
 
 
@@ -98,9 +109,10 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         operations = model_options.get("custom_operations", None) or comfy.ops.manual_cast
         self.operations = operations
         self.transformer = model_class(config, dtype, device, operations)
+        projection = getattr(self.transformer, "text_projection", None)  # T5 / LLM encoders have none
         with torch.no_grad():
-            proj = self.transformer.text_projection.weight
-            if proj.shape[0] == proj.shape[1]:
+            proj = projection.weight if projection is not None else None
+            if proj is not None and proj.shape[0] == proj.shape[1]:
                 proj.copy_(torch.eye(proj.shape[0], dtype=proj.dtype, device=proj.device))
         self.num_layers = self.transformer.num_layers
         self.max_length = max_length
@@ -141,40 +153,83 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         self.layer, self.layer_idx, self.return_projected_pooled = self.options_default
 
     def process_tokens(self, tokens, device):
-        """-> (input embeddings [B, T, D] float32, token ids [B, T] for pooling)."""
+        """-> (input embeddings [B, T, D] float32, token ids [B, T] for pooling, attention
+        mask [B, T] int64).
+
+        Integer tokens are looked up; the mask is 1 up to and including the first end token
+        (no end token: up to the first pad, which gets 0) and 0 after it. Anything else is
+        an embedding inserted at its place: a tensor (textual inversion, one row per vector),
+        ``{"type": "embedding", "data": tensor}``, or another dict the transformer's
+        ``preprocess_embed`` turns into rows (images); one it cannot use is dropped, one of
+        the wrong width is dropped with a warning and padding appended instead. Inserted rows
+        count as attended; their ids are 0 (never an end token, so CLIP's pooling skips them)."""
         token_embedding = self.transformer.get_input_embeddings()
-        hidden = token_embedding.weight.shape[1]
-        ids_out, embeds_out = [], []
+        end = self.special_tokens.get("end")
+        stop = end if end is not None else self.special_tokens.get("pad", -1)
+        pad = self.special_tokens.get("pad", 0)
+        ids_out, embeds_out, masks_out = [], [], []
         for section in tokens:
-            ids = []
-            vectors = {}
+            ids, mask, others = [], [], []
+            eos = False
             for pos, token in enumerate(section):
-                if isinstance(token, torch.Tensor) and token.numel() > 1:
-                    if token.shape[-1] != hidden:
-                        logging.warning(f"WARNING: shape mismatch when trying to apply embedding, embedding will be ignored {token.shape[-1]} != {hidden}")
-                        ids.append(self.special_tokens.get("pad", 0))
-                        continue
-                    vectors[pos] = token.reshape(-1)
-                    ids.append(0)
+                if isinstance(token, numbers.Integral) and not isinstance(token, bool):
+                    token = int(token)
+                    mask.append(0 if eos else 1)
+                    ids.append(token)
+                    if not eos and token == stop:
+                        if end is None:
+                            mask[-1] = 0
+                        eos = True
                 else:
-                    ids.append(int(token))
-            ids_t = torch.tensor([ids], dtype=torch.long, device=device)
-            emb = token_embedding(ids_t, out_dtype=torch.float32)
-            for pos, vec in vectors.items():
-                emb[0, pos] = vec.to(device=device, dtype=torch.float32)
-            ids_out.append(ids_t)
+                    others.append((pos, token))
+            emb = token_embedding(torch.tensor([ids], dtype=torch.long, device=device), out_dtype=torch.float32)
+            shift = 0
+            pad_extra = 0
+            for pos, other in others:
+                rows = None
+                if isinstance(other, torch.Tensor):
+                    rows = other
+                elif isinstance(other, dict) and other.get("type") == "embedding":
+                    rows = other.get("data")
+                elif isinstance(other, dict) and hasattr(self.transformer, "preprocess_embed"):
+                    rows = self.transformer.preprocess_embed(other, device)
+                if rows is None:
+                    shift -= 1
+                    continue
+                rows = rows.reshape(1, -1, rows.shape[-1]).to(device=device, dtype=torch.float32)
+                at = pos + shift
+                if rows.shape[-1] != emb.shape[-1]:
+                    logging.warning(f"WARNING: shape mismatch when trying to apply embedding, embedding will be ignored {rows.shape[-1]} != {emb.shape[-1]}")
+                    shift -= 1
+                    pad_extra += rows.shape[1]
+                    continue
+                emb = torch.cat([emb[:, :at], rows, emb[:, at:]], dim=1)
+                ids = ids[:at] + [0] * rows.shape[1] + ids[at:]
+                mask = mask[:at] + [1] * rows.shape[1] + mask[at:]
+                shift += rows.shape[1] - 1
+            if pad_extra:
+                filler = torch.tensor([[pad] * pad_extra], dtype=torch.long, device=device)
+                emb = torch.cat([emb, token_embedding(filler, out_dtype=torch.float32)], dim=1)
+                ids += [pad] * pad_extra
+                mask += [0] * pad_extra
+            ids_out.append(torch.tensor([ids], dtype=torch.long, device=device))
             embeds_out.append(emb)
-        return torch.cat(embeds_out), torch.cat(ids_out)
+            masks_out.append(torch.tensor([mask], dtype=torch.long, device=device))
+        return torch.cat(embeds_out), torch.cat(ids_out), torch.cat(masks_out)
 
     def forward(self, tokens):
         device = self.transformer.get_input_embeddings().weight.device
-        embeds, ids = self.process_tokens(tokens, device)
+        embeds, ids, mask = self.process_tokens(tokens, device)
         intermediate_output = self.layer_idx if self.layer == "hidden" else None
-        outputs = self.transformer(ids, None, embeds=embeds, num_tokens=None, intermediate_output=intermediate_output,
+        outputs = self.transformer(ids, mask if self.enable_attention_masks else None, embeds=embeds, num_tokens=None,
+                                   intermediate_output=intermediate_output,
                                    final_layer_norm_intermediate=self.layer_norm_hidden_state, dtype=torch.float32)
         z = outputs[0] if self.layer == "last" else outputs[1]
         pooled = outputs[2] if self.return_projected_pooled else outputs[3]
-        return z.float(), (pooled.float() if pooled is not None else None)
+        z, pooled = z.float(), (pooled.float() if pooled is not None else None)
+        if self.return_attention_masks:
+            return z, pooled, {"attention_mask": mask}
+        return z, pooled
 
     def encode(self, tokens):
         return self(tokens)
@@ -304,11 +359,12 @@ class SDTokenizer:
         if has_start_token:
             self.tokens_start = 1
             self.start_token = empty[0]
-            self.end_token = end_token if end_token is not None else empty[1]
+            self.end_token = end_token if end_token is not None else (empty[1] if has_end_token else None)
         else:
             self.tokens_start = 0
             self.start_token = None
-            self.end_token = end_token if end_token is not None else empty[0]
+            # No end token at all (LLM tokenizers: has_end_token=False) unless one is given.
+            self.end_token = end_token if end_token is not None else (empty[0] if has_end_token else None)
         self.pad_token = pad_token
         self.pad_with_end = pad_with_end
         self.pad_to_max_length = pad_to_max_length
@@ -362,13 +418,15 @@ class SDTokenizer:
                 groups.append([(t, weight) for t in self._word_ids(word)])
 
         has_start = self.start_token is not None
-        content = self.max_length - (1 if has_start else 0) - 1  # room between start and end
+        has_end = self.end_token is not None
+        content = self.max_length - (1 if has_start else 0) - (1 if has_end else 0)  # room between start and end
 
         def new_chunk():
             return [(self.start_token, 1.0, 0)] if has_start else []
 
         def close(chunk):
-            chunk.append((self.end_token, 1.0, 0))
+            if has_end:
+                chunk.append((self.end_token, 1.0, 0))
             if self.pad_to_max_length:
                 chunk.extend([(pad_token, 1.0, 0)] * (self.max_length - len(chunk)))
 

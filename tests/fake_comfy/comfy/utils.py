@@ -215,18 +215,33 @@ def get_tiled_scale_steps(width, height, tile_x, tile_y, overlap):
 def tiled_scale_multidim(samples, function, tile=(64, 64), overlap=8, upscale_amount=4, out_channels=3,
                          output_device="cpu", downscale=False, index_formulas=None, pbar=None):
     """Run ``function`` over overlapping tiles of ``samples`` [B, C, *spatial] and blend the
-    (rescaled by ``upscale_amount``) outputs with feathered weights."""
+    outputs with feathered weights. ``upscale_amount`` per dimension is a factor or (video
+    time axis) a callable from an input extent to an output extent; ``index_formulas`` place
+    a tile's output (a factor; default the upscale amounts); ``downscale`` divides instead."""
     dims = len(tile)
     if not isinstance(upscale_amount, (tuple, list)):
         upscale_amount = [upscale_amount] * dims
     if not isinstance(overlap, (tuple, list)):
         overlap = [overlap] * dims
+    if index_formulas is None:
+        index_formulas = upscale_amount
+    if not isinstance(index_formulas, (tuple, list)):
+        index_formulas = [index_formulas] * dims
 
-    def scaled(d, value):
-        return round(value * upscale_amount[d])
+    def extent(d, value):
+        up = upscale_amount[d]
+        if callable(up):
+            return round(up(value))
+        return round(value / up if downscale else value * up)
+
+    def position(d, value):
+        f = index_formulas[d]
+        if callable(f):
+            return round(f(value))
+        return round(value / f if downscale else value * f)
 
     spatial = samples.shape[2:]
-    out_shape = [samples.shape[0], out_channels] + [scaled(d, spatial[d]) for d in range(dims)]
+    out_shape = [samples.shape[0], out_channels] + [extent(d, spatial[d]) for d in range(dims)]
     output = torch.empty(out_shape, device=output_device)
     origins = [_tile_origins(spatial[d], tile[d], overlap[d]) for d in range(dims)]
     for b in range(samples.shape[0]):
@@ -243,10 +258,13 @@ def tiled_scale_multidim(samples, function, tile=(64, 64), overlap=8, upscale_am
             for d in range(dims):
                 piece = piece.narrow(d + 2, corner[d], min(tile[d], spatial[d] - corner[d]))
             result = function(piece).to(output_device)
+            for d in range(dims):  # a causal time axis can place a tile's end past the output's
+                start = position(d, corner[d])
+                result = result.narrow(d + 2, 0, max(0, min(result.shape[d + 2], out_shape[d + 2] - start)))
             mask = torch.ones([1, 1] + list(result.shape[2:]), device=output_device)
             for d in range(dims):
                 length = result.shape[d + 2]
-                feather = scaled(d, overlap[d])
+                feather = position(d, overlap[d])
                 lo = feather if corner[d] > 0 else 0
                 hi = feather if corner[d] + piece.shape[d + 2] < spatial[d] else 0
                 shape = [1] * (dims + 2)
@@ -254,14 +272,14 @@ def tiled_scale_multidim(samples, function, tile=(64, 64), overlap=8, upscale_am
                 mask = mask * _ramp(length, lo, hi, output_device).reshape(shape)
             dst_acc, dst_w = acc, weight
             for d in range(dims):
-                start = scaled(d, corner[d])
+                start = position(d, corner[d])
                 dst_acc = dst_acc.narrow(d + 2, start, result.shape[d + 2])
                 dst_w = dst_w.narrow(d + 2, start, result.shape[d + 2])
             dst_acc += result * mask
             dst_w += mask
             if pbar is not None:
                 pbar.update(1)
-        output[b:b + 1] = acc / weight
+        output[b:b + 1] = acc / weight.clamp(min=1e-12)
     return output
 
 

@@ -36,6 +36,7 @@ Conditioning = _io_type("CONDITIONING")
 Latent = _io_type("LATENT")
 Image = _io_type("IMAGE")
 Model = _io_type("MODEL")
+Combo = _io_type("COMBO")  # options=[...]
 
 
 def Custom(io_type):
