@@ -26,6 +26,7 @@ import pytest
 from tray_helpers import (
     finish_tray_app,
     free_port,
+    glyph_state,
     instances_toml,
     listening,
     port_free,
@@ -509,9 +510,22 @@ class RealTray:
         return True
 
     def wait_colour(self, colour: str, timeout: float = 30) -> float:
+        """Wait for the docked icon's colour, then check its glyph reads the same state in
+        grayscale (issue 16: a state must not be told by colour alone)."""
         wait_until(lambda: self._alive() and self.xs.panel_colour() == colour, timeout,
                    f"the docked icon to turn {colour}", interval=0.03)
-        return time.monotonic() - self.started
+        took = time.monotonic() - self.started
+        try:
+            wait_until(lambda: self.glyph() == colour, 5, f"the {colour} state's glyph on screen (grayscale)")
+        except AssertionError as e:
+            grab = ARTIFACTS / f"glyph-not-{colour}.png"
+            self.xs.grab(self.wait_docked(5).rect).save(grab)
+            raise AssertionError(f"{e}; the icon as grabbed: {grab}") from None
+        return took
+
+    def glyph(self) -> str | None:
+        icon = self.wait_docked(5)
+        return glyph_state(self.xs.grab(icon.rect))
 
     def open_menu(self):
         icon = self.wait_docked(10)

@@ -1,10 +1,9 @@
-"""The tray's view model, icons and notification policy -- pure, no screen, no pystray."""
+"""The tray's view model and notification policy -- pure, no screen, no pystray (icons: test_icons.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from luna_daemon.tray import icons
 from luna_daemon.tray.app import tray_unavailable_reason
 from luna_daemon.tray.menu import (
     FAILING,
@@ -138,35 +137,6 @@ def test_summary_uses_the_shared_units():
         "requests": {"total": 10, "errors": 1}, "devices": {"cpu": {"models_bytes": 2_000_000}, "cuda:0": {"models_bytes": 1_000_000_000}},
     })
     assert text == "Running on port 19283 · 2 models (955.6 MiB) · 1 client · 10 requests (1 failed) · engine standalone · up 1 h 2 min"
-
-
-# ----------------------------------------------------------------------------- icons
-@pytest.mark.parametrize("colour", ["gray", "yellow", "green", "red"])
-@pytest.mark.parametrize("size", [16, 32, 64])
-def test_icons_render_with_the_right_dominant_colour(colour, size):
-    img = icons.disc(colour, size)
-    assert img.size == (size, size) and img.mode == "RGBA"
-    assert icons.dominant_colour(img, min_pixels=size * size // 4) == colour
-    # transparent corners, opaque centre in the exact palette colour
-    assert img.getpixel((0, 0))[3] == 0 and img.getpixel((size - 1, size - 1))[3] == 0
-    centre = img.getpixel((size // 2, size // 2))
-    assert centre[3] == 255 and icons.classify(centre[:3], tolerance=10) == colour
-
-
-def test_icons_have_a_dark_outline_at_16px():
-    img = icons.disc("yellow", 16)
-    row = [img.getpixel((x, 8)) for x in range(16)]
-    opaque = [p for p in row if p[3] > 200]
-    assert any(sum(p[:3]) < 200 for p in opaque), "no dark outline pixel on the middle row"
-
-
-def test_icon_colours_are_distinct_and_unknown_colours_rejected():
-    centres = {c: icons.disc(c, 16).getpixel((8, 8))[:3] for c in ("gray", "yellow", "green", "red")}
-    assert len(set(centres.values())) == 4
-    for c, rgb in centres.items():
-        assert icons.classify(rgb) == c
-    with pytest.raises(ValueError):
-        icons.disc("blue")
 
 
 # ----------------------------------------------------------------------------- notifications

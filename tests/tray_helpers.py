@@ -233,3 +233,55 @@ def finish_tray_app(app, host, thread) -> None:
         app.request_exit()
         thread.join(30)
     host.close(5)
+
+
+def glyph_state(img) -> str | None:
+    """The state whose *glyph* the icon in ``img`` (a screen grab around it) shows, or None.
+
+    Colour-blind on purpose: grayscale only, and only over the dark side of the moon (the
+    glyph's disc; the crescent, the one part whose brightness differs by colour, is left
+    out), against each state's mark scaled to the size the icon occupies on screen -- so a
+    tray that only changed colour fails.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from luna_daemon.tray import icons
+    from luna_daemon.tray.menu import COLOURS
+
+    rgb = np.asarray(img.convert("RGB"), dtype=int)
+    bg = rgb[0, 0]
+    ys, xs = np.nonzero(np.abs(rgb - bg).sum(axis=-1) > 60)
+    if len(ys) < 16:
+        return None
+    # The panel may clip the icon's edges: pad with "unknown" so the fit can overhang.
+    pad = 4
+    y0, x0 = int(ys.min()) + pad, int(xs.min()) + pad
+    n = int(max(ys.max() - ys.min(), xs.max() - xs.min())) + 1
+    gray = np.pad(np.asarray(img.convert("L"), dtype=float), pad, constant_values=np.nan)
+    best, best_d = None, float("inf")
+    # The bounding box of a scaled, blended, maybe clipped icon is only good to a pixel or
+    # two: search sizes and offsets around it.
+    for m in (n - 1, n, n + 1, n + 2, n + 3):
+        shadow = icons.shapes(icons.BRAND, 64)[2]
+        k, r = m / 64, shadow.r * m / 64 - 1.5
+        region = Image.new("1", (m, m))
+        ImageDraw.Draw(region).ellipse((shadow.cx * k - r, shadow.cy * k - r, shadow.cx * k + r, shadow.cy * k + r), fill=1)
+        inside = np.asarray(region)
+        for colour in COLOURS:
+            ref = icons.mark(colour, 64).resize((m, m), Image.BILINEAR)
+            base = Image.new("RGBA", ref.size, (*bg.tolist(), 255))
+            want = np.asarray(Image.alpha_composite(base, ref).convert("L"), dtype=float)
+            for dy in range(-2, 3):
+                for dx in range(-2, 3):
+                    ty, tx = y0 + dy, x0 + dx
+                    if ty < 0 or tx < 0 or ty + m > gray.shape[0] or tx + m > gray.shape[1]:
+                        continue
+                    diff = np.abs(gray[ty:ty + m, tx:tx + m] - want)[inside]
+                    diff = diff[~np.isnan(diff)]
+                    if len(diff) < inside.sum() * 0.8:
+                        continue
+                    d = float(diff.mean())
+                    if d < best_d:
+                        best, best_d = colour, d
+    return best if best_d < 20 else None

@@ -1,6 +1,6 @@
 """The system-tray face of Luna Daemon.
 
-``app`` (TrayApp + ``main``), ``menu`` (pure view model), ``icons`` (Pillow discs),
+``app`` (TrayApp + ``main``), ``menu`` (pure view model), ``icons`` (the Luna mark),
 ``notify`` (rate-limited notifications), ``autostart`` (Start at Login), ``bench``
 (launch → green benchmark), ``xsession`` (a virtual X session with a real tray, for
 tests and the benchmark). Nothing here imports pystray at import time: pystray picks a

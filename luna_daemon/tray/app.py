@@ -39,7 +39,7 @@ from typing import Any
 from luna_daemon.host import AlreadyRunning, Host, install_signal_handlers
 from luna_daemon.settings import Settings
 from luna_daemon.tray import autostart
-from luna_daemon.tray.icons import disc
+from luna_daemon.tray.icons import mark
 from luna_daemon.tray.menu import (
     FAILING,
     HEALTHY,
@@ -263,7 +263,7 @@ class TrayApp:
         self._unsubscribe: Callable[[], None] | None = None
 
         self.icon = _icon_class(pystray.Icon)(
-            "luna-daemon", icon=disc(self._view.colour, ICON_SIZE), title=self._view.title, menu=self._build_menu())
+            "luna-daemon", icon=mark(self._view.colour, ICON_SIZE), title=self._view.title, menu=self._build_menu())
         self.icon.on_menu_open = self._on_menu_open
         if not getattr(pystray.Icon, "HAS_MENU", True):
             # pystray's plain-X11 backend: the dot shows the colour, but nothing is clickable.
@@ -324,7 +324,7 @@ class TrayApp:
             self._pushed = view
             icon = self.icon
             if old is None or old.colour != view.colour:
-                icon.icon = disc(view.colour, ICON_SIZE)
+                icon.icon = mark(view.colour, ICON_SIZE)
                 log.info("tray icon %s: %s", view.colour, view.title)
             if old is None or old.title != view.title:
                 icon.title = view.title
