@@ -12,7 +12,9 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import threading
+import time
 import tomllib
 import urllib.request
 from pathlib import Path
@@ -22,6 +24,7 @@ import pytest
 from luna_daemon.client import DaemonClient
 from luna_daemon.host import Host
 from luna_daemon.models.devices import available_devices
+from luna_daemon.settings import help_text
 from luna_daemon.web import settings_io
 
 CHROMIUM = "/usr/bin/chromium"
@@ -54,10 +57,12 @@ def browser():
         b.close()
 
 
-def _checked_page(browser):
+def _checked_page(browser, width: int = 1280, scheme: str | None = None):
     """A fresh browser context and page that fails the test on any page error or console
-    error (a CSP violation, a broken script) unless the test expects them."""
-    ctx = browser.new_context(viewport={"width": 1280, "height": 860}, accept_downloads=True)
+    error (a CSP violation, a broken script) unless the test expects them. ``scheme``:
+    the system colour scheme the page sees ("light" / "dark")."""
+    ctx = browser.new_context(viewport={"width": width, "height": 860}, accept_downloads=True,
+                              **({"color_scheme": scheme} if scheme else {}))
     pg = ctx.new_page()
     problems: list[str] = []
     pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
@@ -424,3 +429,104 @@ def test_stop_on_one_instance_card_stops_only_that_instance(pair_page, pair):
     expect(page.locator("#log-view .log-line").first).to_contain_text("[clip]", timeout=WAIT_MS)
     texts = page.locator("#log-view .log-line").all_inner_texts()
     assert texts and all("[clip]" in t for t in texts)
+
+
+# ----------------------------------------------------------------------------- charts, themes, 420 px
+@pytest.fixture
+def charting(make_settings, monkeypatch):
+    """A running host whose chart history is sampled every 0.3 s (5 s in production)."""
+    from luna_daemon.web import history
+
+    monkeypatch.setattr(history, "SAMPLE_INTERVAL", 0.3)
+    h = Host(make_settings(), log_to_stderr=False)
+    try:
+        h.start_monitor()
+        h.daemon.start()
+        yield h
+    finally:
+        h.close(10)
+
+
+def _points(page: Page, testid: str, series: str) -> int:
+    """How many data points the line of ``series`` in chart ``testid`` has."""
+    return page.evaluate(
+        """([testid, series]) => {
+            const p = document.querySelector(`[data-testid=${testid}] path.chart-line[data-series="${series}"]`);
+            return p ? (p.getAttribute("d").match(/[ML]/g) || []).length : 0;
+        }""", [testid, series])
+
+
+def _no_overflow(page: Page) -> tuple[int, int]:
+    return page.evaluate("() => [document.scrollingElement.scrollWidth, innerWidth]")
+
+
+@pytest.mark.parametrize("scheme", ["dark", "light"])
+def test_charts_render_live_points_and_hover_shows_values(browser, charting, model_dir, scheme):
+    h = charting
+    for pg in _checked_page(browser, 1280, scheme):
+        with DaemonClient(*h.daemon.address, token=h.daemon.token, timeout=60) as c:
+            c.vae_load(str(model_dir / "vae_folder"))
+            open_dashboard(pg, h, "status")
+            # Requests while the page watches: the points arrive over the WebSocket.
+            end = time.monotonic() + WAIT_MS / 1000
+            while time.monotonic() < end and _points(pg, "chart-latency", "ping p95") < 3:
+                c.ping()
+                time.sleep(0.05)
+            assert _points(pg, "chart-latency", "ping p95") >= 3, "the latency chart has no line for ping"
+            assert _points(pg, "chart-rps", "ping") >= 3
+            assert _points(pg, "chart-load", "clients") >= 4
+            assert _points(pg, "chart-memory", "weights") >= 4
+            expect(pg.locator("[data-testid=chart-memory] figcaption").first).to_have_text("Memory: cpu")
+
+            # Hover: the tip names the time and each series with its value.
+            rps = pg.locator("[data-testid=chart-rps] svg")
+            box = rps.bounding_box()
+            assert box is not None
+            rps.hover(position={"x": box["width"] - 20, "y": box["height"] / 2})
+            tip = pg.locator("[data-testid=chart-rps] [data-testid=chart-tip]")
+            expect(tip).to_be_visible()
+            expect(tip).to_contain_text(re.compile(r"ping: [0-9.]+/s"))
+            mem = pg.locator("[data-testid=chart-memory] svg").first
+            mem.hover()
+            expect(pg.locator("[data-testid=chart-memory] [data-testid=chart-tip]").first).to_contain_text(
+                re.compile(r"weights: [0-9.]+ (KiB|MiB|GiB)"))
+
+            # The labeled memory bar in the top row (every instance together).
+            bar = pg.locator("[data-testid=memory-card] [data-testid=membar]").first
+            expect(bar).to_contain_text("weights")
+            expect(bar).to_contain_text("free")
+            widths = bar.locator(".seg").evaluate_all("ss => ss.map(s => s.getBoundingClientRect().width)")
+            assert widths[0] > 0, "the weights part of the bar shows"
+            # The top row is full: the memory card sits on the right of the traffic card.
+            top = pg.evaluate("""() => [...document.querySelectorAll('#page-status > .cards > .card')]
+                .slice(0, 4).map(c => c.getBoundingClientRect().top)""")
+            assert len({round(t) for t in top}) == 1, f"the four top cards are one row: {top}"
+            bg = pg.evaluate("() => getComputedStyle(document.body).backgroundColor")
+            assert bg == ("rgb(20, 22, 26)" if scheme == "dark" else "rgb(244, 245, 247)"), bg
+            shot(pg, f"charts-1280-{scheme}")
+
+
+def test_every_page_fits_420px_and_settings_have_help(browser, charting, model_dir):
+    h = charting
+    for pg in _checked_page(browser, 420):
+        with DaemonClient(*h.daemon.address, token=h.daemon.token, timeout=60) as c:
+            c.vae_load(str(model_dir / "vae_folder"))
+            c.clip_load([str(model_dir / "clip_l")], "sd1")
+            open_dashboard(pg, h, "status")
+            expect(pg.locator("[data-testid=chart-rps] svg")).to_be_visible()
+            pg.wait_for_function("() => document.querySelectorAll('[data-testid=chart-load] path.chart-line').length > 0",
+                                 timeout=WAIT_MS)
+            for which in ("status", "models", "logs", "settings"):
+                pg.click(f"nav a[data-page={which}]")
+                expect(pg.locator(f"#page-{which}")).to_be_visible()
+                if which == "models":
+                    expect(pg.locator("#models-body tr")).to_have_count(2, timeout=WAIT_MS)
+                if which == "logs":
+                    expect(pg.locator("#log-view .log-line").first).to_be_visible(timeout=WAIT_MS)
+                width, inner = _no_overflow(pg)
+                assert width <= inner, f"{which}: the page is {width} px wide in a {inner} px window"
+                shot(pg, f"{which}-420")
+            helps = pg.eval_on_selector_all(".field", "fs => fs.map(f => [f.querySelector('[name]').name, "
+                                                      "(f.querySelector('.help') || {}).textContent || ''])")
+            assert helps and all(text for _, text in helps), helps
+            assert all(text == help_text(name) for name, text in helps)

@@ -538,7 +538,8 @@ def test_settings_save_validates_and_keeps_user_keys(make_settings, tmp_path):
             desc = snap["settings"]
             assert desc["choices"]["device"] == settings_io.device_choices(available_devices())
             assert desc["fields"]["vae_dtype"] == {"value": "fp32", "source": "file", "overridden": False,
-                                                   "restart": "daemon", "locked": False, "hint": ""}
+                                                   "restart": "daemon", "locked": False, "hint": "",
+                                                   "help": "VAE precision: auto, fp32, fp16, bf16"}
             assert desc["fields"]["clip_dtype"]["overridden"] is True  # set by a flag in this test
             assert login(ws, token=h.daemon.token)["ok"]
 
@@ -896,6 +897,38 @@ def test_every_instance_has_a_card_metrics_and_its_own_actions(pair_host, model_
         assert api_status(h)["overall"] == "stopped"
         reply = request(ws, {"type": "start"}, 10)
         assert reply["ok"] is True and reply["result"]["states"] == {"vae": "running", "clip": "running"}
+
+
+def test_chart_history_sums_every_instance(pair_host, model_dir):
+    from luna_daemon.web.history import History
+    from luna_daemon.web.views import models
+
+    h = pair_host
+    child = h.instance("clip")
+    clock = [1_000_000.0]
+    hist = History(h, h.monitor.children, clock=lambda: clock[0])
+
+    def child_pings() -> int:
+        cached = h.monitor.children.get("clip") or {}
+        return ((cached.get("status") or {}).get("requests") or {}).get("by_op", {}).get("ping", {}).get("ok", 0)
+
+    with DaemonClient(*child.address, token=child.token, timeout=60) as c:
+        info = c.clip_load([str(model_dir / "clip_l")])
+        wait_for(lambda: card(h, "clip")["models"] >= 1, what="the child's card showing its model")
+        before = child_pings()
+        hist.sample()
+        for _ in range(10):
+            c.ping()
+        # The child's numbers come from the poller's status answers (every 0.5 s here).
+        wait_for(lambda: child_pings() >= before + 10, what="the poller fetching the child's counters")
+        clock[0] += 10.0
+        got = hist.sample()
+        loaded = sum(m["bytes"] for m in models(h, h.monitor.children) if m["device"] == "cpu")
+        c.unload(info["model"])
+    assert got["ops"]["ping"]["rps"] >= 1.0, got["ops"]   # the child's 10 pings in 10 s (or more)
+    assert got["ops"]["ping"]["p95"] is not None
+    assert got["clients"] >= 1
+    assert loaded > 0 and got["mem"]["cpu"]["weights"] == loaded  # the child's model counted
 
 
 def test_log_viewer_filters_by_instance_and_downloads_each_file(pair_host):

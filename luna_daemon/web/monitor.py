@@ -37,6 +37,7 @@ from luna_daemon.web.common import PAGES, refusal_log
 from luna_daemon.web.http_routes import HttpRoutes
 from luna_daemon.web.instances import ChildPoller
 from luna_daemon.web.metrics import Metrics
+from luna_daemon.web.history import History
 from luna_daemon.web.ws_hub import MAX_WS_CLIENTS, QUEUE_LIMIT, WsHub
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class Monitor:
         # or a scrape never waits on a child process.
         self.children = ChildPoller(host)
         self.metrics = Metrics(host, lambda: self._hub.client_count if self._hub is not None else 0, self.children)
+        # The charts' bounded history (history.py), sampled while the monitor runs.
+        self.history = History(host, self.children)
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -91,6 +94,7 @@ class Monitor:
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        self._unsubscribe_history: Callable[[], None] | None = None
         self._port: int | None = None
         self._refusals = refusal_log()
 
@@ -112,7 +116,7 @@ class Monitor:
         self._port = self._sock.getsockname()[1]
         self.gate = Gate(self.settings.host, self._port, self.settings.allowed_origins, login_ttl=self.login_ttl)
         self._hub = hub = WsHub(self.host, self.gate, self._refusals, queue_limit=self.queue_limit,
-                                children=self.children)
+                                children=self.children, history=self.history)
         self._http = HttpRoutes(self.host, self.gate, self._port, self.metrics, lambda: hub.client_count,
                                 MAX_WS_CLIENTS, self._refusals, children=self.children)
         self._loop = asyncio.new_event_loop()
@@ -126,6 +130,8 @@ class Monitor:
             raise MonitorError(errno.EIO, f"monitor failed to start on port {self._port}: {err}")
         self._unsubscribe = self.host.events.subscribe(hub.on_event)
         self.children.start()
+        self._unsubscribe_history = self.history.subscribe(hub.on_sample)
+        self.history.start()
         log.info("dashboard at http://%s:%d/", self._display_host(), self._port)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -134,6 +140,10 @@ class Monitor:
             self._unsubscribe()
             self._unsubscribe = None
         self.children.stop()
+        self.history.stop()
+        if self._unsubscribe_history is not None:
+            self._unsubscribe_history()
+            self._unsubscribe_history = None
         thread, loop = self._thread, self._loop
         if thread is not None and loop is not None:
             try:

@@ -11,6 +11,9 @@ What a caller (the Monitor) can rely on:
 * A client without a session never receives log lines: its snapshots carry none, and a
   ``log`` event reaches it as ``{"type": "event", "seq": N, "name": "hidden"}`` so that
   its sequence stays gap-free. Logging in sends it a fresh snapshot with the log.
+* Chart samples (:mod:`luna_daemon.web.history`) go out as ``{"type": "sample"}``
+  through the same bounded queues, outside ``seq``; every snapshot carries the whole
+  (bounded) ``history``.
 """
 
 from __future__ import annotations
@@ -135,9 +138,10 @@ class WsHub:
     """Every dashboard connection of one monitor; see the module docstring."""
 
     def __init__(self, host: Any, gate: Gate, refusals: RateLimitedLog, *, queue_limit: int = QUEUE_LIMIT,
-                 children: ChildPoller | None = None):
+                 children: ChildPoller | None = None, history: Any = None):
         self.host = host
         self.children = children
+        self.history = history  # web.history.History: the charts' samples (None: no charts)
         self.settings = host.settings
         self.gate = gate
         self.refusals = refusals
@@ -167,18 +171,32 @@ class WsHub:
                             "bus_seq": event.seq, "data": event.data})
             hidden = (to_json({"type": "event", "seq": self._seq, "name": "hidden", "time": event.time})
                       if event.type in PRIVATE_EVENTS else text)
-            for c in self._clients:
-                if c.snapshot_reason is not None:
-                    continue  # a snapshot is due; it will cover this event
-                if len(c.queue) >= self.queue_limit:
-                    # Too slow: drop what is buffered and resync with a snapshot rather
-                    # than ever making the daemon wait for a browser.
-                    c.dropped += len(c.queue) + 1
-                    c.queue.clear()
-                    c.snapshot_reason = "overflow"
-                else:
-                    c.queue.append((event.type, text if c.authed else hidden))
-                c.poke()
+            self._fan_out(event.type, text, hidden)
+
+    def on_sample(self, sample: dict[str, Any]) -> None:
+        """History listener (sampler thread; never blocks): one ``{"type": "sample"}``
+        message per chart sample. Outside the event ``seq``: a sample lost to an overflow
+        is covered by the resync snapshot, which carries the whole history."""
+        if not self._clients:
+            return
+        with self._lock:
+            text = to_json({"type": "sample", "sample": sample})
+            self._fan_out("sample", text, text)
+
+    def _fan_out(self, name: str, text: str, hidden: str) -> None:
+        """Queue one message for every client; called with the lock held."""
+        for c in self._clients:
+            if c.snapshot_reason is not None:
+                continue  # a snapshot is due; it will cover this message
+            if len(c.queue) >= self.queue_limit:
+                # Too slow: drop what is buffered and resync with a snapshot rather
+                # than ever making the daemon wait for a browser.
+                c.dropped += len(c.queue) + 1
+                c.queue.clear()
+                c.snapshot_reason = "overflow"
+            else:
+                c.queue.append((name, text if c.authed else hidden))
+            c.poke()
 
     def _status(self) -> dict[str, Any]:
         return views.status(self.host, monitor_clients=len(self._clients), children=self.children)
@@ -195,6 +213,7 @@ class WsHub:
             "logs": self.host.log_tail.since(0, SNAPSHOT_LOG_LINES) if client.authed else [],
             "settings": settings_io.describe(self.settings, views.devices()),
             "pages": list(PAGES),
+            "history": self.history.describe() if self.history is not None else None,
         }
 
     def _resync(self, c: _Client, reason: str) -> None:

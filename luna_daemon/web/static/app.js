@@ -1,4 +1,4 @@
-// Luna Daemon dashboard. Plain JS, no build step, no third-party code.
+// Luna Daemon dashboard. Plain JS, no build step, no third-party code (charts: charts.js).
 // Protocol (see docs/monitor.md): the server sends a "snapshot" on connect, then
 // "event" messages with a gap-free "seq"; on a gap we ask for a new snapshot. "status"
 // messages refresh the numbers every few seconds. Actions need a login: the tray opens
@@ -18,6 +18,7 @@
     paused: false, unseen: 0, settings: null, original: {}, nextId: 1, pending: new Map(),
     retry: 500, warnings: [], loginSecret: null, snapshots: 0,
     cards: new Map(), instMsg: new Map(),
+    history: [], historyWindow: 0, charts: new Map(),
   };
   window.lunaDashboard = st; // for debugging (and the browser tests) only
 
@@ -125,6 +126,7 @@
         st.status = m.status; st.models = m.models || [];
         renderStatus(); renderModels();
         break;
+      case "sample": addSample(m.sample); break;
       case "auth":
         st.authed = !!m.ok;
         if (m.ok) { sessionStorage.setItem(SESSION_KEY, m.session); st.authError = ""; }
@@ -146,6 +148,7 @@
     st.loading.clear();
     st.logs = []; st.lastLogSeq = 0;
     for (const line of m.logs || []) pushLog(fromLogRecord(line));
+    applyHistory(m.history);
     renderStatus(); renderModels(); renderLoading(); renderLogs();
     applySettings(m.settings);
   }
@@ -347,12 +350,13 @@
       ? `${fmtBytes(lc.bytes)}${lc.budget ? " / " + fmtBytes(lc.budget) : ""}, ${lc.hits} hits, ${lc.misses} misses`
       : "—";
     const rows = (s.devices || []).map((d) => {
-      const meter = el("meter", { min: 0, max: d.total || 1, value: d.used || 0 });
       const mem = d.total ? `${fmtBytes(d.used)} / ${fmtBytes(d.total)}` : "not in use yet";
-      return el("tr", {}, el("td", {}, d.name), el("td", { class: "num" }, mem), el("td", {}, d.total ? meter : ""),
+      return el("tr", {}, el("td", {}, d.name), el("td", { class: "num" }, mem),
+        el("td", { class: "bar-cell" }, d.total ? memBar(d.name, partsOfDevice(d), false) : ""),
         el("td", { class: "num" }, fmtBytes(d.models_bytes)));
     });
     $("devices-body").replaceChildren(...rows);
+    renderMemoryCard();
     $("roots-body").replaceChildren(...(s.roots || []).map((r) =>
       el("tr", {}, el("td", {}, r.path), el("td", {}, r.source), el("td", {}, (r.kinds || []).join(", ")))));
     const offline = !st.ws;
@@ -374,6 +378,88 @@
     if (r.ok) showMsg("control-msg", `${kind}: done (${r.result.state})`, "ok");
     else showMsg("control-msg", `${kind} failed: ${r.error.message}`, "error");
     return r;
+  }
+
+  // ------------------------------------------------------------------ memory bars
+  // weights (models loaded there), other (the rest of what is used: caches, runtime, on a
+  // GPU other processes too) and free; the same split as the memory charts (history.py).
+  function partsOfDevice(d) {
+    const used = d.used ?? null, total = d.total ?? null, weights = d.models_bytes || 0;
+    return { weights, other: used === null ? null : Math.max(0, used - weights),
+      free: used === null || total === null ? null : Math.max(0, total - used), total };
+  }
+  function memBar(name, d, withName = true) {
+    const total = d.total || 0;
+    const bar = el("div", { class: "membar" });
+    for (const [k, cls] of [["weights", "seg-w"], ["other", "seg-o"], ["free", "seg-f"]]) {
+      const seg = el("span", { class: "seg " + cls, title: `${k}: ${fmtBytes(d[k])}` });
+      seg.style.width = total ? `${Math.max(0, Math.min(100, (d[k] || 0) / total * 100)).toFixed(2)}%` : "0";
+      bar.append(seg);
+    }
+    const label = el("div", { class: "memlabel small" },
+      el("span", { class: "key" }, el("i", { class: "sw seg-w" }), `weights ${fmtBytes(d.weights)}`), " ",
+      el("span", { class: "key" }, el("i", { class: "sw seg-o" }), `other ${fmtBytes(d.other)}`), " ",
+      el("span", { class: "key" }, el("i", { class: "sw seg-f" }), `free ${fmtBytes(d.free)}`),
+      ` of ${fmtBytes(total)}`);
+    return el("div", { class: "memrow", dataset: { testid: "membar", device: name } },
+      ...(withName ? [el("div", { class: "memname" }, name)] : []), bar, label);
+  }
+  // The top row's memory card: every instance together (the newest chart sample), or the
+  // primary's devices until the first sample arrives.
+  function renderMemoryCard() {
+    const last = st.history.length ? st.history[st.history.length - 1] : null;
+    const entries = last && Object.keys(last.mem || {}).length ? Object.entries(last.mem)
+      : ((st.status && st.status.devices) || []).filter((d) => d.total).map((d) => [d.name, partsOfDevice(d)]);
+    const rows = entries.map(([name, d]) => memBar(name, d));
+    $("memory-bars").replaceChildren(...(rows.length ? rows : [el("p", { class: "muted" }, "not in use yet")]));
+  }
+
+  // ------------------------------------------------------------------ charts
+  const CHART_OPS = 4; // the busiest ops get a line each (a few lines stay readable)
+  const fmtRate = (v) => `${Number(v).toFixed(v >= 10 || v === 0 ? 0 : v >= 1 ? 1 : 2)}/s`;
+  const fmtMs = (v) => `${Number(v).toFixed(v >= 100 || v === 0 ? 0 : 1)} ms`;
+  const fmtCount = (v) => String(Math.round(Number(v) * 10) / 10);
+  function applyHistory(h) {
+    st.history = h && Array.isArray(h.samples) ? h.samples.slice() : [];
+    st.historyWindow = h ? Number(h.window) || 0 : 0;
+    renderCharts();
+  }
+  function addSample(sample) {
+    if (!sample || typeof sample.t !== "number") return;
+    const h = st.history;
+    if (h.length && sample.t <= h[h.length - 1].t) return; // already in the snapshot
+    h.push(sample);
+    // The server's bound: its window (and never more points than it keeps).
+    while (h.length && st.historyWindow && h[0].t < sample.t - st.historyWindow) h.shift();
+    if (h.length > 1100) h.splice(0, h.length - 1100);
+    renderCharts();
+    renderMemoryCard();
+  }
+  function chart(box, key, opts) {
+    let c = st.charts.get(key);
+    if (!c) { c = globalThis.LunaCharts.create($(box), opts); st.charts.set(key, c); }
+    return c;
+  }
+  function renderCharts() {
+    const h = st.history;
+    const times = h.map((s) => s.t);
+    const devs = [...new Set(h.flatMap((s) => Object.keys(s.mem || {})))];
+    for (const dev of devs) {
+      chart("charts-memory", "mem:" + dev, { title: `Memory: ${dev}`, format: fmtBytes, stacked: true, bytes: true,
+        testid: "chart-memory" }).update(times, ["weights", "other", "free"].map((k) => ({
+        name: k, values: h.map((s) => (s.mem && s.mem[dev] ? s.mem[dev][k] ?? null : null)) })));
+    }
+    const total = {};
+    for (const s of h) for (const [op, v] of Object.entries(s.ops || {})) total[op] = (total[op] || 0) + v.rps;
+    const ops = Object.keys(total).sort((a, b) => total[b] - total[a] || a.localeCompare(b)).slice(0, CHART_OPS);
+    // An op missing from a sample had no requests in it: 0 per second, no latency.
+    chart("charts-traffic", "rps", { title: "Requests per second", format: fmtRate, testid: "chart-rps" })
+      .update(times, ops.map((op) => ({ name: op, values: h.map((s) => (s.ops && s.ops[op] ? s.ops[op].rps : 0)) })));
+    chart("charts-traffic", "latency", { title: "Latency p50 / p95", format: fmtMs, testid: "chart-latency" })
+      .update(times, ops.flatMap((op) => ["p50", "p95"].map((q) => ({ name: `${op} ${q}`,
+        values: h.map((s) => (s.ops && s.ops[op] ? s.ops[op][q] : null)) }))));
+    chart("charts-traffic", "load", { title: "Clients and queue depth", format: fmtCount, testid: "chart-load" })
+      .update(times, [{ name: "clients", values: h.map((s) => s.clients) }, { name: "queue", values: h.map((s) => s.queue) }]);
   }
 
   // ------------------------------------------------------------------ models page
@@ -500,6 +586,11 @@
       // Scope-widening keys (what the daemon runs, reads or listens on) are never saved
       // from a web page; the server refuses them too. Show them, read-only, with where to
       // change them instead.
+      // Help from settings.HELP (the same text as the README's settings table).
+      let help = field.querySelector(".help");
+      if (!help) { help = el("span", { class: "help", dataset: { testid: "help" } }); field.append(help); }
+      help.textContent = f.help || "";
+      field.querySelector("label").title = f.help || "";
       let hint = field.querySelector(".hint");
       if (!hint) { hint = el("span", { class: "hint" }); field.append(hint); }
       hint.textContent = f.locked ? f.hint : "";
