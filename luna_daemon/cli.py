@@ -10,7 +10,8 @@ on; ``serve`` keeps its dashboard up and exits 2 only if it ends before the file
 Start-up cost: this module imports only the standard library at module level, and each
 command imports what it needs when it runs. The light commands (``--version``, ``--help``,
 ``status``, ``ps``, ``stop``, ``unload``, ``load``, ``logs``, ``config``, ``dashboard``,
-``doctor --no-devices``) never import torch (tests/test_cli.py checks ``sys.modules``); ``serve``,
+``doctor --no-devices``, ``service``) never import torch (tests/test_cli.py and
+tests/test_packaging.py check ``sys.modules``); ``serve``,
 ``tray``, ``demo``, ``bench`` and doctor's device check do.
 
 Several instances (``[[instances]]``): ``status``, ``ps``, ``unload``, ``load`` and ``stop``
@@ -619,6 +620,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
 
+def cmd_service(args: argparse.Namespace) -> int:
+    """``service install|uninstall|status``: the systemd user unit / LaunchAgent that runs
+    ``serve`` (luna_daemon.system_service). Exit 1 when it refuses or fails."""
+    from luna_daemon import system_service
+
+    try:
+        if args.action == "install":
+            res = system_service.install(config=getattr(args, "config", None), enable=args.enable)
+        elif args.action == "uninstall":
+            res = system_service.uninstall(disable=args.disable)
+        else:
+            res = system_service.status()
+    except system_service.ServiceError as exc:
+        _out(f"luna-daemon service {args.action}: {exc}")
+        return EXIT_FAIL
+    if args.json:
+        _json(res.as_dict())
+    else:
+        for line in res.lines:
+            _out(line)
+    return EXIT_OK
+
+
+def tray_entry() -> int:
+    """The ``luna-daemon-tray`` gui-script (no console window on Windows): ``luna-daemon tray``."""
+    return main(["tray", *sys.argv[1:]])
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from luna_daemon import bench
 
@@ -740,6 +769,13 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--no-devices", action="store_true", help="skip the device check (the only one that imports torch)")
     dr.set_defaults(func=cmd_doctor)
     sub.add_parser("demo", parents=[common], help="offline proof: tiny models, a daemon, encode/decode").set_defaults(func=cmd_demo)
+    sv = sub.add_parser("service", parents=[common], help="run `serve` at login under systemd (user unit) or "
+                        "launchd (LaunchAgent): install, uninstall, status")
+    sv.add_argument("action", choices=("install", "uninstall", "status"))
+    sv.add_argument("--enable", action="store_true", help="install: also run `systemctl --user enable --now "
+                    "luna-daemon` (launchctl bootstrap on macOS)")
+    sv.add_argument("--disable", action="store_true", help="uninstall: stop and disable it first")
+    sv.set_defaults(func=cmd_service)
     b = sub.add_parser("bench", parents=[common], help="benchmarks (transport by default)")
     b.add_argument("--memory", action="store_true", help="memory sharing benchmark")
     b.add_argument("--startup", action="store_true", help="tray launch -> green")

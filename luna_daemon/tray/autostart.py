@@ -24,15 +24,20 @@ What a caller can rely on:
 
 from __future__ import annotations
 
-import os
 import plistlib
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import luna_daemon
 from luna_daemon.fsutil import atomic_write
+from luna_daemon.userdirs import (
+    config_home,
+    launch_agents_dir,
+    platform_kind,
+    source_root,
+    windows_startup_dir,
+)
 
 DESKTOP_NAME = "luna-daemon.desktop"
 LAUNCH_AGENT_LABEL = "io.github.luna-daemon.tray"
@@ -43,42 +48,17 @@ class AutostartError(RuntimeError):
     """Enabling or disabling failed; ``str(exc)`` says why."""
 
 
-def _platform(platform: str | None) -> str:
-    p = platform or sys.platform
-    if p.startswith("win"):
-        return "windows"
-    if p == "darwin":
-        return "macos"
-    return "xdg"
-
-
-def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
-    return os.environ if env is None else env
-
-
-def _home(env: Mapping[str, str]) -> Path:
-    home = env.get("HOME") or env.get("USERPROFILE")
-    return Path(home) if home else Path.home()
+_platform = platform_kind  # the paths are shared with luna_daemon.system_service (userdirs)
 
 
 def entry_path(platform: str | None = None, env: Mapping[str, str] | None = None) -> Path:
     """Where the autostart entry lives on ``platform`` (default: this one)."""
-    env = _env(env)
     kind = _platform(platform)
     if kind == "windows":
-        appdata = env.get("APPDATA")
-        base = Path(appdata) if appdata else _home(env) / "AppData" / "Roaming"
-        return base / "Microsoft" / "Windows" / "Start Menu" / "Programs" / "Startup" / SHORTCUT_NAME
+        return windows_startup_dir(env) / SHORTCUT_NAME
     if kind == "macos":
-        return _home(env) / "Library" / "LaunchAgents" / f"{LAUNCH_AGENT_LABEL}.plist"
-    xdg = env.get("XDG_CONFIG_HOME")
-    base = Path(xdg) if xdg and Path(xdg).is_absolute() else _home(env) / ".config"
-    return base / "autostart" / DESKTOP_NAME
-
-
-def source_root() -> Path:
-    """The directory that holds the ``luna_daemon`` package (this checkout)."""
-    return Path(luna_daemon.__file__).resolve().parent.parent
+        return launch_agents_dir(env) / f"{LAUNCH_AGENT_LABEL}.plist"
+    return config_home(env) / "autostart" / DESKTOP_NAME
 
 
 def launcher_command(platform: str | None = None, config: str | None = None) -> list[str]:
