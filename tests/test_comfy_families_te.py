@@ -7,8 +7,10 @@ blocks, ComfyUI's detection looks at both, but a tiny feed-forward and attention
 
 Families: SD3 (Luna Triple CLIP Loader = TripleCLIPLoader, CLIPTextEncodeSD3 with empty
 streams), Flux (Luna Dual CLIP Loader, CLIPTextEncodeFlux), Chroma (T5-XXL only, no pooled
-output); the loaders' type lists and arities; token dicts passing through unchanged; bad
-tokens as typed errors; the ``instance`` input.
+output), Qwen-Image, Wan (umT5-XXL), Lumina2 (Gemma 2, CLIPTextEncodeLumina2); the loaders'
+type lists and arities; token dicts passing through unchanged; bad tokens as typed errors; the
+``instance`` input; the Checkpoint Tunnel for each family's CLIP (split into the standalone
+files ``load_clip`` reads, rebuilt as the same class) and its typed refusals.
 """
 
 from __future__ import annotations
@@ -436,3 +438,210 @@ def test_qwen_image_edit_images_travel_both_ways(native, conn, qwen_file):
     same_cond(got, text_encode(native, padded_ref, "a cat"))
     mask = got[0][1]["attention_mask"]
     assert mask.dtype == torch.int64 and mask.shape[1] == got[0][0].shape[1] and int(mask.min()) == 0
+
+
+# -------------------------------------------------------------------- Checkpoint Tunnel
+# A checkpoint's CLIP is the same class load_clip builds from the standalone files (SD3:
+# SD3ClipModel_, Flux: FluxClipModel_, Chroma: PixArtTEModel_, ...), so the natives below
+# stand for CheckpointLoaderSimple's output (the fake checkpoint loader knows SD1 only).
+
+
+def tunnel(clip):
+    return run(luna_nodes.LunaCheckpointTunnel().tunnel, None, clip, None)[1]
+
+
+def test_tunnel_sd3_clip_matches_native(native, conn, native_sd3):
+    t_clip = tunnel(native_sd3)
+    info = t_clip._remote.info
+    assert info["clip_type"] == "sd3" and info["model_class"] == type(native_sd3.cond_stage_model).__name__
+    assert info["tokenizer_keys"] == ["g", "l", "t5xxl"]
+    assert same_tokens(run(t_clip.tokenize, "a (red:1.2) cat"), run(native_sd3.tokenize, "a (red:1.2) cat"))
+    for case in SD3_CASES:
+        same_cond(run(native.sd3.CLIPTextEncodeSD3.execute, t_clip, *case).result[0],
+                  run(native.sd3.CLIPTextEncodeSD3.execute, native_sd3, *case).result[0])
+    same_cond(text_encode(native, t_clip, "a photo of a cat"), text_encode(native, native_sd3, "a photo of a cat"))
+    assert tunnel(t_clip) is t_clip  # a proxy passes through
+
+
+@pytest.mark.parametrize("files", [("clip_l.safetensors", "clip_g.safetensors"),  # sd3_medium_incl_clips
+                                   ("clip_l.safetensors", "t5xxl.safetensors"), ("t5xxl.safetensors",)])
+def test_tunnel_sd3_subsets_stay_sd3(native, conn, files):
+    """An SD3 CLIP with CLIP-L + CLIP-G only has SDXL's sub-model names: the tunnel must
+    rebuild SD3's encoder (4096-wide cond), not SDXL's, nor Flux's for L + T5."""
+    loader = native.nodes.DualCLIPLoader().load_clip if len(files) == 2 else native.nodes.CLIPLoader().load_clip
+    ref = run(loader, *files, "sd3")[0]
+    t_clip = tunnel(ref)
+    assert t_clip._remote.info["clip_type"] == "sd3"
+    assert t_clip._remote.info["model_class"] == type(ref.cond_stage_model).__name__
+    for case in SD3_CASES[:3]:
+        same_cond(run(native.sd3.CLIPTextEncodeSD3.execute, t_clip, *case).result[0],
+                  run(native.sd3.CLIPTextEncodeSD3.execute, ref, *case).result[0])
+
+
+def test_tunnel_flux_and_chroma_clips_match_native(native, conn, native_flux):
+    t_flux = tunnel(native_flux)
+    assert t_flux._remote.info["clip_type"] == "flux" and t_flux._remote.info["model_class"] == "FluxClipModel_"
+    for clip_l, t5, guidance in (("a cat", "a (red:1.3) cat on a mat", 3.5), ("", "", 0.0)):
+        same_cond(run(native.flux.CLIPTextEncodeFlux.execute, t_flux, clip_l, t5, guidance).result[0],
+                  run(native.flux.CLIPTextEncodeFlux.execute, native_flux, clip_l, t5, guidance).result[0])
+    chroma = run(native.nodes.CLIPLoader().load_clip, "t5xxl.safetensors", "chroma")[0]
+    t_chroma = tunnel(chroma)
+    assert t_chroma._remote.info["model_class"] == "PixArtTEModel_"
+    for text in ("a photo of a (red:1.2) cat", ""):
+        got = text_encode(native, t_chroma, text)
+        same_cond(got, text_encode(native, chroma, text))
+        assert got[0][1]["pooled_output"] is None
+
+
+def test_tunnel_qwen_image_clip_matches_native(native, conn, qwen_file):
+    ref = run(native.nodes.CLIPLoader().load_clip, qwen_file, "qwen_image")[0]
+    t_clip = tunnel(ref)
+    assert t_clip._remote.info["clip_type"] == "qwen_image"
+    same_cond(text_encode(native, t_clip, "a red cat"), text_encode(native, ref, "a red cat"))
+
+
+def _upload(conn, sd, **hint):
+    from luna_daemon.comfy_nodes import proxies
+
+    blob, sha = proxies._state_blob(sd)
+    return proxies._register(conn, "clip_load_sd", blob, sha, hint)
+
+
+def test_tunnel_refusals_are_typed_and_name_the_cause(native, conn, client):
+    """What cannot be rebuilt from files is bad_args naming it; one stored upload serves
+    each class hint; the daemon keeps serving."""
+    chroma = run(native.nodes.CLIPLoader().load_clip, "t5xxl.safetensors", "chroma")[0]
+    t5_only = chroma.cond_stage_model.state_dict()
+    with pytest.raises(DaemonError, match="fit several ComfyUI CLIP types") as err:
+        _upload(conn, t5_only)  # no class hint: Chroma, SD3, Mochi, LTXV all have just t5xxl
+    assert err.value.code == "bad_args"
+    with pytest.raises(DaemonError, match="expected clip_l\\+t5xxl") as err:
+        _upload(conn, t5_only, model_class="FluxClipModel_", tokenizer_class="FluxTokenizer")
+    assert err.value.code == "bad_args"
+    with pytest.raises(DaemonError, match="HiDreamTEModel_") as err:
+        _upload(conn, t5_only, model_class="HiDreamTEModel_", tokenizer_class="HiDreamTokenizer")
+    with pytest.raises(DaemonError, match="model_class must be") as err:
+        _upload(conn, t5_only, model_class=["x"])
+    # The same stored upload, two hints: two CLIP types (per call, not per upload).
+    assert _upload(conn, t5_only, model_class="PixArtTEModel_", tokenizer_class="PixArtTokenizer")["clip_type"] == "chroma"
+    assert _upload(conn, t5_only, model_class="SD3ClipModel_", tokenizer_class="SD3Tokenizer")["clip_type"] == "sd3"
+    # A sub-model ComfyUI's file loaders do not know (here: grafted on a fresh CLIP).
+    odd = run(native.nodes.CLIPLoader().load_clip, "t5xxl.safetensors", "chroma")[0]
+    odd.cond_stage_model.add_module("mt5xl", torch.nn.Linear(2, 2))
+    with pytest.raises(DaemonError, match="mt5xl.bias") as err:
+        tunnel(odd)
+    assert err.value.code == "bad_args" and "Luna CLIP loader" in err.value.message
+    assert client.ping()["pong"] is True
+
+
+def test_split_puts_tokenizer_data_into_the_one_encoders_file():
+    """Wan (umT5-XXL) and Lumina2 (Gemma 2) CLIPs carry their SentencePiece model as
+    ``spiece_model`` in ``get_sd()``; ComfyUI's loader reads it from the encoder's file."""
+    from luna_daemon.models.engines.base import EngineError
+    from luna_daemon.models.engines.comfy import split_clip_state_dict
+
+    spiece = torch.arange(16, dtype=torch.uint8)
+    weight = torch.ones(4, 4)
+    clip_type, parts = split_clip_state_dict(
+        {"umt5xxl.transformer.encoder.block.0.layer.0.SelfAttention.k.weight": weight, "umt5xxl.logit_scale": torch.ones(()),
+         "spiece_model": spiece}, "WanTEModel", "WanT5Tokenizer")
+    assert clip_type == "wan" and [n for n, _ in parts] == ["umt5xxl"]
+    assert sorted(parts[0][1]) == ["encoder.block.0.layer.0.SelfAttention.k.weight", "spiece_model"]
+    assert parts[0][1]["spiece_model"] is spiece
+    clip_type, parts = split_clip_state_dict({"gemma2_2b.transformer.model.norm.weight": weight, "spiece_model": spiece},
+                                             "LuminaTEModel_", "LuminaTokenizer")
+    assert clip_type == "lumina2" and sorted(parts[0][1]) == ["model.norm.weight", "spiece_model"]
+    with pytest.raises(EngineError, match="tokenizer data") as err:
+        split_clip_state_dict({"clip_l.transformer.text_model.x": weight, "llama.transformer.model.x": weight,
+                               "spiece_model": spiece}, "HunyuanVideoClipModel_", "HunyuanVideoTokenizer")
+    assert err.value.code == "bad_args"
+    _, parts = split_clip_state_dict({"clip_l.transformer.text_model.x": weight, "llama.transformer.model.x": weight},
+                                     "HunyuanVideoClipModel_", "HunyuanVideoTokenizer")
+    assert [n for n, _ in parts] == ["clip_l", "llama"]
+
+
+# ----------------------------------------------------------------------- Wan, Lumina2
+
+
+def random_te_file(path: Path, model, seed: int) -> str:
+    """A text-encoder file in the layout of ``model`` (names and shapes from the fake's own
+    module, built on the meta device; seeded values) plus a ``spiece_model`` (the stand-in
+    SentencePiece model ComfyUI's Wan / Lumina2 loaders read from the file)."""
+    from comfy.text_encoders.spiece_tokenizer import make_model
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, meta in model.state_dict().items():
+        if not key.startswith("transformer."):
+            continue  # logit_scale: not in a standalone file
+        shape = tuple(meta.shape)
+        if len(shape) == 1:
+            value = 1 + 0.05 * torch.randn(shape, generator=g)
+        elif "shared" in key or "embed_tokens" in key or "relative_attention_bias" in key:
+            value = torch.randn(shape, generator=g)
+        else:
+            value = torch.randn(shape, generator=g) * shape[-1] ** -0.5
+        sd[key[len("transformer."):]] = value.half()
+    sd["spiece_model"] = torch.frombuffer(bytearray(make_model()), dtype=torch.uint8)
+    save_file(sd, str(path))
+    return path.name
+
+
+@pytest.fixture(scope="module")
+def wan_file(native, models) -> str:
+    from comfy.text_encoders import wan
+
+    return random_te_file(models / "text_encoders" / "umt5_xxl.safetensors",
+                          wan.UMT5XXlModel(device="meta", dtype=torch.float16), seed=31)
+
+
+@pytest.fixture(scope="module")
+def lumina_file(native, models) -> str:
+    from comfy.text_encoders import lumina2
+
+    return random_te_file(models / "text_encoders" / "gemma_2_2b.safetensors",
+                          lumina2.Gemma2_2BModel(device="meta", dtype=torch.float16), seed=32)
+
+
+def test_wan_umt5_matches_native_and_through_the_tunnel(native, conn, wan_file):
+    """Wan: CLIPLoader type wan; cond [1, 512, 4096] with the padded positions zeroed, no pooled
+    output; the tokenizer comes from the file's spiece_model, in the daemon as here."""
+    proxy = run(luna_nodes.LunaCLIPLoader().load_clip, wan_file, "wan")[0]
+    ref = run(native.nodes.CLIPLoader().load_clip, wan_file, "wan")[0]
+    assert type(ref.cond_stage_model).__name__ == "WanTEModel" and proxy._remote.info["tokenizer_keys"] == ["umt5xxl"]
+    tokens = run(ref.tokenize, "a (red:1.2) cat")
+    assert same_tokens(run(proxy.tokenize, "a (red:1.2) cat"), tokens) and len(tokens["umt5xxl"][0]) == 512
+    for text in ("a photo of a (red:1.2) cat", ""):
+        got = text_encode(native, proxy, text)
+        same_cond(got, text_encode(native, ref, text))
+        cond = got[0][0]
+        assert cond.shape == (1, 512, 4096) and got[0][1]["pooled_output"] is None
+        assert float(cond[0, -1].abs().max()) == 0.0  # padding zeroed (zero_out_masked)
+    t_clip = tunnel(ref)
+    assert t_clip._remote.info["clip_type"] == "wan" and t_clip._remote.info["model_class"] == "WanTEModel"
+    same_cond(text_encode(native, t_clip, "a red cat"), text_encode(native, ref, "a red cat"))
+
+
+def test_lumina2_gemma_matches_native_and_through_the_tunnel(native, conn, lumina_file):
+    """Lumina2: CLIPTextEncodeLumina2 with each system prompt; start token 2, no padding, the
+    attention_mask extra (int64), no pooled output."""
+    from comfy_extras import nodes_lumina2
+
+    encode = nodes_lumina2.CLIPTextEncodeLumina2.execute
+    proxy = run(luna_nodes.LunaCLIPLoader().load_clip, lumina_file, "lumina2")[0]
+    ref = run(native.nodes.CLIPLoader().load_clip, lumina_file, "lumina2")[0]
+    assert type(ref.cond_stage_model).__name__ == "LuminaTEModel_"
+    tokens = run(ref.tokenize, "a cat")
+    assert same_tokens(run(proxy.tokenize, "a cat"), tokens) and tokens["gemma2_2b"][0][0][0] == 2
+    t_clip = tunnel(ref)
+    assert t_clip._remote.info["clip_type"] == "lumina2"
+    for system in ("superior", "alignment"):
+        for user in ("a photo of a (red:1.2) cat", ""):
+            want = run(encode, ref, user, system).result[0]
+            got = run(encode, proxy, user, system).result[0]
+            same_cond(got, want)
+            same_cond(run(encode, t_clip, user, system).result[0], want)
+            mask = got[0][1]["attention_mask"]
+            assert mask.dtype == torch.int64 and mask.shape[1] == got[0][0].shape[1] and got[0][1]["pooled_output"] is None
+    with pytest.raises(RuntimeError, match="clip input is invalid"):
+        run(encode, None, "a cat", "superior")

@@ -147,12 +147,18 @@ def _weak_reload(conn: Any, native: Any, op: str, sd_fn: Callable[[Any], dict],
 
 
 def _unpatched_clip_weights(native: Any) -> dict[str, torch.Tensor]:
-    """The text encoder's original weights (``get_sd()`` without tokenizer data).
+    """What ``get_sd()`` returns, with the text encoder's original weights.
 
     ComfyUI patches LoRA weights into the shared module in place and leaves them there
     after an encode, keeping the originals in the patcher's ``backup`` (shared by all
-    clones); those originals replace any live patched weight here."""
+    clones); those originals replace any live patched weight here. Tokenizer data that is a
+    tensor (``spiece_model``: Wan's umT5, Lumina2's Gemma) travels too: ComfyUI's loader
+    reads the tokenizer from the text-encoder file."""
     sd = dict(native.cond_stage_model.state_dict())
+    tokenizer_sd = getattr(getattr(native, "tokenizer", None), "state_dict", None)
+    for key, value in (tokenizer_sd() if callable(tokenizer_sd) else {}).items():
+        if isinstance(value, torch.Tensor) and key not in sd:
+            sd[key] = value
     backup = getattr(getattr(native, "patcher", None), "backup", None) or {}
     for key, entry in list(backup.items()):
         weight = getattr(entry, "weight", None)
@@ -199,17 +205,23 @@ def tunnel_clip(conn: Any, native: Any) -> Any:
         cached = _TUNNEL_CACHE.get(native)
     if cached is None:
         weights = _unpatched_clip_weights(native)
-        extra = _dtype_arg(_storage_dtype(weights))  # the dtype this ComfyUI stores it in
+        local_class = type(getattr(native, "cond_stage_model", None)).__name__
+        # The classes say which clip_type rebuilds this CLIP from files (SD3 vs SDXL vs Flux
+        # share sub-model names; LTXV and Mochi share a model class but not a tokenizer).
+        extra = {**_dtype_arg(_storage_dtype(weights)),  # the dtype this ComfyUI stores it in
+                 "model_class": local_class, "tokenizer_class": type(getattr(native, "tokenizer", None)).__name__}
         blob, sha = _state_blob(weights)
         del weights
         answer = _register(conn, "clip_load_sd", blob, sha, extra)
         del blob
         remote = _Remote(conn, "clip", answer, f"checkpoint CLIP {sha[:12]}",
                          reload=_weak_reload(conn, native, "clip_load_sd", _unpatched_clip_weights, extra))
-        local_class = type(getattr(native, "cond_stage_model", None)).__name__
-        if remote.info.get("model_class") not in (None, local_class):
-            log.warning("Luna Checkpoint Tunnel: the daemon built %s for a %s text encoder",
-                        remote.info.get("model_class"), local_class)
+        built = remote.info.get("model_class")
+        if built not in (None, local_class):
+            if remote.engine in (None, "comfy"):  # the same code would give other encodings: never silently
+                raise DaemonUnsupported(f"Luna Checkpoint Tunnel: the daemon built a {built} for this {local_class} "
+                                        f"text encoder; load it with a Luna CLIP loader from its files instead")
+            log.warning("Luna Checkpoint Tunnel: the daemon built %s for a %s text encoder", built, local_class)
         cached = DaemonCLIP(remote, layer_idx=None)
         with _TUNNEL_LOCK:
             _TUNNEL_CACHE[native] = cached

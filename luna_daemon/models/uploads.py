@@ -51,7 +51,8 @@ def _upload_dir(settings: Any, registry: Any) -> Path:
 
 
 def _read_manifest(manifest: Path) -> dict[str, Any] | None:
-    """A manifest ``{"files": [names], "clip_type": ...}``, or None if absent or unusable."""
+    """A manifest ``{"files": [names], "clip_type": ..., "parts": [sub-model names]}``, or None
+    if absent or unusable."""
     try:
         meta = json.loads(fsutil.read_small(manifest, "upload manifest").decode("utf-8"))
     except (LunaError, ValueError):
@@ -110,12 +111,34 @@ def _remove(paths: list[Path]) -> None:
             log.warning("cannot remove invalid upload %s", p)
 
 
-def store_upload(settings: Any, registry: Any, kind: str, sha: str, data: Any) -> tuple[list[Path], str | None]:
+def _class_hint(value: Any, name: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 200 or not value.isidentifier():
+        raise LunaError(ErrorCode.BAD_ARGS, f"{name} must be a Python class name (e.g. SD3ClipModel_), got {value!r}")
+    return value
+
+
+def _clip_type(names: list[str], model_class: str | None, tokenizer_class: str | None) -> str:
+    # Imported here: the engine module is only needed for CLIP uploads.
+    from luna_daemon.models.engines.comfy import split_clip_type
+
+    return split_clip_type(names, model_class, tokenizer_class)  # EngineError is a LunaError (bad_args)
+
+
+def store_upload(settings: Any, registry: Any, kind: str, sha: str, data: Any, *,
+                 model_class: Any = None, tokenizer_class: Any = None) -> tuple[list[Path], str | None]:
     """Write (or find) the stored files for an upload -> (paths, clip_type).
 
-    Load the returned paths with ``registry.load(..., internal=True)``. Raises ``bad_args``
-    for bytes that are not a valid safetensors serialisation (nothing is kept), ``not_found``
-    when only the hash was sent and nothing valid is stored under it."""
+    Load the returned paths with ``registry.load(..., internal=True)``. A CLIP upload is split
+    into one standalone file per text encoder (``split_clip_parts``); ``model_class`` /
+    ``tokenizer_class`` (the client's ``type(clip.cond_stage_model).__name__`` and
+    ``type(clip.tokenizer).__name__``) pick the ``clip_type`` that rebuilds the same CLIP, per
+    call, so one stored upload serves any hint. Raises ``bad_args`` for bytes that are not a
+    valid safetensors serialisation or a CLIP that cannot be split or rebuilt (nothing is kept),
+    ``not_found`` when only the hash was sent and nothing valid is stored under it."""
+    model_class = _class_hint(model_class, "model_class")
+    tokenizer_class = _class_hint(tokenizer_class, "tokenizer_class")
     folder = _upload_dir(settings, registry)
     manifest = folder / f"{kind}-{sha}.json"
     with _UPLOAD_LOCK:
@@ -123,7 +146,10 @@ def store_upload(settings: Any, registry: Any, kind: str, sha: str, data: Any) -
         if meta is not None:
             paths = [folder / name for name in meta["files"]]
             if all(_valid_upload_file(p, settings.max_body_bytes) for p in paths):
-                return paths, meta.get("clip_type")
+                parts = meta.get("parts")
+                if kind != "clip" or not isinstance(parts, list) or not all(isinstance(n, str) for n in parts):
+                    return paths, meta.get("clip_type")  # a VAE, or stored before manifests named the parts
+                return paths, _clip_type(parts, model_class, tokenizer_class)
             log.warning("stored upload %s is missing or invalid; removing it", manifest.name)
             _remove([p for p in paths if fsutil.present(p)] + [manifest])
         elif fsutil.present(manifest):
@@ -143,17 +169,19 @@ def store_upload(settings: Any, registry: Any, kind: str, sha: str, data: Any) -
         from safetensors.torch import load as load_safetensors
         from safetensors.torch import save as save_safetensors
 
-        clip_type = None
+        clip_type, part_names = None, None
         if kind == "vae":
             files = [(f"vae-{sha}.safetensors", None)]  # stored as sent (validated); the engine reads it
         else:
-            from luna_daemon.models.engines.comfy import split_clip_state_dict
+            from luna_daemon.models.engines.comfy import split_clip_parts
 
             try:
                 state = load_safetensors(bytes(raw))
             except Exception as exc:  # noqa: BLE001 - SafetensorError has no stable import name
                 raise LunaError(ErrorCode.BAD_ARGS, f"uploaded {kind} is not a valid .safetensors blob: {exc}") from None
-            clip_type, parts = split_clip_state_dict(state)
+            parts = split_clip_parts(state)
+            part_names = [name for name, _ in parts]
+            clip_type = _clip_type(part_names, model_class, tokenizer_class)  # refused before anything is written
             files = [(f"clip-{sha}-{name}.safetensors", part) for name, part in parts]
 
         written: list[Path] = []
@@ -161,7 +189,8 @@ def store_upload(settings: Any, registry: Any, kind: str, sha: str, data: Any) -
             for name, part in files:
                 atomic_write(folder / name, raw if part is None else save_safetensors(part))
                 written.append(folder / name)
-            atomic_write(manifest, json.dumps({"files": [n for n, _ in files], "clip_type": clip_type}).encode())
+            atomic_write(manifest, json.dumps({"files": [n for n, _ in files], "clip_type": clip_type,
+                                               "parts": part_names}).encode())
         except OSError as exc:
             _remove(written)
             raise LunaError(ErrorCode.MODEL_ERROR, f"cannot store the uploaded {kind} in {folder}: {exc.strerror or exc}") from None

@@ -798,24 +798,58 @@ class ComfyClip(ClipModel):
         return up, down, None if alpha is None else float(alpha)
 
 
-# Text-encoder sub-models of a ``comfy.sd.CLIP`` whose state dict can be split into the
-# standalone files ``comfy.sd.load_clip`` reads (CLIP-L / CLIP-G / CLIP-H: SD1, SD2, SDXL).
-_TE_SUBMODELS = ("clip_l", "clip_g", "clip_h")
-_SPLIT_CLIP_TYPES = {("clip_l",): "sd1", ("clip_h",): "sd2", ("clip_g",): "sdxl_refiner", ("clip_l", "clip_g"): "sdxl"}
+# Checkpoint Tunnel: a ``comfy.sd.CLIP.get_sd()`` state dict -> standalone text-encoder files.
+# Observed in ComfyUI v0.3.64: every sub-model of a CLIP's ``cond_stage_model`` keeps its
+# weights under ``<name>.transformer.<key of the standalone file>`` (``clip_l.transformer.
+# text_model.*``, ``t5xxl.transformer.encoder.*``, ``gemma2_2b.transformer.model.*``, ...) plus
+# a ``<name>.logit_scale`` scalar, and tokenizers that carry data add it unprefixed
+# (``spiece_model``: Wan's umT5, Lumina2's Gemma). Stripping the prefix gives the files
+# ``comfy.sd.load_clip`` reads; this order is the file order passed to it.
+_TE_SUBMODELS = ("clip_l", "clip_g", "clip_h", "t5xxl", "umt5xxl", "gemma2_2b", "llama", "qwen25_7b", "qwen25_3b")
+_TOKENIZER_KEYS = ("spiece_model",)
+_SD3_PARTS = ("clip_l", "clip_g", "t5xxl")
+# (cond_stage_model class, tokenizer class) -> (clip_type, the sub-model sets load_clip rebuilds as
+# that same class). The tokenizer matters: LTXV and Mochi share MochiTEModel_ but tokenize
+# differently, and SD3 / SDXL / Flux share sub-model names. SD3: any non-empty subset, as
+# load_clip builds SD3 from 1, 2 or 3 of those files with clip_type sd3 (3 files are SD3 anyway).
+# HiDream is absent: its 3-encoder subsets load as SD3 from files, and ComfyUI's HiDream
+# checkpoints carry no text encoder.
+_SPLIT_CLASSES: dict[tuple[str, str], tuple[str, tuple[tuple[str, ...], ...]]] = {
+    ("SD1ClipModel", "SD1Tokenizer"): ("sd1", (("clip_l",),)),
+    ("SD2ClipModel", "SD2Tokenizer"): ("sd2", (("clip_h",),)),
+    ("SDXLClipModel", "SDXLTokenizer"): ("sdxl", (("clip_l", "clip_g"),)),
+    ("SDXLRefinerClipModel", "SDXLTokenizer"): ("sdxl_refiner", (("clip_g",),)),
+    ("StableCascadeClipModel", "StableCascadeTokenizer"): ("stable_cascade", (("clip_g",),)),
+    ("SD3ClipModel_", "SD3Tokenizer"): ("sd3", tuple(
+        tuple(n for i, n in enumerate(_SD3_PARTS) if mask >> i & 1) for mask in range(1, 8))),
+    ("FluxClipModel_", "FluxTokenizer"): ("flux", (("clip_l", "t5xxl"),)),
+    ("PixArtTEModel_", "PixArtTokenizer"): ("chroma", (("t5xxl",),)),  # = pixart: the same model and tokenizer
+    ("MochiTEModel_", "MochiT5Tokenizer"): ("mochi", (("t5xxl",),)),
+    ("MochiTEModel_", "LTXVT5Tokenizer"): ("ltxv", (("t5xxl",),)),
+    ("WanTEModel", "WanT5Tokenizer"): ("wan", (("umt5xxl",),)),
+    ("LuminaTEModel_", "LuminaTokenizer"): ("lumina2", (("gemma2_2b",),)),
+    ("HunyuanVideoClipModel_", "HunyuanVideoTokenizer"): ("hunyuan_video", (("clip_l", "llama"),)),
+    ("QwenImageTEModel_", "QwenImageTokenizer"): ("qwen_image", (("qwen25_7b",),)),
+    ("Omnigen2TEModel_", "Omnigen2Tokenizer"): ("omnigen2", (("qwen25_3b",),)),
+}
+# Without a class hint (older clients) only combinations one class explains are accepted.
+_SPLIT_DEFAULTS = {("clip_l",): "sd1", ("clip_h",): "sd2", ("clip_g",): "sdxl_refiner", ("clip_l", "clip_g"): "sdxl",
+                   ("clip_l", "clip_g", "t5xxl"): "sd3"}
 
 
-def split_clip_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[str, list[tuple[str, dict[str, torch.Tensor]]]]:
-    """A ``comfy.sd.CLIP.get_sd()`` state dict -> ``(clip_type, [(sub-model, standalone sd), ...])``.
+def split_clip_parts(sd: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A ``comfy.sd.CLIP.get_sd()`` state dict -> ``[(sub-model, standalone state dict), ...]``
+    in load order.
 
-    ``clip_l.transformer.text_model.*`` becomes ``text_model.*`` (and ``...text_projection.weight``
-    ``text_projection.weight``), the layout of a standalone text-encoder file, so the files load
-    with ``comfy.sd.load_clip`` as the same model class the checkpoint loader built (CLIP-L ->
-    SD1, CLIP-H -> SD2, CLIP-L + CLIP-G -> SDXL, CLIP-G alone -> the SDXL refiner). Per
-    sub-model scalars outside ``transformer.`` (``logit_scale``) are not model weights and are
-    dropped. Other text encoders (T5, LLMs: their sub-model names and tokenizer data differ)
-    are refused with ``bad_args``.
-    """
-    groups: dict[str, dict[str, torch.Tensor]] = {}
+    ``<name>.transformer.<key>`` becomes ``<key>`` (``clip_l.transformer.text_model.*`` ->
+    ``text_model.*``, ``t5xxl.transformer.encoder.*`` -> ``encoder.*``), the layout of a
+    standalone text-encoder file. Per sub-model scalars outside ``transformer.``
+    (``logit_scale``) are not model weights and are dropped. Tokenizer data (``spiece_model``)
+    goes into the file of the one sub-model (ComfyUI reads it from that file). Raises
+    ``bad_args`` naming the keys that belong to no known sub-model, or tokenizer data beside
+    several sub-models."""
+    groups: dict[str, dict[str, Any]] = {}
+    tokenizer: dict[str, Any] = {}
     others: list[str] = []
     for key, value in sd.items():
         head, _, rest = key.partition(".")
@@ -823,16 +857,57 @@ def split_clip_state_dict(sd: Mapping[str, torch.Tensor]) -> tuple[str, list[tup
             if rest.startswith("transformer."):
                 groups.setdefault(head, {})[rest[len("transformer."):]] = value
             continue
+        if key in _TOKENIZER_KEYS:
+            tokenizer[key] = value
+            continue
         others.append(key)
     if others or not groups:
-        sample = ", ".join(sorted(others)[:3]) or "no clip_l / clip_g / clip_h weights"
-        raise EngineError("bad_args", "only CLIP-L / CLIP-G / CLIP-H text encoders (SD1, SD2, SDXL) can be registered from a "
-                                      f"state dict; this one has {sample}")
-    names = tuple(n for n in _TE_SUBMODELS if n in groups)
-    clip_type = _SPLIT_CLIP_TYPES.get(names)
-    if clip_type is None:
-        raise EngineError("bad_args", f"text-encoder combination {', '.join(names)} is not one ComfyUI builds from files")
-    return clip_type, [(n, groups[n]) for n in names]
+        sample = ", ".join(sorted(others)[:3]) or "no weights of a known text-encoder sub-model"
+        raise EngineError("bad_args", f"this text encoder cannot be split into files ComfyUI loads: it has {sample} "
+                                      f"(known sub-models: {', '.join(_TE_SUBMODELS)}); load it with a Luna CLIP "
+                                      f"loader from its files instead")
+    names = [n for n in _TE_SUBMODELS if n in groups]
+    if tokenizer:
+        if len(names) != 1:
+            raise EngineError("bad_args", f"tokenizer data ({', '.join(tokenizer)}) beside several text encoders "
+                                          f"({', '.join(names)}) cannot be split into files ComfyUI loads")
+        groups[names[0]].update(tokenizer)
+    return [(n, groups[n]) for n in names]
+
+
+def split_clip_type(names: Sequence[str], model_class: str | None = None, tokenizer_class: str | None = None) -> str:
+    """The ``clip_type`` with which ``comfy.sd.load_clip`` rebuilds sub-models ``names`` (as
+    split by :func:`split_clip_parts`) as the CLIP they came from: class ``model_class``
+    (``type(clip.cond_stage_model).__name__``) with tokenizer ``tokenizer_class``. Without
+    the classes only CLIP-L / CLIP-G / CLIP-H sets and SD3's three encoders are accepted.
+    Anything else is ``bad_args`` naming the classes and sub-models."""
+    names = tuple(names)
+    listed = ", ".join(names) or "no sub-models"
+    if not model_class and not tokenizer_class:
+        clip_type = _SPLIT_DEFAULTS.get(names)
+        if clip_type is None:
+            raise EngineError("bad_args", f"text encoders {listed} fit several ComfyUI CLIP types; send model_class and "
+                                          f"tokenizer_class (the Luna Checkpoint Tunnel does) to say which")
+        return clip_type
+    entry = _SPLIT_CLASSES.get((str(model_class), str(tokenizer_class)))
+    if entry is None:
+        known = ", ".join(sorted({m for m, _ in _SPLIT_CLASSES}))
+        raise EngineError("bad_args", f"a {model_class} text encoder with a {tokenizer_class} cannot be rebuilt from "
+                                      f"files by ComfyUI's load_clip (tunnelled CLIP classes: {known}); load it with a "
+                                      f"Luna CLIP loader from its files instead")
+    clip_type, allowed = entry
+    if names not in allowed:
+        raise EngineError("bad_args", f"a {model_class} text encoder with sub-models {listed} is not one ComfyUI builds "
+                                      f"from files (expected {' or '.join('+'.join(a) for a in allowed)})")
+    return clip_type
+
+
+def split_clip_state_dict(sd: Mapping[str, Any], model_class: str | None = None, tokenizer_class: str | None = None
+                          ) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+    """``(clip_type, [(sub-model, standalone sd), ...])``: :func:`split_clip_parts` and
+    :func:`split_clip_type` together."""
+    parts = split_clip_parts(sd)
+    return split_clip_type([n for n, _ in parts], model_class, tokenizer_class), parts
 
 
 def _drop_dead_models() -> None:

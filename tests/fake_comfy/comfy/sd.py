@@ -339,6 +339,18 @@ def load_text_encoder_state_dicts(state_dicts=[], embedding_directory=None, clip
 
             clip_target.clip = pixart_t5.pixart_te(**_t5xxl_detect(clip_data))
             clip_target.tokenizer = pixart_t5.PixArtTokenizer
+        elif te_model == TEModel.T5_XXL and clip_type == CLIPType.WAN:
+            from comfy.text_encoders import wan
+
+            clip_target.clip = wan.te(**_t5xxl_detect(clip_data))
+            clip_target.tokenizer = wan.WanT5Tokenizer
+            tokenizer_data["spiece_model"] = clip_data[0].get("spiece_model", None)
+        elif te_model == TEModel.GEMMA_2_2B:
+            from comfy.text_encoders import llama, lumina2
+
+            clip_target.clip = lumina2.te(**llama.llama_detect(clip_data[0]))
+            clip_target.tokenizer = lumina2.LuminaTokenizer
+            tokenizer_data["spiece_model"] = clip_data[0].get("spiece_model", None)
         elif te_model == TEModel.QWEN25_7B and clip_type != CLIPType.HUNYUAN_IMAGE:
             from comfy.text_encoders import llama, qwen_image
 

@@ -227,6 +227,8 @@ class SDClipModel(torch.nn.Module, ClipTokenWeightEncoder):
         z = outputs[0] if self.layer == "last" else outputs[1]
         pooled = outputs[2] if self.return_projected_pooled else outputs[3]
         z, pooled = z.float(), (pooled.float() if pooled is not None else None)
+        if self.zero_out_masked:  # Wan's umT5: padded positions of the output are zeros
+            z = z * mask.unsqueeze(-1).float()
         if self.return_attention_masks:
             return z, pooled, {"attention_mask": mask}
         return z, pooled

@@ -168,3 +168,94 @@ class Qwen25_7BVLI(torch.nn.Module):
                                      intermediate_output=intermediate_output,
                                      final_layer_norm_intermediate=final_layer_norm_intermediate)
         return x, intermediate, None, None
+
+
+# ------------------------------------------------------------------------- Gemma 2 (Lumina2)
+# ComfyUI's Gemma2_2B in its key layout: ``model.embed_tokens.weight``, per layer
+# ``self_attn.{q,k,v,o}_proj.weight`` (no biases; grouped key/value heads),
+# ``mlp.{gate,up,down}_proj.weight`` (tanh-GELU gate), four norms ``input_layernorm``,
+# ``post_attention_layernorm``, ``pre_feedforward_layernorm``, ``post_feedforward_layernorm``
+# (RMS norms scaling by ``1 + weight``), ``model.norm.weight``; the input embeddings are
+# multiplied by sqrt(hidden). ComfyUI detects Gemma 2 by ``post_feedforward_layernorm``.
+# Tiny sizes (hidden 32, 3 layers) instead of 2304 / 26.
+GEMMA2_2B_TINY = {"vocab_size": 384, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                  "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "rms_norm_eps": 1e-6,
+                  "rope_theta": 10000.0}
+
+
+class GemmaRMSNorm(RMSNorm):
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (1.0 + self.weight.to(device=x.device, dtype=x.dtype)) * x
+
+
+class GemmaAttention(Attention):
+    def __init__(self, config, dtype, device, operations):
+        super().__init__(config, dtype, device, operations)
+        h, heads, kv, hd = (config[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"))
+        self.q_proj = operations.Linear(h, heads * hd, bias=False, dtype=dtype, device=device)
+        self.k_proj = operations.Linear(h, kv * hd, bias=False, dtype=dtype, device=device)
+        self.v_proj = operations.Linear(h, kv * hd, bias=False, dtype=dtype, device=device)
+
+    def forward(self, x, mask, cos, sin):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        repeat = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class GemmaMLP(MLP):
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Gemma2Layer(torch.nn.Module):
+    def __init__(self, config, dtype, device, operations):
+        super().__init__()
+        h, eps = config["hidden_size"], config["rms_norm_eps"]
+        self.self_attn = GemmaAttention(config, dtype, device, operations)
+        self.mlp = GemmaMLP(config, dtype, device, operations)
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            setattr(self, name, GemmaRMSNorm(h, eps, dtype, device))
+
+    def forward(self, x, mask, cos, sin):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), mask, cos, sin))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma2Model(Llama2_):
+    def __init__(self, config, dtype, device, operations):
+        super().__init__(config, dtype, device, operations)
+        self.layers = torch.nn.ModuleList([Gemma2Layer(config, dtype, device, operations)
+                                           for _ in range(config["num_hidden_layers"])])
+        self.norm = GemmaRMSNorm(config["hidden_size"], config["rms_norm_eps"], dtype, device)
+
+
+class Gemma2_2B(torch.nn.Module):
+    def __init__(self, config_dict, dtype, device, operations):
+        super().__init__()
+        config = {**GEMMA2_2B_TINY, **config_dict}
+        self.num_layers = config["num_hidden_layers"]
+        self.model = Gemma2Model(config, dtype, device, operations)
+        self.hidden_size = config["hidden_size"]
+        self.dtype = dtype
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, embeddings):
+        self.model.embed_tokens = embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, embeds=None, num_tokens=None, intermediate_output=None,
+                final_layer_norm_intermediate=True, dtype=torch.float32, **kwargs):
+        x = embeds if embeds is not None else self.model.embed_tokens(input_ids, out_dtype=dtype)
+        x = x.to(dtype) * self.hidden_size ** 0.5
+        x, intermediate = self.model(x, attention_mask=attention_mask, intermediate_output=intermediate_output,
+                                     final_layer_norm_intermediate=final_layer_norm_intermediate)
+        return x, intermediate, None, None

@@ -5,7 +5,7 @@ also ``relative_attention_bias.weight``), ``encoder.block.N.layer.0.layer_norm.w
 ``encoder.block.N.layer.1.DenseReluDense.{wi_0,wi_1,wo}.weight`` (gated GELU),
 ``encoder.block.N.layer.1.layer_norm.weight``, ``encoder.final_layer_norm.weight``. RMS layer
 norms, no attention scaling, bidirectional bucketed relative position bias from block 0 shared
-by every block. Written from the T5 paper's description; the sizes come from the config
+by every block (umT5, ``model_type`` ``umt5``: a bias in every block). Written from the T5 paper's description; the sizes come from the config
 (``t5_config_xxl.json`` here is tiny apart from d_model = 4096 and 24 blocks, which ComfyUI's
 detection of a T5-XXL file looks at).
 """
@@ -132,7 +132,9 @@ class T5Block(torch.nn.Module):
 class T5Stack(torch.nn.Module):
     def __init__(self, config, dtype, device, operations):
         super().__init__()
-        self.block = torch.nn.ModuleList([T5Block(config, i == 0, dtype, device, operations)
+        # T5: one relative position bias in block 0, shared; umT5: one per block.
+        own_bias = config.get("model_type") == "umt5"
+        self.block = torch.nn.ModuleList([T5Block(config, own_bias or i == 0, dtype, device, operations)
                                           for i in range(config["num_layers"])])
         self.final_layer_norm = T5LayerNorm(config["d_model"], config["layer_norm_epsilon"], dtype=dtype, device=device)
 
