@@ -1,4 +1,4 @@
-"""Settings help comes from one place (settings.HELP): the dashboard and README agree."""
+"""Settings help comes from one place (settings_help.HELP): the dashboard and README agree."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from dataclasses import fields
 from pathlib import Path
 
 from luna_daemon import settings
-from luna_daemon.settings import HELP, Settings, help_text, settings_table
+from luna_daemon.settings import Settings
+from luna_daemon.settings_help import HELP, help_text, settings_table
 from luna_daemon.web import settings_io
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-REGEN = "python -c \"from luna_daemon.settings import settings_table; print(settings_table(), end='')\""
+REGEN = "python -c \"from luna_daemon.settings_help import settings_table; print(settings_table(), end='')\""
 
 
 def test_every_setting_has_help():
@@ -26,7 +27,7 @@ def test_readme_settings_table_is_the_help_table():
     text = README.read_text(encoding="utf-8")
     m = re.search(r"<!-- settings-table:[^\n]*-->\n(.*?)<!-- /settings-table -->", text, re.DOTALL)
     assert m, "README.md lost its settings-table markers"
-    assert m.group(1) == settings_table(), f"README's settings table differs from settings.HELP; regenerate it with {REGEN}"
+    assert m.group(1) == settings_table(), f"README's settings table differs from settings_help.HELP; regenerate it with {REGEN}"
 
 
 def test_dashboard_settings_fields_carry_the_same_help(make_settings):

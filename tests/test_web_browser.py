@@ -24,7 +24,7 @@ import pytest
 from luna_daemon.client import DaemonClient
 from luna_daemon.host import Host
 from luna_daemon.models.devices import available_devices
-from luna_daemon.settings import help_text
+from luna_daemon.settings_help import help_text
 from luna_daemon.web import settings_io
 
 CHROMIUM = "/usr/bin/chromium"

@@ -37,7 +37,8 @@ from typing import Any
 import tomlkit
 import tomlkit.exceptions
 
-from luna_daemon.settings import FOREVER, Settings, SettingsError, help_text, split_size_pairs
+from luna_daemon.settings import FOREVER, Settings, SettingsError, split_size_pairs
+from luna_daemon.settings_help import help_text
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def describe(settings: Settings, existing_devices: list[str]) -> dict[str, Any]:
             "restart": "daemon" if key in DAEMON_RESTART else None,
             "locked": locked,
             "hint": read_only_hint(key) if locked else "",
-            "help": help_text(key),  # settings.HELP: the README's settings table says the same
+            "help": help_text(key),  # settings_help.HELP: the README's settings table says the same
         }
     return {
         "file": settings.config_file,

@@ -316,6 +316,19 @@
     return r;
   }
 
+  // "N ComfyUI instances share M models: saved X GB" (docs/monitor.md "Memory saved"): the
+  // host's total line from the server; the title lists what each instance saves.
+  function renderSaved(sh) {
+    const box = $("st-saved");
+    const total = sh && sh.total;
+    box.hidden = !total;
+    if (!total) return;
+    box.textContent = total.text;
+    box.title = Object.entries(sh.by_instance || {}).map(([name, i]) =>
+      `${name}: ${i.clients} clients, ${i.models} models, saved ${fmtBytes(i.saved_bytes)}` +
+      (i.per_model || []).map((m) => `\n  ${m.name}: ${m.users} users × ${fmtBytes(m.bytes)}`).join("")).join("\n");
+  }
+
   function renderStatus() {
     const s = st.status;
     if (!s) return;
@@ -334,6 +347,7 @@
     renderInstances(s);
     renderLogInstances();
     document.title = `Luna Daemon — ${overall}`;
+    renderSaved(s.sharing);
     $("st-uptime").textContent = s.state === "running" ? fmtDuration(s.uptime) : "—";
     $("st-engine").textContent = s.engine || `${s.engine_setting} (not started)`;
     $("st-address").textContent = `${s.host}:${s.port}`;
@@ -586,7 +600,7 @@
       // Scope-widening keys (what the daemon runs, reads or listens on) are never saved
       // from a web page; the server refuses them too. Show them, read-only, with where to
       // change them instead.
-      // Help from settings.HELP (the same text as the README's settings table).
+      // Help from settings_help.HELP (the same text as the README's settings table).
       let help = field.querySelector(".help");
       if (!help) { help = el("span", { class: "help", dataset: { testid: "help" } }); field.append(help); }
       help.textContent = f.help || "";
