@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from luna_daemon import __version__
+from luna_daemon.models import sharing
 from luna_daemon.units import fmt_bytes, fmt_duration
 
 log = logging.getLogger(__name__)
@@ -287,6 +288,8 @@ def _status_lines(st: dict, indent: str = "  ") -> list[str]:
     req = st.get("requests", {})
     lines = [f"{indent}uptime {fmt_duration(st.get('uptime', 0))} · clients {st.get('clients')} · models {st.get('models')} · queue {st.get('queue')}",
              f"{indent}requests {req.get('total', 0)} ({req.get('errors', 0)} failed, {req.get('per_minute', 0)}/min)"]
+    if isinstance(st.get("sharing"), dict):
+        lines.append(f"{indent}{sharing.summary(st['sharing'])}")
     if st.get("config_error"):
         lines.append(f"{indent}config file not applied: {st['config_error']}")
     if st.get("restart_needed"):
@@ -315,10 +318,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     primary = next((st for r, st in answers if st is not None and r.entry.get("primary")), None)
     if args.json:
         # The primary's answer stays at the top (scripts written for one daemon keep working).
-        _json({**(primary or {}), "instances": blocks})
+        _json({**(primary or {}), "instances": blocks,
+               "sharing_total": sharing.combine(st.get("sharing") for _r, st in answers if st is not None)})
         return EXIT_OK
     if primary is not None:
         _out(f"Luna Daemon {primary.get('version')} — {len(blocks)} instances")
+        # Host total: a ComfyUI using two instances counts once (docs/monitor.md "Memory saved").
+        _out(f"  {sharing.summary(sharing.combine(st.get('sharing') for _r, st in answers if st is not None))}")
     for b in blocks:
         where = f"{b.get('host')}:{b.get('port')}"
         if "down" in b:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import logging
+import os
 import socket
 import threading
 import time
@@ -139,7 +140,8 @@ class _Connection:
                 f"Luna Daemon is not reachable at {host}:{port} ({exc.strerror or exc}). "
                 "Start it with the tray app or 'luna-daemon serve'."
             ) from None
-        self.channel = transport.Channel(self.sock)
+        # reuse_bodies: a result the caller dropped lends its buffer to the next one.
+        self.channel = transport.Channel(self.sock, reuse_bodies=True)
         self.segment: ClientSegment | None = None
         self.wanted = 0  # segment size the daemon asked for (shm_wanted): used from the next call
 
@@ -169,8 +171,13 @@ class DaemonClient:
         supervisor: bool = False,
         shm: bool | None = None,
         instance: str = "auto",
+        identity: dict[str, Any] | None = None,
     ):
         self.host, self.port, self.timeout, self.connect_timeout = host, port, timeout, connect_timeout
+        # Who this client is (``{"comfyui": ..., "name": ...}``; pid added): sent in a
+        # ``hello`` once per NEW connection, never per call, so the daemon can count which
+        # processes share its models (docs/monitor.md "Memory saved"). None: anonymous.
+        self._identity = None if identity is None else {"pid": os.getpid(), **identity}
         self._settings = settings
         self._token = token
         self._limits = Limits(max_body_bytes=max_body_bytes)
@@ -238,18 +245,23 @@ class DaemonClient:
                 raise DaemonUnavailable("client is closed")
         conn = _Connection(self.host, self.port, self.connect_timeout)
         if self._supervisor:
-            self._announce_supervisor(conn)
+            self._announce(conn, {"role": "supervisor"}, self.token, "supervisor", self.timeout)
+        elif self._identity is not None:
+            # No token: hello needs none, and an identity only counts once the connection
+            # runs an authenticated op on a model.
+            self._announce(conn, {"client": self._identity}, None, "client", min(self.timeout, _MAP_TIMEOUT))
         return conn, False
 
-    def _announce_supervisor(self, conn: _Connection) -> None:
-        buffers, _keep = protocol.request(0, "hello", {"role": "supervisor"}, self.token)
+    def _announce(self, conn: _Connection, args: dict, token: str | None, what: str, timeout: float) -> None:
+        """The one ``hello`` that opens a new connection (supervisor role / client identity)."""
+        buffers, _keep = protocol.request(0, "hello", args, token)
         try:
-            conn.channel.send(buffers, self.timeout)
-            frame = conn.channel.read_frame(self._limits, idle_timeout=self.timeout, frame_timeout=self.timeout)
+            conn.channel.send(buffers, timeout)
+            frame = conn.channel.read_frame(self._limits, idle_timeout=timeout, frame_timeout=timeout)
             _rid, ok, payload = protocol.parse_response(frame)
         except (OSError, transport.PeerClosed, transport.IdleTimeout, transport.FrameTimeout, LunaError) as exc:
             conn.close()
-            raise DaemonUnavailable(f"Luna Daemon at {self.host}:{self.port} did not answer the supervisor hello: "
+            raise DaemonUnavailable(f"Luna Daemon at {self.host}:{self.port} did not answer the {what} hello: "
                                     f"{getattr(exc, 'message', None) or exc}") from None
         if not ok:
             conn.close()
@@ -374,7 +386,7 @@ class DaemonClient:
                 target = DaemonClient(addr[0], addr[1], token=self._token, timeout=self.timeout,
                                       connect_timeout=self.connect_timeout, settings=self._settings,
                                       max_body_bytes=self._limits.max_body_bytes, supervisor=self._supervisor,
-                                      shm=self._shm_arg)
+                                      shm=self._shm_arg, identity=self._identity)
                 target._routed = None  # bound to that address
                 self._targets[addr] = target
         return target
@@ -392,7 +404,7 @@ class DaemonClient:
         client = DaemonClient(self.host, self.port, token=self._token, timeout=self.timeout,
                               connect_timeout=self.connect_timeout, settings=self._settings,
                               max_body_bytes=self._limits.max_body_bytes, supervisor=self._supervisor,
-                              shm=self._shm_arg, instance=name)
+                              shm=self._shm_arg, instance=name, identity=self._identity)
         try:
             # The map is known: the new client needs no hello of its own (a daemon without
             # instances: its fetch raises the bad_args that explains why).
@@ -422,10 +434,11 @@ class DaemonClient:
                 if check is not None:
                     conn.channel.wait_readable(_Abandoned.guard(check), time.monotonic() + timeout)
                 frame = conn.channel.read_frame(self._limits, idle_timeout=timeout, frame_timeout=timeout,
-                                                segments=conn.segments())
-                wanted = frame.header.get("shm_wanted")
-                if type(wanted) is int and conn.segment is not None and wanted <= self._shm_max:
-                    conn.wanted = wanted  # (bigger than the daemon allows: stays TCP)
+                                                segments=None if conn.segment is None else conn.segments())
+                if conn.segment is not None:
+                    wanted = frame.header.get("shm_wanted")
+                    if type(wanted) is int and wanted <= self._shm_max:
+                        conn.wanted = wanted  # (bigger than the daemon allows: stays TCP)
             except _Abandoned as abandoned:
                 conn.close()  # the daemon sees the client gone and drops the request if still queued
                 log.info("%s abandoned by the caller (%s)", op, type(abandoned.cause).__name__)
@@ -449,7 +462,7 @@ class DaemonClient:
                 raise DaemonError(ErrorCode.BAD_FRAME, f"answer for request {rid!r}, expected {req_id}")
             if ok:
                 self._checkin(conn)
-                return _log_warnings(op, payload)
+                return _log_warnings(op, payload) if type(payload) is dict and "warnings" in payload else payload
             code, message = payload
             if code in (c.value for c in protocol.FATAL_CODES):
                 conn.close()

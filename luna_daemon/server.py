@@ -87,6 +87,9 @@ class _Conn:
         # connection is no client: not counted, announced, logged or in the request stats.
         self.supervisor = False
         self.announced = False  # client_connected was emitted (so client_disconnected is too)
+        # Who the client said it is (``hello`` with ``client``, models/sharing.py); set and
+        # read only on this connection's thread (Service.announce / connection_closed).
+        self.identity: Any = None
 
     def wait(self, fut: cf.Future) -> Any:
         """Wait for queued work while watching the client: if it disconnects, cancel."""
@@ -118,6 +121,9 @@ class Server:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
+        # Threads in wait_idle: only then is _idle notified. Condition.notify_all is
+        # Python code (ownership test, waiter list) that every request would pay otherwise.
+        self._idle_waiters = 0
         self.stopping = False
         self._closed = False
         self.address: tuple[str, int] | None = None
@@ -167,11 +173,15 @@ class Server:
         """Wait until no request is in flight. Returns False on timeout."""
         deadline = time.monotonic() + timeout
         with self._idle:
-            while self._in_flight:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._idle.wait(remaining)
+            self._idle_waiters += 1
+            try:
+                while self._in_flight:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._idle.wait(remaining)
+            finally:
+                self._idle_waiters -= 1
         return True
 
     def close_connections(self, join_timeout: float = 5.0) -> bool:
@@ -306,6 +316,7 @@ class Server:
             for seg in conn.segments.values():
                 self.service.shm.release(seg)
             conn.segments.clear()
+            self.service.connection_closed(conn)
             if conn.announced:
                 self.events.emit("client_disconnected", client=conn.peer, clients=self.connection_count)
 
@@ -317,7 +328,7 @@ class Server:
             _wire_log.warning((exc.code, _host(conn.peer)), "bad request from %s: %s", conn.peer, exc.message)
             self._send_error_and_close(conn, protocol.echo_id(frame.header.get("id")), exc)
             return False
-        authenticated = conn.authenticated or self.service.token_ok(req.token)
+        authenticated = conn.authenticated or (req.token is not None and self.service.token_ok(req.token))
         reply_to = frame.header.get("shm_reply")
         if reply_to is not None:
             try:
@@ -354,12 +365,13 @@ class Server:
             del frame, req  # release the request body before sending a big answer
             return self._send(conn, buffers)
         finally:
-            with self._idle:
+            now = time.monotonic()
+            with self._lock:
                 conn.running = None
                 self._in_flight -= 1
-                if not self._in_flight:
+                if not self._in_flight and self._idle_waiters:
                     self._idle.notify_all()
-                conn.busy, conn.last_active = False, time.monotonic()  # idle from now on (eviction order)
+                conn.busy, conn.last_active = False, now  # idle from now on (eviction order)
 
     def _send(self, conn: _Conn, buffers: list) -> bool:
         try:

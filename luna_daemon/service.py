@@ -32,6 +32,7 @@ from luna_daemon.models.engines.base import DEFAULT_DECODE_TILE, DEFAULT_ENCODE_
 from luna_daemon.models.lora import SHA256_RE
 from luna_daemon.models.devices import available_devices, device_memory
 from luna_daemon.models.registry import Registry
+from luna_daemon.models.sharing import parse_identity
 from luna_daemon.models.uploads import store_upload
 from luna_daemon.protocol import ErrorCode, LunaError, Request
 from luna_daemon.settings import Settings
@@ -92,18 +93,19 @@ class Stats:
             op = UNKNOWN_OP_LABEL
         sec = int(time.time())
         idx = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        key = (op, outcome)
+        requests, sums, counts, ps = self.requests, self.latency_sum, self.latency_count, self._per_second
         with self.lock:
-            key = (op, outcome)
-            self.requests[key] = self.requests.get(key, 0) + 1
+            requests[key] = requests.get(key, 0) + 1
             b = self.latency_buckets.get(op)
             if b is None:
                 b = self.latency_buckets[op] = [0] * (len(LATENCY_BUCKETS) + 1)
             b[idx] += 1
-            self.latency_sum[op] = self.latency_sum.get(op, 0.0) + seconds
-            self.latency_count[op] = self.latency_count.get(op, 0) + 1
-            ps = self._per_second
-            if ps and ps[-1][0] == sec:
-                ps[-1][1] += 1
+            sums[op] = sums.get(op, 0.0) + seconds
+            counts[op] = counts.get(op, 0) + 1
+            last = ps[-1] if ps else None
+            if last is not None and last[0] == sec:
+                last[1] += 1
             else:
                 ps.append([sec, 1])
                 while ps and ps[0][0] < sec - 60:
@@ -310,9 +312,9 @@ class Service:
         """Run one request. Returns the result or raises LunaError."""
         t0 = time.perf_counter()
         outcome = "ok"
-        label = req.op if req.op in _OPS else UNKNOWN_OP_LABEL  # never a client's name in stats / events
+        entry = _OPS.get(req.op)
+        label = req.op if entry is not None else UNKNOWN_OP_LABEL  # never a client's name in stats / events
         try:
-            entry = _OPS.get(req.op)
             if entry is None:
                 raise LunaError(ErrorCode.UNKNOWN_OP, f"unknown op {protocol.shown(req.op)}; known: {', '.join(self.ops_for_service())}")
             fn, needs_auth, kinds = entry
@@ -320,9 +322,9 @@ class Service:
                 raise LunaError(ErrorCode.UNAUTHORIZED, "missing or wrong token (the client reads it from the daemon's config dir)")
             if self.settings.service not in kinds:
                 raise self.wrong_instance(req.op, kinds)
-            if is_supervisor_hello(req):
-                self._claim_supervisor(req, ctx)
             if not needs_auth:  # ping / hello: no model work, nothing to collect (~1.7 µs a call)
+                if req.op == "hello" and is_supervisor_hello(req):  # (hello is an op without auth)
+                    self._claim_supervisor(req, ctx)
                 return fn(self, req.args, ctx)
             with logs.collect_warnings() as warnings:
                 result = fn(self, req.args, ctx)
@@ -354,6 +356,25 @@ class Service:
                 elif req.op not in ("ping", "hello", "status", "ps"):
                     self.events.emit("request", op=req.op, client=ctx.client, ms=dt * 1000)
 
+    def announce(self, ctx: Context, value: Any) -> None:
+        """``hello``'s ``client`` identity (models/sharing.py) is kept on the connection; the
+        models it loads or runs on then count it as a user. A second hello replaces it."""
+        identity, name = parse_identity(value)
+        if not hasattr(ctx, "identity"):
+            raise LunaError(ErrorCode.BAD_ARGS, "this connection cannot carry a client identity")
+        old = ctx.identity
+        self.registry.sharing.connected(identity, name)
+        if old is not None:
+            self.registry.sharing.disconnected(old)
+        ctx.identity = identity
+
+    def connection_closed(self, ctx: Context) -> None:
+        """The server's call when a connection ends: its identity no longer has it open."""
+        identity = getattr(ctx, "identity", None)
+        if identity is not None:
+            ctx.identity = None
+            self.registry.sharing.disconnected(identity)
+
     def _claim_supervisor(self, req: Request, ctx: Context) -> None:
         """``hello`` with ``role: "supervisor"`` marks the connection as supervision. Only
         with the token: otherwise any local program could hide its traffic from the stats."""
@@ -370,6 +391,7 @@ class Service:
         # what it logs is collected for this request too (logs.collect_warnings).
         context = contextvars.copy_context()
         fut = self.registry.submit(model_id, lambda m: context.run(fn, m))
+        self.registry.sharing.used(model_id, getattr(ctx, "identity", None))  # after submit: a loaded model
         try:
             return ctx.wait(fut)
         except cf.CancelledError:
@@ -406,13 +428,16 @@ class Service:
             self.events.emit("warning", message=msg, model=model_id)
             return self.run(ctx, model_id, lambda m: call(m, default))
 
-    def load(self, kind: str, paths: list[str], args: dict, clip_type: str | None = None, *, internal: bool = False) -> dict:
+    def load(self, kind: str, paths: list[str], args: dict, clip_type: str | None = None, *, internal: bool = False,
+             ctx: Context | None = None) -> dict:
         """Load (or reuse) a model with the request's device / dtype / keep_alive; the answer
-        of every ``*_load`` op. ``internal``: ``paths`` are the daemon's own (uploads)."""
+        of every ``*_load`` op. ``internal``: ``paths`` are the daemon's own (uploads). The
+        caller's announced identity (``ctx``) becomes a user of the model."""
         entry = self.registry.load(
             kind, paths, device=_arg(args, "device", str, None), dtype=_arg(args, "dtype", str, None),
             clip_type=clip_type, keep_alive=args.get("keep_alive"), internal=internal,
         )
+        self.registry.sharing.used(entry.id, getattr(ctx, "identity", None))
         return {"model": entry.id, **entry.describe(full=True)}
 
 
@@ -424,6 +449,8 @@ def _ping(svc: Service, args: dict, ctx: Context) -> dict:
 
 @op("hello", auth=False)
 def _hello(svc: Service, args: dict, ctx: Context) -> dict:
+    if "client" in args:
+        svc.announce(ctx, args["client"])
     return {
         "protocol": protocol.VERSION, "daemon": __version__, "service": svc.settings.service,
         "engine": svc.registry.engine.name, "ops": svc.ops_for_service(), "devices": available_devices(),
@@ -443,6 +470,7 @@ def _status(svc: Service, args: dict, ctx: Context) -> dict:
         "lora_cache": svc.lora_cache.stats() if svc.lora_cache is not None else None,
         **svc.status_provider(),
         "roots": svc.registry.root_sources(),
+        "sharing": svc.registry.sharing_snapshot(),
     }
 
 
@@ -570,7 +598,7 @@ def _vae_options(args: dict) -> dict:
 
 @op("vae_load", service="full vae")
 def _vae_load(svc: Service, args: dict, ctx: Context) -> dict:
-    return svc.load("vae", [_arg(args, "path", str)], args)
+    return svc.load("vae", [_arg(args, "path", str)], args, ctx=ctx)
 
 
 @op("vae_encode", service="full vae")
@@ -604,7 +632,7 @@ def _clip_load(svc: Service, args: dict, ctx: Context) -> dict:
     paths = args.get("paths", [args["path"]] if isinstance(args.get("path"), str) else None)
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
         raise LunaError(ErrorCode.BAD_ARGS, "clip_load needs 'paths' (a list of files) or 'path'")
-    return svc.load("clip", paths, args, _arg(args, "clip_type", str, "sd1"))
+    return svc.load("clip", paths, args, _arg(args, "clip_type", str, "sd1"), ctx=ctx)
 
 
 @op("clip_tokenize", service="full clip")
@@ -696,10 +724,11 @@ def _sha_arg(args: dict) -> str:
     return sha
 
 
-def _load_uploaded(svc: Service, kind: str, args: dict) -> dict:
+def _load_uploaded(svc: Service, kind: str, args: dict, ctx: Context) -> dict:
     sha = _sha_arg(args)
-    paths, clip_type = store_upload(svc.settings, svc.registry, kind, sha, args.get("data"))
-    out = {**svc.load(kind, [str(p) for p in paths], args, clip_type, internal=True), "sha256": sha}
+    paths, clip_type = store_upload(svc.settings, svc.registry, kind, sha, args.get("data"),
+                                    model_class=args.get("model_class"), tokenizer_class=args.get("tokenizer_class"))
+    out = {**svc.load(kind, [str(p) for p in paths], args, clip_type, internal=True, ctx=ctx), "sha256": sha}
     if clip_type is not None:
         out["clip_type"] = clip_type
     return out
@@ -707,12 +736,12 @@ def _load_uploaded(svc: Service, kind: str, args: dict) -> dict:
 
 @op("vae_load_sd", service="full vae")
 def _vae_load_sd(svc: Service, args: dict, ctx: Context) -> dict:
-    return _load_uploaded(svc, "vae", args)
+    return _load_uploaded(svc, "vae", args, ctx)
 
 
 @op("clip_load_sd", service="full clip")
 def _clip_load_sd(svc: Service, args: dict, ctx: Context) -> dict:
-    return _load_uploaded(svc, "clip", args)
+    return _load_uploaded(svc, "clip", args, ctx)
 
 
 def _lora_cache(svc: Service):

@@ -11,12 +11,15 @@ bodies of unauthenticated requests there). torch is imported only to receive a b
 Speed matters here (``ping`` must stay within 2x the raw loopback round trip):
 
 * a small receive buffer lets one ``recv`` pick up prefix + header (+ a small body) of a
-  frame; large bodies are received straight into their final ``bytearray`` with
-  ``recv_into`` (no ``data += chunk`` copying);
-* on POSIX the socket stays in blocking mode and the receive timeout is the kernel's
-  ``SO_RCVTIMEO``, set only when it changes (Python's ``settimeout`` would add a
-  ``poll`` syscall before every ``recv``); small answers leave with one non-blocking
-  ``send``.
+  frame; large bodies are received straight into their final buffer with one
+  ``recv_into(..., MSG_WAITALL)`` (POSIX; no ``data += chunk`` copying, no syscall per
+  arriving batch);
+* on POSIX the socket stays in blocking mode and the timeouts are the kernel's
+  ``SO_RCVTIMEO`` / ``SO_SNDTIMEO``, set only when they change (Python's ``settimeout``
+  would add a ``poll`` syscall before every ``recv``); small answers leave with one
+  non-blocking ``send``, big ones with a blocking scatter-gather ``sendmsg`` of the header
+  and the tensors' own memory;
+* ``peer_gone`` (before every pooled call) is one ``poll(0)`` that raises nothing.
 """
 
 from __future__ import annotations
@@ -38,10 +41,46 @@ from luna_daemon.protocol import Frame, Limits, Prefix
 Admit = Callable[[Prefix, dict[str, Any]], None]
 
 _BUF = 64 * 1024
-# recv_into at most this much per call: keeps deadline checks responsive and avoids
-# WSAENOBUFS on Windows for huge single receives.
-_CHUNK = 8 * 1024 * 1024
 _KERNEL_TIMEOUTS = sys.platform != "win32" and hasattr(socket, "SO_RCVTIMEO")
+# Big bodies are received with MSG_WAITALL where the kernel enforces the deadline
+# (SO_RCVTIMEO bounds the whole call, not each wait): one syscall fills the final buffer
+# instead of one per arriving batch (~40 for a 12 MB image on loopback). Elsewhere
+# recv_into takes at most _CHUNK per call: it keeps deadline checks responsive and avoids
+# WSAENOBUFS on Windows for huge single receives.
+_WAITALL = socket.MSG_WAITALL if _KERNEL_TIMEOUTS and hasattr(socket, "MSG_WAITALL") else 0
+_CHUNK = 1024**3 if _WAITALL else 8 * 1024 * 1024
+_IOV_MAX = 512  # buffers per sendmsg (Linux allows 1024)
+_REUSE_MAX = 64 * 1024 * 1024  # the biggest body buffer a channel keeps for reuse
+
+
+def _storage_use_count() -> Callable[[Any], int] | None:
+    """How many tensors (views, numpy arrays) share a tensor's storage, or None where this
+    torch lacks the (internal) counter: then body buffers are never reused."""
+    try:
+        import torch
+
+        count = torch._C._storage_Use_Count
+        probe = torch.empty(1, dtype=torch.uint8)
+        base = count(probe.untyped_storage()._cdata)
+        view = probe[:]
+        if count(probe.untyped_storage()._cdata) != base + 1:
+            return None
+        del view
+    except (ImportError, AttributeError, TypeError, RuntimeError):
+        return None
+    return lambda t: count(t.untyped_storage()._cdata)
+
+
+_use_count: Any = False  # False: not looked up yet (it needs torch: the first big body does it)
+
+
+def _counter() -> Callable[[Any], int] | None:
+    global _use_count
+    if _use_count is False:
+        _use_count = _storage_use_count()
+    return _use_count
+
+
 # A non-blocking peek where the platform has MSG_DONTWAIT (not Windows).
 _PEEK_NOWAIT = (socket.MSG_PEEK | socket.MSG_DONTWAIT) if hasattr(socket, "MSG_DONTWAIT") else None
 
@@ -57,6 +96,17 @@ def _readable(sock: socket.socket, timeout: float) -> bool:
         return bool(p.poll(max(0, math.ceil(timeout * 1000))))
     readable, _, _ = select.select([sock], [], [], timeout)
     return bool(readable)
+
+
+def _advance(views: list[memoryview], sent: int) -> None:
+    """Drop the first ``sent`` bytes from ``views`` (what one sendmsg took)."""
+    while sent and views:
+        if sent >= views[0].nbytes:
+            sent -= views[0].nbytes
+            views.pop(0)
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
 
 
 class PeerClosed(ConnectionError):
@@ -82,8 +132,12 @@ def _timeval(seconds: float | None) -> bytes:
 class Channel:
     """One connected socket plus a receive buffer. Not thread-safe (one user at a time)."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, *, reuse_bodies: bool = False):
+        """``reuse_bodies`` (the client): receive the next big body of the same size into
+        the last one's buffer when nothing aliases it any more (see ``_body_buffer``)."""
         self.sock = sock
+        self._reuse = reuse_bodies
+        self._rx: Any = None  # (uint8 tensor, its storage's use count when unaliased) or None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buf = bytearray(_BUF)
         self._view = memoryview(self._buf)
@@ -91,6 +145,8 @@ class Channel:
         self._end = 0
         self._rcv: float | None | bool = False  # False = never set
         self._asked: float | None | bool = False  # last value asked of _recv_timeout
+        self._poll: Any = None  # select.poll object for peer_gone, made on first use
+        self._snd: float | None | bool = False  # SO_SNDTIMEO now set (False = never set)
         if _KERNEL_TIMEOUTS:
             sock.settimeout(None)
 
@@ -108,9 +164,9 @@ class Channel:
         else:
             self.sock.settimeout(seconds)
 
-    def _recv_into(self, view: memoryview) -> int:
+    def _recv_into(self, view: memoryview, flags: int = 0) -> int:
         try:
-            return self.sock.recv_into(view)
+            return self.sock.recv_into(view, 0, flags)
         except (socket.timeout, BlockingIOError):
             raise TimeoutError from None
         except OSError as exc:
@@ -161,7 +217,7 @@ class Channel:
                     raise FrameTimeout(f"frame not complete before frame_timeout ({got}/{n} bytes)")
                 self._recv_timeout(left)
             try:
-                k = self._recv_into(view[got:got + _CHUNK])
+                k = self._recv_into(view[got:got + _CHUNK], _WAITALL)
             except TimeoutError:
                 raise FrameTimeout(f"frame not complete before frame_timeout ({got}/{n} bytes)") from None
             if k == 0:
@@ -183,11 +239,16 @@ class Channel:
         ``protocol.decode_tensors``); None: none may."""
         if self._start == self._end:
             self._start = self._end = 0
-            self._recv_timeout(idle_timeout)
+            if idle_timeout != self._asked:  # (inlined: the same value on every frame)
+                self._recv_timeout(idle_timeout)
             try:
-                k = self._recv_into(self._view)
-            except TimeoutError:
+                k = self.sock.recv_into(self._view)
+            except (socket.timeout, BlockingIOError):
                 raise IdleTimeout("connection idle") from None
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    raise IdleTimeout("connection idle") from None
+                raise
             if k == 0:
                 raise PeerClosed("peer closed the connection")
             self._end = k
@@ -227,13 +288,33 @@ class Channel:
         if pre.body_len:
             import torch  # only a big body needs it (a no-op once imported)
 
-            # Not zero-filled (a bytearray would be): every byte is received below, and
-            # the frame is dropped if any is missing.
-            body: bytearray | torch.Tensor = torch.empty(pre.body_len, dtype=torch.uint8)
+            body: bytearray | torch.Tensor = self._body_buffer(pre.body_len)
             self._read_exact_into(memoryview(body.numpy()), deadline)
         else:
             body = bytearray()
         return protocol.decode_frame(pre, header_bytes, body, header, segments)
+
+    def _body_buffer(self, n: int) -> Any:
+        """A uint8 tensor of ``n`` bytes to receive a body into. Not zero-filled (a
+        bytearray would be): every byte is received, and the frame is dropped if any is
+        missing.
+
+        With ``reuse_bodies``, the previous body's buffer when it has the same size and no
+        tensor, view or numpy array aliases its storage any more (the caller dropped the
+        last result): a fresh 12 MB buffer costs page faults on every receive, and glibc
+        may return it to the kernel on every free. A result the caller still holds keeps
+        its buffer (a new one is made), so results stay valid after later calls."""
+        import torch  # only a big body needs it (a no-op once imported)
+
+        count = _counter() if self._reuse else None
+        rx, self._rx = self._rx, None
+        if rx is not None and count is not None and rx[0].numel() == n and count(rx[0]) == rx[1]:
+            body = rx[0]
+        else:
+            body = torch.empty(n, dtype=torch.uint8)
+        if count is not None and n <= _REUSE_MAX:  # bounded: one such buffer per channel
+            self._rx = (body, count(body))
+        return body
 
     def wait_readable(self, check: Callable[[], None], deadline: float | None, interval: float = 0.1) -> None:
         """Block until data can be read, calling ``check()`` about every ``interval``
@@ -254,27 +335,40 @@ class Channel:
         if self._end > self._start:
             return False
         try:
-            if _PEEK_NOWAIT is not None:
-                # One syscall (the client checks every pooled connection before reuse, so
-                # this is on every call's path): poll() + recv cost twice as much.
-                return self.sock.recv(1, _PEEK_NOWAIT) == b""
-            if not _readable(self.sock, 0):
+            # The client checks every pooled connection before reuse, so this is on every
+            # call's path. The usual answer (nothing to read: the peer is there) costs one
+            # poll(0) on a poll object kept per channel: a MSG_PEEK | MSG_DONTWAIT recv
+            # is one syscall too, but raises BlockingIOError then (2.5x the cost).
+            if self._poll is None:
+                if not hasattr(select, "poll"):
+                    if not _readable(self.sock, 0):
+                        return False
+                    return self.sock.recv(1, socket.MSG_PEEK) == b""
+                self._poll = select.poll()
+                self._poll.register(self.sock, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
+            if not self._poll.poll(0):
                 return False
+            if _PEEK_NOWAIT is not None:
+                return self.sock.recv(1, _PEEK_NOWAIT) == b""
             # poll said readable, so this recv cannot block.
             return self.sock.recv(1, socket.MSG_PEEK) == b""
         except (BlockingIOError, InterruptedError):
             return False
-        except OSError:
+        except (OSError, ValueError):  # ValueError: the socket was closed (fileno -1)
             return True
 
     # ------------------------------------------------------------ writing
     def send(self, buffers: list, timeout: float | None) -> None:
-        """Send every buffer in order; big tensor buffers are not copied.
+        """Send every buffer in order within ``timeout`` seconds (socket.timeout past it);
+        big tensor buffers are not copied.
 
         Small frames go out with one non-blocking ``send`` (they fit the socket buffer
-        unless the peer stopped reading). Everything else uses Python's poll-based
-        timeout for the duration of the send. Measured: a kernel ``SO_SNDTIMEO`` triples
-        the loopback round trip, so it is deliberately not used.
+        unless the peer stopped reading). On POSIX the rest is a blocking scatter-gather
+        ``sendmsg`` of the header and the tensors' own memory, bounded by a kernel
+        ``SO_SNDTIMEO``: the kernel sleeps until the peer has drained the socket buffer,
+        where a Python timeout would return to poll() for every buffer's worth (~4 times
+        per 12 MB image). The small sends pass MSG_DONTWAIT, so the send timeout never
+        touches them. Windows keeps Python's poll-based socket timeout.
         """
         if _KERNEL_TIMEOUTS and len(buffers) == 1 and len(buffers[0]) <= _BUF:
             # The common small answer (header only): one syscall, no list building.
@@ -298,6 +392,9 @@ class Channel:
             if sent == total:
                 return
             views = [memoryview(data)[sent:]]
+        if _KERNEL_TIMEOUTS:
+            self._send_blocking(views, timeout)
+            return
         self.sock.settimeout(timeout)
         try:
             if len(views) == 1 or not hasattr(self.sock, "sendmsg"):
@@ -305,19 +402,29 @@ class Channel:
                     self.sock.sendall(v)
                 return
             while views:
-                sent = self.sock.sendmsg(views[:512])
-                while sent and views:
-                    if sent >= views[0].nbytes:
-                        sent -= views[0].nbytes
-                        views.pop(0)
-                    else:
-                        views[0] = views[0][sent:]
-                        sent = 0
+                _advance(views, self.sock.sendmsg(views[:_IOV_MAX]))
         finally:
-            if _KERNEL_TIMEOUTS:
-                self.sock.settimeout(None)  # back to blocking mode for kernel-timeout recv
-            else:
-                self._asked = False  # the socket timeout is the send's now: recv sets its own
+            self._asked = False  # the socket timeout is the send's now: recv sets its own
+
+    def _send_blocking(self, views: list[memoryview], timeout: float | None) -> None:
+        """POSIX: blocking sendmsg under a kernel send timeout, until ``views`` are sent."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while views:
+            seconds = None
+            if deadline is not None:
+                seconds = deadline - time.monotonic()
+                if seconds <= 0:
+                    raise TimeoutError("timed out")  # = socket.timeout, what callers catch
+            # Rounded like the receive timeout, so a shrinking deadline rarely costs a syscall.
+            rounded = None if seconds is None else max(0.001, round(seconds, 2))
+            if rounded != self._snd:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(rounded))
+                self._snd = rounded
+            try:
+                sent = self.sock.sendmsg(views[:_IOV_MAX])
+            except BlockingIOError:  # the kernel timeout passed before any byte left
+                continue
+            _advance(views, sent)
 
     def close(self) -> None:
         try:

@@ -17,6 +17,9 @@
   ``[[instances]]``) picks the connection: :func:`get_connection` keeps one per value, each
   with its own client made with ``DaemonClient(..., instance=...)``. ``auto`` lets the client
   route each op to an instance that serves it.
+* Every client announces this process (:func:`client_identity`: pid, ComfyUI folder, port)
+  once per new connection, so the daemon can count the ComfyUI instances sharing its
+  models ("memory saved", docs/monitor.md).
 """
 
 from __future__ import annotations
@@ -56,15 +59,34 @@ def instance_name(value: Any) -> str:
     return name
 
 
-def _client_takes_instance() -> bool:
+def _client_takes(param: str) -> bool:
     import inspect
 
     from luna_daemon.client import DaemonClient
 
     try:
-        return "instance" in inspect.signature(DaemonClient).parameters
+        return param in inspect.signature(DaemonClient).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _client_takes_instance() -> bool:
+    return _client_takes("instance")
+
+
+def client_identity() -> dict[str, Any]:
+    """Who this ComfyUI process is, for the daemon's "memory saved" count (``hello``'s
+    ``client``, docs/monitor.md): its pid, ``comfyui`` = the ComfyUI folder (with the pid it
+    tells two instances of one install apart), ``name`` = "ComfyUI :<port>" from ``--port``."""
+    port = "8188"
+    argv = sys.argv
+    for i, arg in enumerate(argv):
+        if arg == "--port" and i + 1 < len(argv):
+            port = argv[i + 1]
+        elif arg.startswith("--port="):
+            port = arg.split("=", 1)[1]
+    return {"pid": os.getpid(), "comfyui": str(getattr(sys.modules.get("folder_paths"), "base_path", "") or ""),
+            "name": f"ComfyUI :{port[:16]}"}
 
 
 def make_client(settings: Any, instance: str = AUTO_INSTANCE) -> Any:
@@ -73,7 +95,8 @@ def make_client(settings: Any, instance: str = AUTO_INSTANCE) -> Any:
     from luna_daemon.client import DaemonClient
 
     if _client_takes_instance():
-        return DaemonClient.from_settings(settings, instance=instance)
+        extra = {"identity": client_identity()} if _client_takes("identity") else {}
+        return DaemonClient.from_settings(settings, instance=instance, **extra)
     if instance != AUTO_INSTANCE:
         from luna_daemon.client import DaemonError
 
@@ -191,7 +214,7 @@ class Connection:
             if not folders:
                 self._roots_sent = True  # not inside ComfyUI (tests, scripts): nothing to tell
                 return
-            client = {"comfyui": str(getattr(sys.modules.get("folder_paths"), "base_path", "") or ""), "pid": os.getpid()}
+            client = client_identity()
             try:
                 answer = self.call("register_roots", {"folders": folders, "client": client})
             except DaemonError as exc:

@@ -30,6 +30,7 @@ from luna_daemon.events import EventBus
 from luna_daemon.models.engines.base import Engine, LoadedModel, load_progress
 from luna_daemon.models.devices import DTYPE_SHORT, release_memory, resolve_device, resolve_dtype
 from luna_daemon.models.executor import ModelExecutor
+from luna_daemon.models.sharing import Sharing
 from luna_daemon.protocol import ErrorCode, LunaError
 from luna_daemon.settings import FOREVER, Settings
 from luna_daemon.units import fmt_bytes, fmt_duration
@@ -198,6 +199,8 @@ class Registry:
         # Folders ComfyUI instances registered (register_roots): path -> {"kinds", "source"}.
         # Kept for this registry's (the daemon's) lifetime only, never written to config.
         self._client_roots: dict[Path, dict[str, Any]] = {}
+        # Which client identities use which loaded model (status's "sharing", docs/monitor.md).
+        self.sharing = Sharing()
         self._reaper_stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="luna-reaper", daemon=True)
         self._reaper.start()
@@ -296,6 +299,10 @@ class Registry:
 
     def ps(self) -> list[dict[str, Any]]:
         return [e.describe() for e in self.entries()]
+
+    def sharing_snapshot(self) -> dict[str, Any]:
+        """Which clients share the loaded models and the bytes saved (``Sharing.snapshot``)."""
+        return self.sharing.snapshot([e for e in self.entries() if not e.unloading])
 
     def bytes_by_device(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -477,6 +484,7 @@ class Registry:
         freed = entry.executor.shutdown(timeout, on_late_exit=release_late)
         with self._lock:
             self._entries.pop(entry.id, None)
+        self.sharing.forget(entry.id)
         if freed:
             self._release(entry)
             log.info("unloaded %s (%s)", entry.id, name)

@@ -48,6 +48,8 @@ from luna_daemon.tray.menu import (
     TrayState,
     View,
     build_view,
+    saved_text,
+    sharing_changes,
     status_summary,
 )
 from luna_daemon.tray.notify import Notifier
@@ -503,7 +505,9 @@ class TrayApp:
     def _do_check(self, title: str = "Luna Daemon status") -> None:
         """A real ``status`` call; the answer as a notification, the colour updated."""
         if self.multi:  # every instance, one line each
-            self.notifier.reply("\n".join(f"{n}: {self._check_text(n)}" for n in self._instances()), title=title)
+            lines = [f"{n}: {self._check_text(n)}" for n in self._instances()]
+            saved = saved_text(self.state)  # the host total (refreshed by the status calls above)
+            self.notifier.reply("\n".join(lines + ([saved] if saved else [])), title=title)
             return
         st = self.host.daemon.snapshot()
         if st["state"] != "running":
@@ -668,7 +672,8 @@ class TrayApp:
             changes: dict[str, Any] = {"health": HEALTHY if ok else FAILING, "health_detail": reason}
             if status:
                 mem = sum(int((d or {}).get("models_bytes") or 0) for d in (status.get("devices") or {}).values())
-                changes.update(models=int(status.get("models") or 0), clients=int(status.get("clients") or 0), memory_bytes=mem)
+                changes.update(models=int(status.get("models") or 0), clients=int(status.get("clients") or 0), memory_bytes=mem,
+                               **sharing_changes(status))
             if self.multi:  # the port it really listens on (port = 0: a free one); one instance: settings.port
                 changes["port"] = int(port)
             self._update_instance(name, **changes)

@@ -72,6 +72,11 @@ class InstanceState:
     clients: int = 0
     memory_bytes: int = 0
     port: int = 0
+    # Memory saved (status's "sharing", docs/monitor.md): the counted client identities
+    # ((pid, comfyui) pairs: the host total counts one using two instances once), models, bytes.
+    sharing_ids: frozenset = frozenset()
+    shared_models: int = 0
+    saved_bytes: int = 0
 
     def with_(self, **changes) -> InstanceState:
         return replace(self, **changes)
@@ -90,6 +95,9 @@ class TrayState:
     clients: int = 0
     memory_bytes: int = 0
     port: int = 19283
+    sharing_ids: frozenset = frozenset()  # the primary's, as in InstanceState
+    shared_models: int = 0
+    saved_bytes: int = 0
     autostart: bool = False
     autostart_supported: bool = True
     dashboard: bool = False
@@ -209,12 +217,37 @@ def _state_text(s: TrayState, *, short: bool) -> str:
     if s.daemon == "running" and colour == YELLOW:
         return f"Running on port {s.port} · checking…"
     if s.daemon == "running":
-        return " · ".join(("Running", _plural(s.models, "model"), _plural(s.clients, "client"), fmt_bytes(s.memory_bytes)))
+        text = " · ".join(("Running", _plural(s.models, "model"), _plural(s.clients, "client"), fmt_bytes(s.memory_bytes)))
+        if s.sharing_ids:
+            text += f" · saved {fmt_bytes(s.saved_bytes)}" if short else f" · {saved_text(s)}"
+        return text
     if s.daemon == "starting":
         return "Starting…"
     if s.daemon == "stopping":
         return "Stopping…"
     return "Stopped" + (f" ({reason(s.detail)})" if s.detail else "")
+
+
+def sharing_changes(status: dict) -> dict:
+    """InstanceState / TrayState fields from a ``status`` answer's ``sharing``."""
+    sh = status.get("sharing") if isinstance(status, dict) else None
+    if not isinstance(sh, dict):
+        return {}
+    ids = frozenset((int(i[0]), str(i[1])) for i in sh.get("identities") or () if isinstance(i, (list, tuple)) and len(i) == 2)
+    return {"sharing_ids": ids, "shared_models": int(sh.get("models") or 0), "saved_bytes": int(sh.get("saved_bytes") or 0)}
+
+
+def saved_text(s: TrayState) -> str:
+    """"3 ComfyUI instances share 2 models: saved 1.2 GiB" over every running instance
+    (a client of two instances counts once); "" while no client uses a model."""
+    from luna_daemon.models.sharing import summary
+
+    parts = [i for i in s.instances if i.daemon == "running"] if s.multi else ([s] if s.daemon == "running" else [])
+    ids = frozenset().union(*(p.sharing_ids for p in parts)) if parts else frozenset()
+    if not ids:
+        return ""
+    return summary({"clients": len(ids), "models": sum(p.shared_models for p in parts),
+                    "saved_bytes": sum(p.saved_bytes for p in parts)})
 
 
 def status_line(s: TrayState) -> str:
@@ -283,6 +316,9 @@ def _multi_text(s: TrayState, *, short: bool, ports: bool = False) -> str:
 
     sep = " · " if short else "\n"
     text = sep.join(one(i) for i in s.instances)
+    saved = saved_text(s)
+    if saved:
+        text += sep + (saved.split(": ", 1)[1] if short else saved)  # short: "saved X"
     if s.restart_needed:
         text += sep + ("restart needed" if short else f"restart needed ({', '.join(s.restart_needed)})")
     return text
@@ -374,6 +410,10 @@ def status_summary(status: dict) -> str:
         f"{int(req.get('total') or 0)} requests ({int(req.get('errors') or 0)} failed)",
         f"engine {status.get('engine', '?')}",
     ]
+    if isinstance(status.get("sharing"), dict):
+        from luna_daemon.models.sharing import summary
+
+        parts.append(summary(status["sharing"]))
     up = float(status.get("uptime") or 0)
     if up:
         parts.append(f"up {fmt_duration(up)}")

@@ -18,6 +18,9 @@ What a scraper can rely on:
 * Gauges: uptime, queue depth, in-flight requests, connected clients, models loaded (by
   kind), model bytes per device, device memory, LoRA cache bytes; counters for LoRA cache
   hits/misses (0 when the daemon has no LoRA cache).
+* Memory saved (docs/monitor.md): ``luna_memory_saved_bytes``, ``luna_sharing_clients`` and
+  ``luna_shared_models`` per instance (0 while it is down), ``luna_host_memory_saved_bytes``
+  and ``luna_host_sharing_clients`` for the whole host (labelled with the primary's name).
 """
 
 from __future__ import annotations
@@ -235,6 +238,33 @@ class DaemonCollector:
             misses.add_metric([s.name], float(s.lora["misses"]))
         yield hits
         yield misses
+        # Memory saved (docs/monitor.md "Memory saved"): per instance, and the host's total
+        # in which a client of two instances counts once (so no sum over instances).
+        shared = views.sharing(self.host, self.children)
+        per = shared["by_instance"]
+        saved = GaugeMetricFamily("luna_memory_saved_bytes", "Bytes the clients of an instance would hold without "
+                                  "it: sum over its models of size x (clients using it - 1).", labels=[I])
+        sharing_clients = GaugeMetricFamily("luna_sharing_clients", "Client processes (pid, ComfyUI id) counted as "
+                                            "using a model of the instance.", labels=[I])
+        shared_models = GaugeMetricFamily("luna_shared_models", "Loaded models with at least one counted client.", labels=[I])
+        for s in srcs:
+            snap = per.get(s.name) or {}
+            saved.add_metric([s.name], float(_num(snap.get("saved_bytes")) or 0))
+            sharing_clients.add_metric([s.name], float(_num(snap.get("clients")) or 0))
+            shared_models.add_metric([s.name], float(_num(snap.get("models")) or 0))
+        yield saved
+        yield sharing_clients
+        yield shared_models
+        # Host totals carry the primary's name, like the monitor's own gauge below: the host
+        # is the primary instance's process.
+        host_saved = GaugeMetricFamily("luna_host_memory_saved_bytes", "luna_memory_saved_bytes of every instance "
+                                       "of the host, added up.", labels=[I])
+        host_saved.add_metric([srcs[0].name], float(shared["total"]["saved_bytes"]))
+        yield host_saved
+        host_clients = GaugeMetricFamily("luna_host_sharing_clients", "Client processes using any instance of the "
+                                         "host (one using two instances counts once).", labels=[I])
+        host_clients.add_metric([srcs[0].name], float(shared["total"]["clients"]))
+        yield host_clients
         # The monitor belongs to the host, which the primary instance's process is.
         ws = GaugeMetricFamily("luna_monitor_websocket_clients", "Dashboard WebSocket connections.", labels=[I])
         ws.add_metric([srcs[0].name], float(self.monitor_clients()))

@@ -85,6 +85,28 @@ def models(host: Any, children: ChildPoller | None = None) -> list[dict[str, Any
     return out
 
 
+def sharing(host: Any, children: ChildPoller | None = None) -> dict[str, Any]:
+    """Memory saved (docs/monitor.md "Memory saved"): ``by_instance`` = each running
+    instance's ``sharing`` (the primary's live, a child's as last polled) and ``total`` = the
+    host's (``sharing.combine``: a client using two instances counts once) with ``text``,
+    the one line every face shows."""
+    from luna_daemon.models.sharing import combine, summary
+
+    by_instance: dict[str, dict[str, Any]] = {}
+    for name, inst in instance_items(host):
+        snap = None
+        if is_primary(host, inst):
+            reg = inst.registry
+            snap = reg.sharing_snapshot() if reg is not None and hasattr(reg, "sharing_snapshot") else None
+        elif children is not None and getattr(inst, "state", None) == "running":
+            cached = children.get(name)
+            snap = (cached["status"] or {}).get("sharing") if cached else None
+        if isinstance(snap, dict):
+            by_instance[name] = snap
+    total = combine(by_instance.values())
+    return {"by_instance": by_instance, "total": {**total, "text": summary(total)}}
+
+
 def _instance_view(host: Any, name: str, inst: Any, children: ChildPoller | None) -> dict[str, Any]:
     """One instance's card: its snapshot plus colour, address, devices, queue, requests."""
     snap = dict(inst.snapshot())
@@ -158,6 +180,7 @@ def status(host: Any, *, monitor_clients: int = 0, children: ChildPoller | None 
         "config_file": host.settings.config_file,
         "time": time.time(),
         "instances": instances(host, children),
+        "sharing": sharing(host, children),
         "overall": overall,
         "overall_colour": STATE_COLOURS.get(overall, "gray"),
     }
