@@ -71,8 +71,12 @@ def test_ctrl_c_mid_run_cleans_up(tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "torch-cache"))
     # SIGINT to the suite's process alone (a terminal would signal the whole group): the
     # suite itself must end the daemons and clients it started.
+    # SIGINT back to its default in the child: a test run started in the background (nohup,
+    # `cmd &` without job control) ignores SIGINT, the suite would inherit that and run on
+    # to exit 0, as a real Ctrl-C on a terminal never does.
     proc = subprocess.Popen([sys.executable, "-m", "luna_daemon", "bench", "--reliability", "--quick"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not list(tmp.glob("luna-reliability-*/home-main/config/token")):
@@ -98,19 +102,3 @@ def test_ctrl_c_mid_run_cleans_up(tmp_path):
     assert leftover == {}
     assert list(tmp.iterdir()) == []
 
-
-def test_ctrl_c_swallowed_by_a_library_still_ends_the_suite():
-    # A bare ``except:`` in library code (seen during transformers' lazy imports) ate the
-    # KeyboardInterrupt and the suite ran on to exit 0; the suite's handler records it.
-    from luna_daemon.reliability import _ctrl_c_stops
-
-    with _ctrl_c_stops() as check:
-        check()  # nothing yet
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1.0)  # the handler runs here and raises
-        except BaseException:  # noqa: BLE001 - what the library did
-            pass
-        with pytest.raises(KeyboardInterrupt):
-            check()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

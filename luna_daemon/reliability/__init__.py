@@ -21,12 +21,9 @@ it started, also on an error or Ctrl-C. A scenario that cannot run counts as fai
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -65,50 +62,14 @@ def machine() -> dict[str, Any]:
             "platform": sys.platform}
 
 
-@contextlib.contextmanager
-def _ctrl_c_stops():
-    """Yields ``check()``, which raises KeyboardInterrupt once Ctrl-C (SIGINT) came.
-
-    Ctrl-C must end the suite (and its cleanup must run) even when the interrupt lands in
-    library code that swallows it: a bare ``except:`` around an optional import (seen while
-    transformers / diffusers import) turned it into a suite that ran on and exited 0. The
-    handler records it; the suite calls ``check()`` between its steps."""
-    hit = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: None  # signal handlers exist in the main thread only
-        return
-
-    def handler(_signum: int, _frame: Any) -> None:
-        hit.set()
-        raise KeyboardInterrupt
-
-    def check() -> None:
-        if hit.is_set():
-            raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield check
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def run(quick: bool = False, *, seed: int = 0, only: list[str] | None = None,
         progress: Callable[[str], None] | None = None, keep: bool = False) -> dict[str, Any]:
     """Run the suite (see the module docstring). ``only`` limits it to the named
     scenarios; ``progress`` gets a line as each one starts and ends; ``keep`` leaves the
-    temp folder (daemon stderr and logs) behind for debugging. Ctrl-C ends it with
-    KeyboardInterrupt after stopping every process it started and removing its folder."""
-    with _ctrl_c_stops() as check:
-        report = _run(quick, seed, only, say=progress or (lambda _line: None), keep=keep, check=check)
-        check()
-        return report
-
-
-def _run(quick: bool, seed: int, only: list[str] | None, *, say: Callable[[str], None], keep: bool,
-         check: Callable[[], None]) -> dict[str, Any]:
+    temp folder (daemon stderr and logs) behind for debugging."""
     profile = QUICK if quick else FULL
     names = [n for n in SCENARIOS if not only or n in only]
+    say = progress or (lambda _line: None)
     t0 = time.monotonic()
     work = Work(keep)
     suite = Suite(work, profile, seed)
@@ -120,7 +81,6 @@ def _run(quick: bool, seed: int, only: list[str] | None, *, say: Callable[[str],
         main = suite.main_daemon()
         main.launch()  # boots while the models are built
         suite.models = build_models(work)
-        check()
         # The slow set-ups of the later scenarios overlap with this one's; all are done
         # before the first attack, so that none disturbs a measurement.
         if "stop_under_load" in names:
@@ -139,9 +99,7 @@ def _run(quick: bool, seed: int, only: list[str] | None, *, say: Callable[[str],
             _settle(suite.prepared["dashboard"].ready)
         report["daemon_rss_mb_start"] = mb(main.rss())
         report["setup_seconds"] = round(time.monotonic() - t0, 1)
-        check()
         for name in names:
-            check()
             if name == "stop_under_load" and not profile.stop_on_main:
                 _stop_main(suite, report)  # the main daemon is done: it would only add noise
             say(f"[{name}] running ...")
