@@ -215,6 +215,16 @@ def write_embedding(path: str | Path, *, vectors: int = 2, dim: int = HIDDEN, se
 # ---------------------------------------------------------------------- fake ComfyUI
 
 
+def comfy_engine_settings(home: str | Path, models: str | Path, **overrides):
+    """Settings of a test daemon on the comfy engine over the fake ComfyUI: free ports,
+    ``LUNA_HOME=home``, ``models`` its one model root (``overrides`` win)."""
+    from luna_daemon.settings import Settings
+
+    base = {"port": 0, "monitor_port": 0, "lock_port": 0, "engine": "comfy", "comfyui_root": str(FAKE_COMFY_ROOT),
+            "model_roots": [str(models)], **overrides}
+    return Settings.load(env={"LUNA_HOME": str(home)}, overrides=base)
+
+
 @contextlib.contextmanager
 def fake_comfy_isolated():
     """Undo, on exit, what importing the fake ComfyUI did: its modules and its sys.path

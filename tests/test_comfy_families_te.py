@@ -33,7 +33,6 @@ from luna_daemon.client import DaemonClient, DaemonError
 from luna_daemon.comfy_nodes import bench, connection
 from luna_daemon.comfy_nodes import nodes as luna_nodes
 from luna_daemon.daemon import Daemon
-from luna_daemon.settings import Settings
 
 FAKE_ROOT = comfy_models.FAKE_COMFY_ROOT
 TOL = 1e-5
@@ -124,10 +123,7 @@ def native(models):
 
 @pytest.fixture(scope="module")
 def daemon(models, native, tmp_path_factory):
-    settings = Settings.load(env={"LUNA_HOME": str(tmp_path_factory.mktemp("home"))}, overrides={
-        "port": 0, "monitor_port": 0, "lock_port": 0, "engine": "comfy", "comfyui_root": str(FAKE_ROOT),
-        "model_roots": [str(models)]})
-    d = Daemon(settings)
+    d = Daemon(comfy_models.comfy_engine_settings(tmp_path_factory.mktemp("home"), models))
     d.start()
     yield d
     d.stop(10)

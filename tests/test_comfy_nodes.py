@@ -122,10 +122,7 @@ def models(tmp_path_factory) -> Path:
 
 
 def _settings(home: Path, models: Path, **overrides) -> Settings:
-    base = {"port": 0, "monitor_port": 0, "lock_port": 0, "engine": "comfy", "comfyui_root": str(FAKE_ROOT),
-            "model_roots": [str(models)]}
-    base.update(overrides)
-    return Settings.load(env={"LUNA_HOME": str(home)}, overrides=base)
+    return comfy_models.comfy_engine_settings(home, models, **overrides)
 
 
 @pytest.fixture(scope="module")
