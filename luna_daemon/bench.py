@@ -63,14 +63,25 @@ class _Memcpy:
         memoryview(torch.empty(len(self.src_mv), dtype=torch.uint8).numpy())[:] = self.src_mv
 
 
-def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Run the candidates round-robin so that machine noise hits all of them alike."""
+def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
+                 seed: int = 0) -> dict[str, list[float]]:
+    """Run the candidates round-robin so that machine noise hits all of them alike.
+
+    Each round runs them in a new (seeded) random order: a candidate that follows a
+    12 MB memcpy finds the caches flushed and the allocator's state changed, so a fixed
+    order would hand one candidate the same predecessor every time (on this kind of VM
+    that alone moved a ratio by ~0.1)."""
+    import random
+
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     out: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns.items())
+    rng = random.Random(seed)
     for _ in range(repeats):
-        for k, fn in fns.items():
+        rng.shuffle(order)
+        for k, fn in order:
             t0 = time.perf_counter()
             fn()
             out[k].append(time.perf_counter() - t0)
@@ -155,6 +166,20 @@ class _WhereRan:
             busiest = max(after.items(), key=lambda kv: kv[1][0] - before.get(kv[0], (0, 0))[0], default=None)
             out[name] = None if busiest is None else busiest[1][1]
         return out
+
+
+def _faults_during(pid: int, fn: Callable[[], Any]) -> int | None:
+    """Minor page faults process ``pid`` took while ``fn()`` ran (Linux /proc), or None."""
+    def minflt() -> int | None:
+        try:
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    before = minflt()
+    fn()
+    after = minflt()
+    return None if before is None or after is None else after - before
 
 
 def _comparable(cpus: dict[str, int | None], raw: str) -> bool | None:
@@ -310,6 +335,10 @@ def _transport_once(cl: set[int] | None, sv: set[int] | None, repeats: int, work
                     "daemon": lambda: shm_client.vae_decode(vae, small_latent),
                     "transfer": lambda: shm_client.call("echo", {"latent": small_latent, "reply_shape": [1, 512, 512, 3]}),
                 }, max(4, repeats // 10))  # ~0.5 s per decode on 2 CPUs
+                # Minor page faults of one decode where it runs (this process / the daemon):
+                # what the daemon's huge_pages setting changes (luna_daemon/hugepages.py).
+                d["local_faults"] = [_faults_during(os.getpid(), lambda: pool.submit(_decode_local).result())]
+                d["daemon_faults"] = [_faults_during(_proc.pid, lambda: shm_client.vae_decode(vae, small_latent))]
                 pool.shutdown()
                 # (f) video-sized: once (unpinned), few repeats (each moves 388 MB).
                 video = _Memcpy(4 * VIDEO_SHAPE[0] * VIDEO_SHAPE[1] * VIDEO_SHAPE[2] * VIDEO_SHAPE[3])
@@ -394,10 +423,12 @@ def _transport_report(repeats: int, work: str) -> dict[str, Any]:
         if "local" in med:
             share = med["transfer"] / med["local"]
             r.update({"d_local_decode_s": med["local"], "d_daemon_decode_s": med["daemon"], "d_transfer_s": med["transfer"],
-                      "ratio_d": med["daemon"] / med["local"], "transfer_share": share, "target_d": 1.15 + share})
+                      "ratio_d": med["daemon"] / med["local"], "transfer_share": share, "target_d": 1.15 + share,
+                      "d_local_faults": samples["local_faults"][0], "d_daemon_faults": samples["daemon_faults"][0]})
             lines.append(
                 f"[{name}] (d) tiny VAE decode 64x64 latent -> 512x512: in-process {med['local'] * 1e3:.1f} ms, via daemon "
-                f"{med['daemon'] * 1e3:.1f} ms  ratio = {r['ratio_d']:.2f} (target <= 1.15 + transfer share {share:.2f} = {1.15 + share:.2f})")
+                f"{med['daemon'] * 1e3:.1f} ms  ratio = {r['ratio_d']:.2f} (target <= 1.15 + transfer share {share:.2f} = {1.15 + share:.2f}); "
+                f"page faults per decode: in-process {r['d_local_faults']}, daemon {r['d_daemon_faults']}")
         report["placements"][name] = r
     report["lines"] = lines
     return report

@@ -296,6 +296,9 @@ def _status_lines(st: dict, indent: str = "  ") -> list[str]:
         lines.append(f"{indent}restart needed for: {', '.join(st['restart_needed'])} (edited in {st.get('config_file')})")
     for dev, m in (st.get("devices") or {}).items():
         lines.append(f"{indent}{dev}: models {fmt_bytes(m.get('models_bytes'))}, used {fmt_bytes(m.get('used'))} of {fmt_bytes(m.get('total'))}")
+    hp = st.get("huge_pages")
+    if isinstance(hp, dict):
+        lines.append(f"{indent}huge pages: {'on' if hp.get('active') else 'off'} ({hp.get('reason')})")
     return lines
 
 

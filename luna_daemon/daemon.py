@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from luna_daemon import hugepages
 from luna_daemon.events import EventBus
 from luna_daemon.models.engines import select_engine
 from luna_daemon.models.lora import LoraCache
@@ -151,6 +152,7 @@ class Daemon:
         # (memory per device, read by the CLI and the tray): the configured ones stay out.
         snap = self.snapshot()
         snap.pop("devices", None)
+        snap["huge_pages"] = hugepages.state()
         return snap
 
     def _instances(self) -> list[dict] | None:
@@ -186,6 +188,8 @@ class Daemon:
         self._after_start()
 
     def _start_components(self) -> None:
+        # Before the engine exists: PyTorch fixes its choice at the first big tensor.
+        hugepages.configure(self.settings.huge_pages)
         self.engine = select_engine(self.settings)
         self.registry = Registry(self.settings, self.engine, self.events)
         self.lora_cache = LoraCache(self.settings, self.registry, self.events)

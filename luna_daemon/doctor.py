@@ -272,6 +272,25 @@ class _Doctor:
                 out.append(Finding("devices", OK, f"{key} = {getattr(self.s, key)} -> {dev}"))
         return out
 
+    def huge_pages(self) -> list[Finding]:
+        from luna_daemon import hugepages
+
+        if not self.s.huge_pages:
+            return [Finding("huge pages", OK, "huge_pages = false: the daemon's tensors use the system's normal pages")]
+        if not sys.platform.startswith("linux"):
+            return [Finding("huge pages", OK, "huge_pages = true has no effect on this platform (Linux only)")]
+        mode = hugepages.kernel_mode()
+        if mode is None:
+            return [Finding("huge pages", WARN, f"this kernel has no transparent huge pages ({hugepages.SYSFS} "
+                                                "missing): decodes take ~10x more page faults",
+                            "none needed; a kernel with CONFIG_TRANSPARENT_HUGEPAGE would be faster")]
+        if mode == "never":
+            return [Finding("huge pages", WARN, f"the kernel's THP mode is 'never' ({hugepages.SYSFS}): the daemon "
+                                                "cannot use huge pages, decodes take ~10x more page faults",
+                            f"as root: echo madvise > {hugepages.SYSFS} (then restart the daemon)")]
+        return [Finding("huge pages", OK, f"kernel THP mode {mode!r}: the daemon's tensors of 2 MiB and more use "
+                                          "huge pages (`luna-daemon status` shows whether the running one does)")]
+
     def model_roots(self) -> list[Finding]:
         roots = self.s.resolved_model_roots()
         if not roots:
@@ -300,7 +319,7 @@ def run_checks(settings: Settings | None, error: SettingsError | None = None, *,
     ]
     if devices:
         checks.append(doc.devices)
-    checks.append(doc.model_roots)
+    checks += [doc.huge_pages, doc.model_roots]
     findings: list[Finding] = []
     for check in checks:
         findings += check()

@@ -339,6 +339,9 @@ class Settings:
     # shared-memory transport for big tensors between processes of this user on this host
     # (docs/protocol.md "Shared memory"); off: every tensor travels in TCP bodies
     shm: bool = True
+    # 2 MiB pages for the daemon's big tensors (Linux; hugepages.py): far fewer page
+    # faults per decode. Fixed at process start.
+    huge_pages: bool = True
     # models
     service: str = "full"
     engine: str = "auto"
