@@ -230,7 +230,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_instance(args: argparse.Namespace) -> int:
     """``serve --instance NAME``: one instance as a child host (host.InstanceHost). It
-    cannot wait for a file fix (it has no watcher): any settings problem exits 2."""
+    does not wait for a file fix at start (its watcher only applies edits once it
+    serves): any settings problem exits 2."""
     from luna_daemon.daemon import DaemonStartError
     from luna_daemon.host import InstanceHost
     from luna_daemon.settings import Settings, SettingsError, problems_text

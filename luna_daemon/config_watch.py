@@ -10,6 +10,12 @@ What a caller can rely on:
   ports, folders, log file); every other key is read when the daemon starts and applies at
   the next daemon start (Stop + Start, or Restart). Both kinds, while they wait, are
   listed as ``restart_needed``.
+* ``[[instances]]`` tables: adding, removing, renaming or reordering them, or editing a
+  key of theirs that is not LIVE, is the HOST_RESTART key ``instances``; an edit of only
+  LIVE keys in them (a table's ``keep_alive``) applies live, each instance taking its own
+  table's values (:func:`split_instance_changes`). Every process that runs an instance
+  watches the file: the host for the primary (and its view of the children), each child
+  process (``serve --instance NAME``) for itself.
 * :class:`ConfigWatcher` polls the file's identity (mtime, size, inode) and calls
   ``on_change`` on its own thread once a change has been stable for one poll, so an editor
   still writing the file is not read half-way. A missing file is a state like any other
@@ -33,6 +39,7 @@ LIVE = frozenset({
 HOST_RESTART = frozenset({
     "host", "monitor_port", "lock_port", "config_dir", "log_dir", "state_dir", "allowed_origins",
     "instances",  # which daemons (threads / child processes) the host runs: fixed at its start
+    "huge_pages",  # PyTorch fixes it at the process's first big tensor (hugepages.py)
 })
 POLL_S = 0.5
 
@@ -46,23 +53,52 @@ def file_identity(path: str) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def _fixed_part(tables: Any) -> list[Any]:
+    """The ``instances`` tables without their LIVE keys: what only a host restart changes."""
+    return [{k: v for k, v in t.items() if k not in LIVE} if isinstance(t, dict) else t for t in tables or ()]
+
+
 def split_changes(live: Any, new: Any, daemon_running: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """Compare two Settings: (apply now, wait for a restart) as {key: new value}.
 
     ``live`` holds what runs: keys that wait are never assigned on it, so a key edited
-    back to its running value stops waiting."""
+    back to its running value stops waiting. ``instances`` is applied (a new list of
+    tables) when its tables differ in LIVE keys only, else it waits for a host restart."""
     apply_now: dict[str, Any] = {}
     waiting: dict[str, Any] = {}
     for key, value in new.public_dict().items():
         if getattr(live, key) == value:
             continue
-        if key in HOST_RESTART:
+        if key == "instances" and _fixed_part(live.instances) == _fixed_part(value):
+            apply_now[key] = value  # each instance applies its own table's LIVE keys
+        elif key in HOST_RESTART:
             waiting[key] = value
         elif key in LIVE or not daemon_running:
             apply_now[key] = value
         else:
             waiting[key] = value
     return apply_now, waiting
+
+
+def split_instance_changes(live: Any, new: Any, name: str,
+                           daemon_running: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """:func:`split_changes` for one instance: ``live`` its running settings (an
+    instances.InstanceSpec's), ``new`` a freshly loaded top-level Settings; compared with
+    the spec that ``new`` gives instance ``name`` (top-level keys with its table's applied).
+    The third item is that spec's ``sources`` (where each new value comes from).
+
+    ``instances`` itself is left out (the host reports it; this instance's own keys are
+    compared one by one). An instance that ``new`` no longer has: nothing applies and
+    ``instances`` waits (the host process runs what it started with until it restarts)."""
+    from luna_daemon.instances import instance_specs
+
+    spec = next((s for s in instance_specs(new) if s.name == name), None)
+    if spec is None:
+        return {}, {"instances": new.instances}, {}
+    apply_now, waiting = split_changes(live, spec.settings, daemon_running)
+    apply_now.pop("instances", None)
+    waiting.pop("instances", None)
+    return apply_now, waiting, spec.settings.sources
 
 
 class ConfigWatcher:

@@ -26,7 +26,7 @@ import threading
 from typing import Any, Callable
 
 from luna_daemon import __version__
-from luna_daemon.config_watch import HOST_RESTART, ConfigWatcher, split_changes
+from luna_daemon.config_watch import HOST_RESTART, LIVE, ConfigWatcher, split_changes, split_instance_changes
 from luna_daemon.daemon import (
     ERROR,
     STOP_GRACE,
@@ -298,10 +298,15 @@ class Host:
                 apply_now, self._waiting = split_changes(self.settings, new, running)
                 for key, value in apply_now.items():
                     self._assign(key, value, new.sources.get(key, "file"))
+                per_instance = self._assign_instances(new)
                 self._apply_live(apply_now)
-                if apply_now or self._waiting:
-                    log.info("config file changed: applied %s; restart needed for %s",
-                             ", ".join(sorted(apply_now)) or "nothing", ", ".join(sorted(self._waiting)) or "nothing")
+                # "instances" applied = only LIVE keys of tables changed: named per instance.
+                top = sorted(k for k in apply_now if k != "instances")
+                tables = "".join(f"; instance {name!r}: {', '.join(sorted(keys))}"
+                                 for name, keys in per_instance.items())
+                if top or tables or self._waiting:
+                    log.info("config file changed: applied %s%s; restart needed for %s", ", ".join(top) or "nothing",
+                             tables, ", ".join(sorted(self._waiting)) or "nothing")
                 start_now, self._start_refused = self._start_refused and self.daemon.state == ERROR, False
         # Events outside the lock: a subscriber may read config_status() on this thread.
         if warning:
@@ -311,13 +316,28 @@ class Host:
             log.info("config file fixed: starting the daemon")
             threading.Thread(target=self._start_quietly, name="luna-config-start", daemon=True).start()
 
+    def _assign_instances(self, new: Settings) -> dict[str, list[str]]:
+        """Several instances: each one's LIVE keys as the file now gives them (top-level
+        value, or its own table's) onto its settings -- the primary's Daemon copy and the
+        host's copy of each child's (its snapshot, the instance map; the child process
+        applies them to itself, InstanceHost.reload_config). Returns ``{name: keys}`` of
+        what changed. Instances the file no longer has keep theirs (``instances`` waits)."""
+        if len(self.specs) == 1:
+            return {}  # the daemon runs on self.settings: _assign did it
+        changed: dict[str, list[str]] = {}
+        for name, inst in self.instances.items():
+            apply_now, _, sources = split_instance_changes(inst.settings, new, name, True)
+            keys = sorted(k for k in apply_now if k in LIVE)
+            for key in keys:
+                setattr(inst.settings, key, apply_now[key])
+                inst.settings.sources[key] = sources.get(key, "file")
+            if keys:
+                changed[name] = keys
+        return changed
+
     def _apply_live(self, changed: dict[str, Any]) -> None:
         """Tell the components that cache a LIVE value (the others read it on each use)."""
-        if "log_level" in changed:
-            set_level(self.settings.log_level)
-        registry = self.daemon.registry
-        if registry is not None and "model_roots" in changed:
-            registry.refresh_roots()
+        apply_live(self.daemon, changed)
 
     def _start_quietly(self) -> None:
         try:
@@ -395,11 +415,27 @@ def end_process(daemon: Daemon, code: int) -> int:
     os._exit(code)
 
 
+def apply_live(daemon: Daemon, changed: dict[str, Any]) -> None:
+    """After LIVE keys were assigned on ``daemon.settings``: tell the parts that cache one
+    (the log level, the registry's model roots); the others read the value on each use."""
+    if "log_level" in changed:
+        set_level(daemon.settings.log_level)
+    registry = daemon.registry
+    if registry is not None and "model_roots" in changed:
+        registry.refresh_roots()
+
+
 class InstanceHost:
     """The host of one further instance, in its own process (``luna-daemon serve
-    --instance NAME``, started by supervisor.ChildInstance): no lock, no dashboard, no
-    config watcher; one Daemon with the instance's settings, logging to its own file
-    (logs.instance_log_file) and stderr (which the supervisor forwards to its viewer).
+    --instance NAME``, started by supervisor.ChildInstance): no lock, no dashboard; one
+    Daemon with the instance's settings, logging to its own file (logs.instance_log_file)
+    and stderr (which the supervisor forwards to its viewer).
+
+    While it serves it watches the config file like the host does (config_watch): the
+    LIVE keys of its own instance (top-level, or its table's) apply within about a second;
+    the others are its ``restart_needed`` (they apply when the host restarts it). A file
+    that does not load changes nothing: the previous values stay, logged as an error and
+    shown as ``config_error``; both are part of its ``status`` answer.
 
     With ``supervised_by`` (the supervising host's pid) it also reads control lines on
     stdin -- ``stop <deadline>`` -- and stops when stdin ends (the host is gone, even
@@ -412,12 +448,19 @@ class InstanceHost:
     def __init__(self, settings: Settings, name: str, *, supervised_by: int | None = None,
                  log_to_stderr: bool = True):
         spec = instance_spec(settings, name)
+        self.loaded = settings  # the top-level settings: reload() reads the same file, env, flags
         self.settings = spec.settings
         self.events = EventBus()
         self.log_tail = setup_logging(self.settings, self.events, stderr=log_to_stderr, instance=name,
                                       log_file=instance_log_file(self.settings, name, spec.primary))
         self.daemon = Daemon(self.settings, self.events, name=name)
         self.daemon.primary = spec.primary
+        self._config_lock = threading.Lock()
+        self.config_error = ""  # serve --instance starts only on a file that loads cleanly
+        self._waiting: dict[str, Any] = {}
+        self.daemon.status_extra = self.config_status
+        # Constructed now, right after the load: an edit made while the daemon starts counts.
+        self.watcher = ConfigWatcher(settings.config_file, self.reload_config)
         self.supervised_by = supervised_by
         self._exit = threading.Event()
         self._deadline: float | None = None
@@ -426,6 +469,37 @@ class InstanceHost:
         if deadline is not None:
             self._deadline = deadline
         self._exit.set()
+
+    def config_status(self) -> dict[str, Any]:
+        """Host.config_status for this instance: ``restart_needed`` (its keys edited in the
+        file that apply only when it is restarted), ``config_error``, ``config_file``."""
+        with self._config_lock:
+            return {"restart_needed": sorted(self._waiting), "config_error": self.config_error,
+                    "config_file": self.settings.config_file}
+
+    def reload_config(self) -> None:
+        """Read the config file again (the watcher calls this on every change) and apply
+        this instance's LIVE keys now; the rest are listed in ``restart_needed``. A file
+        with errors changes nothing (the last good values stay, ``config_error`` says why)."""
+        new = self.loaded.reload()
+        with self._config_lock:
+            if new.problems:
+                self.config_error = problems_text(new.problems)
+                log.error("config file changed but cannot be used (the previous settings stay): %s", self.config_error)
+                return
+            self.config_error = ""
+            running = self.daemon.state not in (STOPPED, ERROR)
+            apply_now, self._waiting, sources = split_instance_changes(self.settings, new, self.daemon.name, running)
+            if "instances" in self._waiting:
+                log.warning("config file changed: instance %r is no longer in it; it keeps its settings until the "
+                            "host restarts", self.daemon.name)
+            for key, value in apply_now.items():
+                setattr(self.settings, key, value)
+                self.settings.sources[key] = sources.get(key, "file")
+            apply_live(self.daemon, apply_now)
+            if apply_now or self._waiting:
+                log.info("config file changed: applied %s; restart needed for %s",
+                         ", ".join(sorted(apply_now)) or "nothing", ", ".join(sorted(self._waiting)) or "nothing")
 
     def _watch_stdin(self) -> None:
         # os.read on the descriptor, not sys.stdin: a daemon thread blocked inside the
@@ -474,14 +548,18 @@ class InstanceHost:
         except DaemonStartError:
             self.daemon.stop(2.0)
             raise
+        self.watcher.start()
         host, port = self.daemon.address  # type: ignore[misc]
         log.info("Luna Daemon %s instance %r running on %s:%d (log file: %s)", __version__, self.daemon.name, host,
                  port, instance_log_file(self.settings, self.daemon.name, self.daemon.primary))
         if self.supervised_by:
             sys.stdout.write(f"{READY_PREFIX}{host} {port}\n")
             sys.stdout.flush()
-        while not self._exit.wait(0.5):  # timed: signal handlers run between bytecodes only
-            pass
+        try:
+            while not self._exit.wait(0.5):  # timed: signal handlers run between bytecodes only
+                pass
+        finally:
+            self.watcher.stop()
         return self.daemon.stop(self._deadline)
 
     def end_process(self, code: int) -> int:
