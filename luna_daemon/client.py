@@ -17,21 +17,14 @@ What a caller can rely on:
   docs/protocol.md): a big result then owns its region of the connection's segment,
   which is not reused while the result lives. Either way a result stays valid after
   later calls.
-* Several instances (``[[instances]]`` in config.toml; docs/protocol.md "Instances"): the
-  client is given the primary's address and routes by itself. Ops with a role
-  (``instances.ROLE_OF_OP``: vae_* to an instance serving VAE; clip_*, lora_* to one serving
-  CLIP, uploads included) go to the instance :func:`instances.pick` chooses, everything else
-  to the primary, except ``register_roots`` (a ComfyUI's model folders), which every
-  instance gets; ``instance="<name>"`` (or :meth:`for_instance`) sends every op to that
-  one. The map comes from one ``hello`` on the primary, fetched lazily by the first op with
-  a role, and is fetched again (once, then the op is retried once) when a routed instance
-  is unreachable (idempotent ops) or answers ``wrong_instance``. A daemon whose ``hello``
-  has no ``instances`` (an older one) gets every op. Connections are pooled per address.
+* Several instances (``[[instances]]`` in config.toml): the client is given the primary's
+  address and routes each op by role to the instance that serves it, or every op to the
+  one ``instance="<name>"`` (or :meth:`for_instance`) names; the rules are
+  :mod:`luna_daemon.client_routing`'s. Connections are pooled per address.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import logging
 import os
@@ -42,7 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from luna_daemon import protocol, shm, transport
-from luna_daemon.instances import ROLE_OF_OP, pick
+from luna_daemon.client_routing import CallPath, Router, is_loopback, routed_ops
 from luna_daemon.protocol import ErrorCode, Limits, LunaError
 from luna_daemon.settings import Settings, read_token
 from luna_daemon.shm import ClientSegment
@@ -64,36 +57,10 @@ def _log_warnings(op: str, result: Any) -> Any:
         for text in found[:_MAX_WARNINGS] if isinstance(found, list) else ():
             log.warning("Luna Daemon (%s): %s", op, str(text)[:1000])
     return result
+
+
 _POOL_MAX = 8
-_MAP_TIMEOUT = 10.0  # seconds for the hello that fetches the instance map (answered without queueing)
-
-
-class _Every:
-    """The ops a pinned client routes: all of them."""
-
-    def __contains__(self, op: object) -> bool:
-        return True
-
-
-_EVERY = _Every()
-# Ops every instance needs to hear (in auto mode): a ComfyUI's model folders must be
-# readable by the instance that loads its VAE as much as by the one that loads its CLIP.
-_BROADCAST = frozenset({"register_roots"})
-_AUTO_ROUTED = frozenset(ROLE_OF_OP) | _BROADCAST
-
-
-class _Routes:
-    """One fetched instance map and where each role goes: an address, or None = the
-    client's own address (the primary, or an instance that is the primary)."""
-
-    __slots__ = ("entries", "others", "primary", "to")
-
-    def __init__(self, entries: list[dict], primary: Any, to: dict[str | None, tuple[str, int] | None],
-                 others: list[tuple[str, int]]):
-        self.entries = entries
-        self.primary = primary  # the name the primary gave itself in hello
-        self.to = to
-        self.others = others  # every other instance's address (broadcast ops)
+_HELLO_TIMEOUT = 10.0  # seconds for the client's own hellos (identity, instance map): answered without queueing
 
 
 class DaemonUnavailable(ConnectionError):
@@ -196,18 +163,16 @@ class DaemonClient:
         if shm is None:
             shm = settings.shm if settings is not None else True
         self._shm_arg = shm
-        self._shm = bool(shm) and _is_loopback(host)
+        self._shm = bool(shm) and is_loopback(host)
         self._shm_max = max_body_bytes
-        # Routing (module docstring). ``_routed``: the ops call() routes (None: none, every op
+        # Routing (client_routing). ``_routed``: the ops call() routes (None: none, every op
         # goes to host:port -- a client bound to one address, or a daemon without instances).
         # Checked on every call, so a ping pays one attribute read and one set membership.
         if not isinstance(instance, str) or not instance:
             raise ValueError(f"instance must be 'auto' or an instance name, not {instance!r}")
         self.instance = instance
-        self._routed: Any = _AUTO_ROUTED if instance == "auto" else _EVERY
-        self._routes: _Routes | None = None
-        self._routes_lock = threading.Lock()
-        self._targets: dict[tuple[str, int], DaemonClient] = {}  # one pooled client per other address
+        self._routed: Any = routed_ops(instance)
+        self._router = Router(_CALL_PATH)
 
     @classmethod
     def from_settings(cls, settings: Settings, **kw: Any) -> "DaemonClient":
@@ -249,7 +214,7 @@ class DaemonClient:
         elif self._identity is not None:
             # No token: hello needs none, and an identity only counts once the connection
             # runs an authenticated op on a model.
-            self._announce(conn, {"client": self._identity}, None, "client", min(self.timeout, _MAP_TIMEOUT))
+            self._announce(conn, {"client": self._identity}, None, "client", min(self.timeout, _HELLO_TIMEOUT))
         return conn, False
 
     def _announce(self, conn: _Connection, args: dict, token: str | None, what: str, timeout: float) -> None:
@@ -285,133 +250,30 @@ class DaemonClient:
         the request if it is still queued, and the exception propagates."""
         routed = self._routed
         if routed is not None and op in routed:
-            return self._route(op, args, timeout, check)
+            return self._router.route(self, op, args, timeout, check)
         return self._send(op, args, timeout, check)
 
-    # ------------------------------------------------------------ routing
-    def _route(self, op: str, args: dict[str, Any] | None, timeout: float | None,
-               check: Callable[[], None] | None) -> Any:
-        routes = self._routes or self._fetch_routes(None)
-        if op in _BROADCAST and self.instance == "auto":
-            return self._broadcast(routes, op, args, timeout, check)
-        role = ROLE_OF_OP.get(op)
-        for attempt in (0, 1):
-            addr = routes.to.get(role)
-            target = self if addr is None else self._target(addr)
-            try:
-                return target._send(op, args, timeout, check)
-            except DaemonUnavailable:
-                # An instance restarted elsewhere, or stopped: ask the primary again. (The
-                # primary itself unreachable: the map cannot help.)
-                if attempt or addr is None or op in NOT_IDEMPOTENT:
-                    raise
-            except DaemonError as exc:
-                # The map was stale (config changed and the host restarted): nothing ran.
-                if attempt or exc.code != ErrorCode.WRONG_INSTANCE.value:
-                    raise
-            routes = self._fetch_routes(routes)
-        raise AssertionError("unreachable")
-
-    def _broadcast(self, routes: _Routes, op: str, args: dict[str, Any] | None, timeout: float | None,
-                   check: Callable[[], None] | None) -> Any:
-        """``op`` to the primary (its answer, or its error, is the caller's), then to every
-        other instance; one of those that fails is logged, not raised (the loaders send
-        register_roots again when an instance answers forbidden_path)."""
-        answer = self._send(op, args, timeout, check)
-        for addr in routes.others:
-            try:
-                self._target(addr)._send(op, args, timeout, check)
-            except (DaemonUnavailable, DaemonError) as exc:
-                log.warning("%s not delivered to the Luna Daemon instance at %s:%d: %s", op, *addr, exc)
-        return answer
-
-    def _fetch_routes(self, stale: _Routes | None) -> _Routes:
-        """The instance map from the primary's ``hello`` (one fetch for all threads: a
-        caller that waited here while another fetched gets that one's map)."""
-        with self._routes_lock:
-            if self._routes is not None and self._routes is not stale:
-                return self._routes
-            answer = self._send("hello", None, min(self.timeout, _MAP_TIMEOUT), None)
-            entries = answer.get("instances") if isinstance(answer, dict) else None
-            if not isinstance(entries, list) or not entries:
-                # A daemon without instances (older than the map): it is the only one.
-                if self.instance != "auto":
-                    raise DaemonError(ErrorCode.BAD_ARGS, f"the Luna Daemon at {self.host}:{self.port} has no "
-                                      f"instances (an older version): leave instance {self.instance!r} out")
-                self._routes = _Routes([], None, {}, [])
-                self._routed = None
-                return self._routes
-            entries = [e for e in entries if isinstance(e, dict)]
-            self._routes = self._routes_for(entries, answer.get("instance"))
-            return self._routes
-
-    def _routes_for(self, entries: list[dict], primary: Any) -> _Routes:
-        """Where each role (None: ops without one) goes for this client's ``instance``."""
-        if self.instance != "auto" and not any(e.get("name") == self.instance for e in entries):
-            names = ", ".join(str(e.get("name")) for e in entries)
-            raise DaemonError(ErrorCode.BAD_ARGS, f"no instance named {self.instance!r} at {self.host}:{self.port}; "
-                              f"configured: {names} (or 'auto')")
-
-        def address(entry: dict | None) -> tuple[str, int] | None:
-            if entry is None or entry.get("name") == primary:
-                return None  # the primary (or nothing serves it: the primary says wrong_instance)
-            port = entry.get("port")
-            if type(port) is not int or not 0 < port <= 65535:
-                return None
-            return (self._host_of(entry), port)
-
-        to = {role: address(pick(entries, role, self.instance)) for role in (None, *set(ROLE_OF_OP.values()))}
-        others = list(dict.fromkeys(a for a in map(address, entries) if a is not None))
-        return _Routes(entries, primary, to, others)
-
-    def _host_of(self, entry: dict) -> str:
-        # ``host`` is a host-level setting shared by every instance: a wildcard bind address
-        # (or a loopback one, when we reached the primary through loopback too) is reached
-        # the way the primary was.
-        host = entry.get("host")
-        if not isinstance(host, str) or host in ("", "0.0.0.0", "::") or (_is_loopback(host) and _is_loopback(self.host)):
-            return self.host
-        return host
-
-    def _target(self, addr: tuple[str, int]) -> "DaemonClient":
-        """The pooled client for another instance's address (made on first use)."""
-        target = self._targets.get(addr)
-        if target is not None:
-            return target
-        with self._lock:
-            if self._closed:
-                raise DaemonUnavailable("client is closed")
-            target = self._targets.get(addr)
-            if target is None:
-                target = DaemonClient(addr[0], addr[1], token=self._token, timeout=self.timeout,
-                                      connect_timeout=self.connect_timeout, settings=self._settings,
-                                      max_body_bytes=self._limits.max_body_bytes, supervisor=self._supervisor,
-                                      shm=self._shm_arg, identity=self._identity)
-                target._routed = None  # bound to that address
-                self._targets[addr] = target
-        return target
-
+    # ------------------------------------------------------------ routing (client_routing.Router)
     def instance_map(self) -> list[dict]:
         """The primary's instance map (``hello``'s ``instances``: name, service, host, port,
-        devices, primary, state); [] for a daemon without instances. Cached; see call()."""
-        routes = self._routes or self._fetch_routes(None)
-        return [dict(e) for e in routes.entries]
+        devices, primary, state); [] for a daemon without instances. Fetched once, and again
+        when routing finds it stale (client_routing)."""
+        return self._router.instance_map(self)
 
     def for_instance(self, name: str) -> "DaemonClient":
         """A new client (close it when done) that sends every op to the instance ``name``.
         DaemonError ``bad_args`` naming the configured instances when there is none so called."""
-        routes = self._routes or self._fetch_routes(None)
-        client = DaemonClient(self.host, self.port, token=self._token, timeout=self.timeout,
+        return self._router.for_instance(self, name)
+
+    def _sibling(self, host: str, port: int, instance: str | None) -> "DaemonClient":
+        """A new client like this one (token, timeouts, limits, role, shm, identity) for
+        ``host:port``; ``instance`` None: bound to that address (it routes nothing)."""
+        client = DaemonClient(host, port, token=self._token, timeout=self.timeout,
                               connect_timeout=self.connect_timeout, settings=self._settings,
                               max_body_bytes=self._limits.max_body_bytes, supervisor=self._supervisor,
-                              shm=self._shm_arg, instance=name, identity=self._identity)
-        try:
-            # The map is known: the new client needs no hello of its own (a daemon without
-            # instances: its fetch raises the bad_args that explains why).
-            client._routes = client._routes_for(routes.entries, routes.primary) if routes.entries else client._fetch_routes(None)
-        except BaseException:
-            client.close()
-            raise
+                              shm=self._shm_arg, instance=instance or "auto", identity=self._identity)
+        if instance is None:
+            client._routed = None
         return client
 
     # ------------------------------------------------------------ sending
@@ -526,11 +388,9 @@ class DaemonClient:
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, []
-            targets, self._targets = list(self._targets.values()), {}
         for c in pool:
             c.close()
-        for t in targets:
-            t.close()
+        self._router.close()
 
     def __enter__(self) -> "DaemonClient":
         return self
@@ -676,15 +536,10 @@ def wait_for_daemon(host: str, port: int, timeout: float, *, proc: Any = None, t
         time.sleep(interval)
 
 
-def _is_loopback(host: str) -> bool:
-    """Is ``host`` this machine (where the daemon can map our segments)?"""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _drop_none(**kw: Any) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
+
+
+# What client_routing needs from this module (it cannot import it: this module imports it).
+_CALL_PATH = CallPath(unavailable=DaemonUnavailable, error=DaemonError, not_idempotent=NOT_IDEMPOTENT,
+                      hello_timeout=_HELLO_TIMEOUT)

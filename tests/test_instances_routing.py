@@ -116,7 +116,7 @@ def test_routed_results_equal_a_single_full_daemon(pair, routed, daemon, model_d
         else:
             assert a == b
     # The routed client's connection to the VAE instance carried the big tensors in shared memory.
-    (to_vae,) = routed._targets.values()
+    (to_vae,) = routed._router.targets.values()
     assert to_vae.port == pair["vae"].address[1] and any(conn.segment is not None for conn in to_vae._pool)
     # Where the work ran: each instance holds only the models of its role.
     assert [e.kind for e in pair["vae"].registry.entries()] == ["vae"]
@@ -216,9 +216,13 @@ def test_unreachable_instance_refetches_the_map_and_retries_once(pair, pair_sett
     pair["vae"] = new = Daemon(spec.settings, name="vae")
     new.start()
     live[1] = {**live[1], "port": new.address[1]}
+    old_target = routed._router.targets[(old.address[0], old.address[1])]
     info = routed.vae_load(str(model_dir / "vae_folder"))
     assert info["model"] == vae and _hellos(primary) == 2
     assert [e.kind for e in new.registry.entries()] == ["vae"]
+    # The client of the dead address is closed and dropped, not kept with its sockets.
+    assert list(routed._router.targets) == [(new.address[0], new.address[1])]
+    assert old_target._closed and not old_target._pool
     # Gone for good: one more fetch, one retry, then the typed "unreachable".
     new.stop(10)
     with pytest.raises(DaemonUnavailable) as ei:
