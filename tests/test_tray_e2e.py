@@ -427,6 +427,55 @@ def test_trayapp_supervises_two_instances(tray_app, tmp_path, monkeypatch):
     assert port_free(vae_port) and port_free(clip_port)
 
 
+@pytest.mark.timeout(240)
+def test_a_frozen_instance_does_not_hold_up_the_other_instances_probe(tray_app, monkeypatch):
+    """A SIGSTOPped child accepts TCP but never answers: its probe waits out its whole
+    timeout. The other instance, started meanwhile, must still turn green right after its
+    own ping -- not behind the frozen one's probe -- and the frozen one turns red by itself."""
+    import psutil
+
+    from luna_daemon.tray.menu import FAILING
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the child (serve --instance clip) inherits it
+    # The tray's probe timeout is min(10, max(2, health_interval)): 6 s per hung read here,
+    # far longer than a start plus one ping of an idle daemon.
+    interval = 6.0
+    vae_port, clip_port = free_port(), free_port()
+    app, host, thread, result = tray_app(port=vae_port, health_interval=interval,
+                                         instances=[dict(name="vae", service="vae"),
+                                                    dict(name="clip", service="clip", port=clip_port)])
+    wait_until(lambda: app.view.colour == "green", 60, "green with both instances up")
+    app.click("stop:vae")
+    wait_until(lambda: app.instance_state("vae").daemon == "stopped", 30, "vae stopped")
+    running_at: list[float] = []
+
+    def on_event(e) -> None:
+        if e.type == "state" and (e.data.get("instance") or "vae") == "vae" and e.data.get("state") == "running":
+            running_at.append(time.monotonic())
+
+    unsubscribe = host.events.subscribe(on_event)
+    child = psutil.Process(host.instance("clip").snapshot()["pid"])
+    child.suspend()
+    try:
+        app._want_probe()  # a probe of the frozen clip starts now and hangs until its timeout
+        time.sleep(0.3)
+        app.click("start:vae")
+        wait_until(lambda: running_at, 30, "vae running again")
+        wait_until(lambda: app.instance_state("vae").health == HEALTHY, 4 * interval, "vae's own probe")
+        healthy_after = time.monotonic() - running_at[0]
+        # One ping of a local idle daemon plus scheduling; the hung probe would add ~6 s.
+        assert healthy_after < 2.0, f"vae turned green {healthy_after:.1f}s after it ran: it waited behind clip"
+        assert app.instance_state("clip").daemon == "running"  # the supervisor has not killed it yet
+        wait_until(lambda: app.instance_state("clip").health == FAILING, 4 * interval, "the frozen clip red")
+        assert app.view.colour == "red" and "clip: not responding" in app.view.status, app.view.status
+    finally:
+        unsubscribe()
+        try:
+            child.resume()
+        except psutil.NoSuchProcess:
+            pass
+
+
 # =============================================================================================
 # Part 2: the real tray on a virtual screen
 # =============================================================================================

@@ -301,3 +301,21 @@ def test_instance_rows_name_the_service_when_the_name_does_not():
     v = build_view(s)
     assert (v.item("instance:main").label, v.item("instance:gpu1").label) == ("main (full): running", "gpu1 (clip): stopped")
     assert v.status == "main: running · gpu1: stopped"
+
+
+def test_tray_state_keeps_one_definition_of_an_instance():
+    # The single-daemon fields are the primary's InstanceState, read and changed through it.
+    s = TrayState(daemon="running", health=HEALTHY, models=1, port=4321, dashboard=True)
+    assert s.instances == (InstanceState("main", daemon="running", health=HEALTHY, models=1, port=4321),)
+    assert s.primary is s.instances[0] and (s.daemon, s.models, s.port) == ("running", 1, 4321)
+    assert TrayState().port == 19283 and TrayState().daemon == "stopped"
+    moved = s.with_(models=3, busy="exiting")
+    assert moved.primary.models == 3 and moved.busy == "exiting" and moved.dashboard and s.models == 1
+    # Several instances: a primary keyword changes the first instance only.
+    two = _two().with_(daemon="error", detail="boom")
+    assert [(i.name, i.daemon) for i in two.instances] == [("clip", "error"), ("vae", "running")]
+    assert build_view(two).status.startswith("clip: error (boom)")
+    with pytest.raises(TypeError, match="daemn"):
+        TrayState(daemn="running")
+    with pytest.raises(AttributeError):
+        _ = s.no_such_field

@@ -13,32 +13,37 @@ launchers). What a caller can rely on:
 
 Threads: pystray's loop owns the main thread. Menu callbacks only hand work to the
 ``luna-tray-actions`` worker (or a short-lived thread for "open" actions), so the UI never
-waits on a stop. ``luna-tray-health`` pings the daemon every ``health_interval`` and on
-every menu open. All icon / title / menu changes go through :meth:`TrayApp._update`.
+waits on a stop. One ``luna-tray-health-NAME`` thread per instance pings it every
+``health_interval`` and on every menu open (``health.ProbeThreads``), so a hung instance
+never delays another's colour. All icon / title / menu changes go through
+:meth:`TrayApp._update`.
 
-Several instances (``[[instances]]``, ``Host.instances``): the health thread pings every
-running instance, the icon shows the worst of them, Start / Stop Daemon act on all and each
+Several instances (``[[instances]]``, ``Host.instances``): each running instance gets its
+own real ping, the icon shows the worst of them, Start / Stop Daemon act on all and each
 instance gets a submenu (Start / Stop / Check Status); notifications name the instance.
 One instance: exactly the single-daemon tray.
+
+Split: this module is the app logic (state, events, health results, lifecycle);
+``actions`` the menu actions, ``health`` the probe threads and the ping, ``platform`` the
+pystray / GTK / OS glue (re-exported here: :func:`open_target`,
+:func:`tray_unavailable_reason`), ``menu`` the pure view model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import os
 import queue
-import signal
-import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from typing import Any
 
 from luna_daemon.host import AlreadyRunning, Host, install_signal_handlers
 from luna_daemon.settings import Settings
-from luna_daemon.tray import autostart
+from luna_daemon.tray import autostart, health
+from luna_daemon.tray.actions import TrayActions
 from luna_daemon.tray.icons import mark
 from luna_daemon.tray.menu import (
     FAILING,
@@ -48,18 +53,26 @@ from luna_daemon.tray.menu import (
     TrayState,
     View,
     build_view,
-    saved_text,
-    sharing_changes,
-    status_summary,
 )
 from luna_daemon.tray.notify import Notifier
+from luna_daemon.tray.platform import (  # noqa: F401  (OPEN_WAIT_S, open_target: importable from here, as before)
+    OPEN_WAIT_S,
+    icon_class,
+    import_pystray,
+    install_glib_signals,
+    open_target,
+    stderr_is_terminal,
+    tray_unavailable_reason,
+    warn_if_not_embedded,
+)
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 EXIT_UNCLEAN = 4  # headless stop cut work off (as luna-daemon serve, cli.EXIT_UNCLEAN)
 ICON_SIZE = 64
-_WM_RBUTTONUP = 0x0205  # win32: the right-button release that opens pystray's menu
+# How long run() waits, in all, for its worker threads after the tray loop ended.
+JOIN_TIMEOUT = 5.0
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -73,7 +86,7 @@ def main(config: str | None = None) -> int:
     # A tray is a GUI app: it logs to its file (``luna-daemon logs``), and to stderr only
     # when a person watches a terminal. Detached launches (the launchers, autostart,
     # pythonw with sys.stderr None) must not fill an unrotated redirect file.
-    host = Host(settings, log_to_stderr=_stderr_is_terminal())
+    host = Host(settings, log_to_stderr=stderr_is_terminal())
     try:
         host.acquire()
     except AlreadyRunning as exc:
@@ -88,7 +101,7 @@ def main(config: str | None = None) -> int:
         pystray = None
         if reason is None:
             try:
-                pystray = _import_pystray()
+                pystray = import_pystray()
             except Exception as exc:  # ImportError, Xlib DisplayNameError, gi errors...
                 reason = f"no usable system-tray backend ({type(exc).__name__}: {exc})"
         if pystray is None:
@@ -108,33 +121,6 @@ def main(config: str | None = None) -> int:
         host.close(settings.stop_timeout)
 
 
-def _stderr_is_terminal() -> bool:
-    try:
-        return sys.stderr is not None and sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def tray_unavailable_reason(env: dict | None = None, platform: str | None = None) -> str | None:
-    """Why no tray can be shown here (None if one may be): no display, dummy backend."""
-    env = os.environ if env is None else env
-    platform = platform or sys.platform
-    if env.get("PYSTRAY_BACKEND") == "dummy":
-        return "PYSTRAY_BACKEND=dummy has no event loop"
-    if platform in ("win32", "darwin"):
-        return None
-    if not env.get("DISPLAY") and not env.get("WAYLAND_DISPLAY"):
-        return "no display (DISPLAY and WAYLAND_DISPLAY are unset)"
-    return None
-
-
-def _import_pystray() -> Any:
-    # Imported lazily: at import time pystray picks a backend and connects to the display.
-    import pystray
-
-    return pystray
-
-
 def run_headless(host: Host) -> int:
     """No usable tray: serve like ``luna-daemon serve`` (the caller closes the host)."""
     from luna_daemon.daemon import DaemonStartError
@@ -146,88 +132,8 @@ def run_headless(host: Host) -> int:
         return EXIT_FAIL
 
 
-# How long open_target waits for the opener's exit code. xdg-open usually hands over to
-# the browser and exits at once (rc 0, or 3/4 when nothing can open the URL); an opener
-# still running after this is taken as success (some exec the browser itself).
-OPEN_WAIT_S = 10.0
-
-
-def open_target(target: str, wait: float = OPEN_WAIT_S) -> None:
-    """Open a file or URL with the OS default application.
-
-    Raises OSError when the opener is missing, cannot start, or exits non-zero within
-    ``wait`` seconds. The child is always reaped: by this call, or by a daemon thread
-    that waits for an opener that outlives ``wait`` (no zombie is left behind)."""
-    if sys.platform == "win32":
-        os.startfile(target)  # type: ignore[attr-defined]
-        return
-    opener = "open" if sys.platform == "darwin" else "xdg-open"
-    # Silent: the opener must not write into our terminal. Its own session, so a Ctrl-C
-    # in our terminal does not reach the browser it starts.
-    proc = subprocess.Popen([opener, target], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
-    try:
-        rc = proc.wait(wait)
-    except subprocess.TimeoutExpired:
-        threading.Thread(target=proc.wait, name="luna-tray-opener-reaper", daemon=True).start()
-        return
-    if rc != 0:
-        raise OSError(f"{opener} exited with code {rc}")
-
-
-# ----------------------------------------------------------------------------- icon class
-def _icon_class(base: type) -> type:
-    """pystray's backend Icon plus two hooks pystray lacks: menu-open and a GTK tooltip."""
-
-    class LunaIcon(base):  # type: ignore[misc, valid-type]
-        on_menu_open: Callable[[], None] | None = None
-
-        def _create_menu(self, *args: Any, **kwargs: Any) -> Any:
-            menu = super()._create_menu(*args, **kwargs)
-            # GTK / AppIndicator: a Gtk.Menu emits "show" each time it pops up.
-            if menu is not None and hasattr(menu, "connect") and hasattr(menu, "popup"):
-                menu.connect("show", lambda *_: self._menu_opened())
-            return menu
-
-        def _menu_opened(self) -> None:
-            if self.on_menu_open is not None:
-                try:
-                    self.on_menu_open()
-                except Exception:
-                    log.exception("menu-open hook failed")
-
-        if hasattr(base, "_on_notify"):  # win32: the menu opens on right-button release
-            def _on_notify(self, wparam: Any, lparam: Any) -> Any:
-                if lparam == _WM_RBUTTONUP:
-                    self._menu_opened()
-                return super()._on_notify(wparam, lparam)
-
-        def _update_title(self) -> None:
-            super()._update_title()
-            # Gtk.StatusIcon shows its tooltip, not its title, on hover; pystray sets only
-            # the title. Both run on the GTK loop (pystray marshals via idle_add).
-            status_icon = getattr(self, "_status_icon", None)
-            if status_icon is not None:
-                from gi.repository import GLib
-
-                title = self.title
-                GLib.idle_add(lambda: status_icon.set_tooltip_text(title) and False)
-
-        def _show(self) -> None:
-            super()._show()
-            # pystray's GTK backend applies the title only on change, never on show.
-            self._update_title()
-
-        def is_embedded(self) -> bool | None:
-            status_icon = getattr(self, "_status_icon", None)
-            return None if status_icon is None else bool(status_icon.is_embedded())
-
-    LunaIcon.__name__ = f"LunaIcon[{base.__module__}]"
-    return LunaIcon
-
-
 # ----------------------------------------------------------------------------- the app
-class TrayApp:
+class TrayApp(TrayActions):
     """The tray face of a :class:`Host`. ``run()`` blocks on the main thread until Exit."""
 
     def __init__(self, host: Host, pystray: Any, *, config: str | None = None):
@@ -239,12 +145,11 @@ class TrayApp:
         self.primary = host.daemon.name
         broken = {"daemon": "error", "detail": f"config file: {host.config_error}"} if host.config_error else {}
         self._state = TrayState(
-            port=self.settings.port,
             dashboard=host.monitor is not None,
             autostart=autostart.is_enabled(),
             restart_needed=tuple(host.config_status()["restart_needed"]),
             # A broken config file: red from the first frame (the daemon will not start).
-            **broken,
+            # (The primary's port is settings.port: instances.align_primary_port.)
             instances=tuple(
                 InstanceState(name, service=inst.settings.service, port=inst.settings.port,
                               **(broken if name == self.primary else {}))
@@ -256,15 +161,16 @@ class TrayApp:
         # Per instance, bumped on every state change of it: stale probes are dropped.
         self._generation: dict[str, int] = {i.name: 0 for i in self._state.instances}
         self._quit = threading.Event()
-        self._probe_wanted = threading.Event()
-        self._status_wanted = True  # next probe also asks for status (counts, memory)
+        # One thread per instance: a hung one (SIGSTOPped child) delays only its own probes.
+        self._probes = health.ProbeThreads(list(self._generation), self._check_instance,
+                                           interval=self.settings.health_interval, quit=self._quit)
         self._actions: queue.Queue[str | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._tray_failed = False
         self._exit_requested = threading.Event()
         self._unsubscribe: Callable[[], None] | None = None
 
-        self.icon = _icon_class(pystray.Icon)(
+        self.icon = icon_class(pystray.Icon)(
             "luna-daemon", icon=mark(self._view.colour, ICON_SIZE), title=self._view.title, menu=self._build_menu())
         self.icon.on_menu_open = self._on_menu_open
         if not getattr(pystray.Icon, "HAS_MENU", True):
@@ -337,11 +243,9 @@ class TrayApp:
                     pass
 
     def _update_instance(self, name: str, **changes: Any) -> None:
-        """Apply changes to one instance; the primary's also become the top-level fields
-        (what the single-daemon view shows)."""
+        """Apply changes to one instance (the primary's are what the single-daemon view shows)."""
         with self._lock:
-            instances = tuple(i.with_(**changes) if i.name == name else i for i in self._state.instances)
-            self._update(instances=instances, **(changes if name == self.primary else {}))
+            self._update(instances=tuple(i.with_(**changes) if i.name == name else i for i in self._state.instances))
 
     def instance_state(self, name: str) -> InstanceState:
         with self._lock:
@@ -465,138 +369,13 @@ class TrayApp:
             log.exception("tray action %s failed", key)
             self.notifier.alert(f"{key} failed: {exc}")
 
-    def _do_start(self) -> None:
-        from luna_daemon.daemon import DaemonStartError
-
-        if self._exit_requested.is_set():
-            return
-        if self.multi:
-            # Primary first, then the children; one that fails does not keep the others
-            # down (each failure is a state=error event, notified there).
-            for name, reason in self.host.start_all().items():
-                log.error("start of %s failed: %s", name, reason)
-            return
-        try:
-            self.host.daemon.start()
-        except DaemonStartError as exc:
-            log.error("start failed: %s", exc)  # state=error already notified
-
-    def _do_start_one(self, name: str) -> None:
-        from luna_daemon.daemon import DaemonStartError
-
-        if self._exit_requested.is_set():
-            return
-        try:
-            self._instance(name).start()
-        except DaemonStartError as exc:
-            log.error("start of %s failed: %s", name, exc)  # state=error already notified
-
-    def _do_stop(self) -> None:
-        # In-flight requests finish (up to stop_timeout), models are unloaded, connections
-        # closed; a missed deadline arrives as a ``warning`` event and is notified there.
-        if self.multi:  # all at once, each with the same bounded clean stop
-            self.host.stop_all(self.settings.stop_timeout)
-            return
-        self.host.daemon.stop(self.settings.stop_timeout)
-
-    def _do_stop_one(self, name: str) -> None:
-        self._instance(name).stop(self.settings.stop_timeout)
-
-    def _do_check(self, title: str = "Luna Daemon status") -> None:
-        """A real ``status`` call; the answer as a notification, the colour updated."""
-        if self.multi:  # every instance, one line each
-            lines = [f"{n}: {self._check_text(n)}" for n in self._instances()]
-            saved = saved_text(self.state)  # the host total (refreshed by the status calls above)
-            self.notifier.reply("\n".join(lines + ([saved] if saved else [])), title=title)
-            return
-        st = self.host.daemon.snapshot()
-        if st["state"] != "running":
-            self.notifier.reply(self.view.detail, title=title)  # the full reason, not the short row
-            return
-        ok, result = self._probe(self.primary, st, with_status=True)
-        self.notifier.reply(status_summary(result) if ok else f"Not responding: {result}", title=title)
-
-    def _do_check_one(self, name: str) -> None:
-        self.notifier.reply(self._check_text(name), title=f"Luna Daemon status: {name}")
-
-    def _check_text(self, name: str) -> str:
-        """One instance's Check Status answer: a real status call when it runs, else its
-        state with the whole reason."""
-        from luna_daemon.tray.menu import instance_text
-
-        st = self._instance(name).snapshot()
-        if st["state"] != "running":
-            return instance_text(self.instance_state(name), short=False)
-        ok, result = self._probe(name, st, with_status=True)
-        return status_summary(result) if ok else f"Not responding: {result}"
-
-    def _do_show(self) -> None:
-        # Another launch was refused: tell the user where the running one is.
-        self._do_check(title="Luna Daemon is already running")
-
-    def _do_unload(self) -> None:
-        running = [st for st in (inst.snapshot() for inst in self._instances().values()) if st["state"] == "running"]
-        if not running:
-            return
-        done = 0
-        for st in running:  # every running instance
-            # A user's action, counted like the CLI's (not supervision).
-            with self._client(st["port"], self.settings.stop_timeout, supervisor=False) as c:
-                done += len(c.unload(all=True))
-        self.notifier.reply(f"Unloaded {done} model(s)", title="Luna Daemon")
-        self._want_probe(status=True)
-
-    def _do_logs(self) -> None:
-        url = self.host.dashboard_url("logs")
-        self._open(url or str(self.settings.log_file), "the log viewer" if url else "the log file",
-                   also=f"; the log file is {self.settings.log_file}" if url else "")
-
-    def _do_dashboard(self) -> None:
-        self._open_dashboard("status")
-
-    def _do_settings(self) -> None:
-        self._open_dashboard("settings")
-
-    def _open_dashboard(self, page: str) -> None:
-        url = self.host.dashboard_url(page)
-        if url is None:
-            self.notifier.reply("The dashboard is not running; see the log file: " + str(self.settings.log_file))
-            return
-        self._open(url, f"the dashboard ({page})")
-
-    def _open(self, target: str, what: str, also: str = "") -> None:
-        shown = target.split("#", 1)[0].split("?", 1)[0]  # the log never gets the login secret
-        log.info("opening %s: %s", what, shown)
-        try:
-            open_target(target)
-        except OSError as exc:
-            log.warning("could not open %s: %s", what, exc)
-            # The full target (a dashboard URL logs the user in once), so it works by hand.
-            kind = "a browser" if "://" in target else "a file viewer"
-            self.notifier.reply(f"Could not open {kind} ({exc}): open {target} by hand{also}",
-                                title=f"Luna Daemon: could not open {what}",
-                                logged=f"Could not open {kind} ({exc}): open {shown} by hand{also}")
-
-    def _do_autostart(self) -> None:
-        want = not autostart.is_enabled()
-        try:
-            if want:
-                path = autostart.enable(config=self.config)
-                log.info("start at login enabled: %s", path)
-            else:
-                autostart.disable()
-                log.info("start at login disabled")
-        except autostart.AutostartError as exc:
-            self.notifier.reply(f"Start at Login: {exc}")
-        self._refresh_autostart()
-
     def _do_exit(self) -> None:
         self._update(busy="exiting")
         clean = self.host.close(self.settings.stop_timeout)
         if not clean:
             log.warning("exit: stop deadline of %.0fs exceeded", self.settings.stop_timeout)
         self._quit.set()
-        self._probe_wanted.set()
+        self._probes.want()  # wakes them to end
         try:
             self.icon.stop()
         except Exception:
@@ -604,64 +383,27 @@ class TrayApp:
 
     # ------------------------------------------------------------ health
     def _want_probe(self, *, status: bool = False) -> None:
-        with self._lock:
-            self._status_wanted = self._status_wanted or status
-        self._probe_wanted.set()
+        self._probes.want(status=status)
 
-    def _health_loop(self) -> None:
-        # Periodic ticks only ping (cheap, the health criterion); a status call -- counts
-        # and memory for the status line -- is added when something may have changed.
-        interval = max(0.2, float(self.settings.health_interval))
-        while True:
-            self._probe_wanted.wait(interval)
-            self._probe_wanted.clear()
-            if self._quit.is_set():
-                return
-            with self._lock:
-                with_status, self._status_wanted = self._status_wanted, False
-            # Each running instance gets its own real ping: green needs all of them. In turn:
-            # a hung one delays the others' probe by at most its timeout (10 s).
-            for name, inst in self._instances().items():
-                if self._quit.is_set():
-                    return
-                st = inst.snapshot()
-                if st["state"] == "running":
-                    self._probe(name, st, with_status=with_status)
-
-    @contextlib.contextmanager
-    def _client(self, port: int, timeout: float, *, supervisor: bool = True) -> Iterator[Any]:
-        """A short-lived DaemonClient, already pinged. ``supervisor``: its connection says
-        so first (an authenticated hello), so the daemon keeps the tray's health probes out
-        of its client count, request stats, events and log."""
-        from luna_daemon.client import DaemonClient
-
-        with DaemonClient(self.settings.host, port, token=self.host.daemon.token, timeout=timeout,
-                          connect_timeout=min(timeout, 10.0), supervisor=supervisor) as c:
-            c.ping()
-            yield c
+    def _check_instance(self, name: str, with_status: bool) -> None:
+        # On the instance's own health thread. Each running instance gets its own real
+        # ping: green needs all of them.
+        st = self._instance(name).snapshot()
+        if st["state"] == "running":
+            self._probe(name, st, with_status=with_status)
 
     def _probe(self, name: str, snapshot: dict, *, with_status: bool) -> tuple[bool, Any]:
         """A real ping (and status) of instance ``name`` over the socket; updates colour.
         -> (ok, status|reason)."""
-        from luna_daemon.client import DaemonError, DaemonUnavailable
-
         with self._lock:
             generation = self._generation[name]
-        timeout = min(10.0, max(2.0, float(self.settings.health_interval)))
-        status: dict = {}
-        try:
-            with self._client(snapshot["port"], timeout) as c:  # pings on entry
-                if with_status:
-                    try:
-                        status = c.status()
-                    except DaemonError as exc:  # ping is the health criterion; status is detail
-                        log.debug("status after a good ping failed: %s", exc)
-        except (DaemonUnavailable, DaemonError, OSError) as exc:
-            reason = getattr(exc, "message", None) or str(exc)
-            self._health_result(name, generation, False, reason, {}, snapshot["port"])
-            return False, reason
-        self._health_result(name, generation, True, "", status, snapshot["port"])
-        return True, status or {"state": "running", "port": snapshot["port"]}
+        ok, result = health.ping(self.settings.host, snapshot["port"], self.host.daemon.token,
+                                 health.probe_timeout(self.settings.health_interval), with_status=with_status)
+        if not ok:
+            self._health_result(name, generation, False, result, {}, snapshot["port"])
+            return False, result
+        self._health_result(name, generation, True, "", result, snapshot["port"])
+        return True, result or {"state": "running", "port": snapshot["port"]}
 
     def _health_result(self, name: str, generation: int, ok: bool, reason: str, status: dict, port: int) -> None:
         with self._lock:
@@ -671,9 +413,7 @@ class TrayApp:
             was = current.health
             changes: dict[str, Any] = {"health": HEALTHY if ok else FAILING, "health_detail": reason}
             if status:
-                mem = sum(int((d or {}).get("models_bytes") or 0) for d in (status.get("devices") or {}).values())
-                changes.update(models=int(status.get("models") or 0), clients=int(status.get("clients") or 0), memory_bytes=mem,
-                               **sharing_changes(status))
+                changes.update(health.status_changes(status))
             if self.multi:  # the port it really listens on (port = 0: a free one); one instance: settings.port
                 changes["port"] = int(port)
             self._update_instance(name, **changes)
@@ -691,55 +431,24 @@ class TrayApp:
             return
         icon.visible = True
         self._update()
-        for name, target in (("luna-tray-actions", self._action_loop), ("luna-tray-health", self._health_loop)):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        t = threading.Thread(target=self._action_loop, name="luna-tray-actions", daemon=True)
+        t.start()
+        self._threads.append(t)
+        self._probes.start()
         if self.settings.autostart_daemon:
             t = threading.Thread(target=self._autostart, name="luna-tray-autostart", daemon=True)
             t.start()
         elif self.host.config_error:
             # (With autostart, the refused start's state=error notification says this.)
             self.notifier.alert(f"Config file error: {self.host.config_error}")
-        threading.Thread(target=self._check_embedded, name="luna-tray-embed-check", daemon=True).start()
-        self._glib_signals()
+        threading.Thread(target=warn_if_not_embedded, args=(self.icon, self._quit), name="luna-tray-embed-check",
+                         daemon=True).start()
+        install_glib_signals(self.request_exit)
         log.info("tray icon shown (backend %s)", type(icon).__mro__[1].__module__)
-
-    def _glib_signals(self) -> None:
-        # pystray's GTK backends reset SIGINT to SIG_DFL when their loop starts ("do not
-        # inhibit Ctrl+C"), which would kill us without a clean stop. GLib's own handler,
-        # installed after that, runs on the loop and turns SIGINT/SIGTERM into Exit.
-        glib = sys.modules.get("gi.repository.GLib")
-        if glib is None or not hasattr(glib, "unix_signal_add") or sys.platform == "win32":
-            return
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            def on_signal(signum: int = signum) -> bool:
-                log.info("signal %d: exiting", signum)
-                self.request_exit()
-                return True  # keep the source: a second signal must not kill us mid-stop
-            glib.unix_signal_add(glib.PRIORITY_DEFAULT, signum, on_signal)
 
     def _autostart(self) -> None:
         if not self._quit.wait(max(0.0, float(self.settings.autostart_delay))) and not self._exit_requested.is_set():
             self._enqueue("start")
-
-    def _check_embedded(self) -> None:
-        # Gtk.StatusIcon silently shows nothing when no tray takes it; say so in the log.
-        glib = sys.modules.get("gi.repository.GLib")
-        if glib is None or self._quit.wait(10.0):
-            return
-
-        def check() -> bool:  # on the GTK loop: GTK objects are not thread-safe
-            try:
-                embedded = self.icon.is_embedded()
-            except Exception:
-                return False
-            if embedded is False:
-                log.warning("the tray icon is not embedded: is a system tray (notification area) running? "
-                            "The daemon keeps running; use the dashboard or 'luna-daemon status'.")
-            return False
-
-        glib.idle_add(check)
 
     def run(self) -> int | None:
         """Block until Exit; returns 0, or None if the tray could not be shown at all."""
@@ -763,15 +472,16 @@ class TrayApp:
             # The loop ended without Exit (backend quit on its own): still stop cleanly.
             log.warning("tray loop ended unexpectedly; stopping")
             self._do_exit()
-        for t in self._threads:
-            t.join(timeout=5.0)
+        end = time.monotonic() + JOIN_TIMEOUT  # one bound for all: a probe may hang up to its timeout
+        for t in self._threads + self._probes.threads:
+            t.join(timeout=max(0.0, end - time.monotonic()))
         log.info("tray exited")
         return EXIT_OK
 
     def _fail_tray(self) -> None:
         self._tray_failed = True
         self._quit.set()
-        self._probe_wanted.set()
+        self._probes.want()
         self._actions.put(None)
         # pystray's setup thread is a non-daemon thread blocked until the backend reports
         # ready; a backend that failed before that would keep the process alive forever.

@@ -24,7 +24,8 @@ What a caller can rely on:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from luna_daemon.units import fmt_bytes, fmt_duration
 
@@ -82,32 +83,58 @@ class InstanceState:
         return replace(self, **changes)
 
 
-@dataclass(frozen=True)
-class TrayState:
-    """Everything the tray shows. ``daemon`` is the Daemon's state string (the primary's);
-    ``instances`` every configured instance in config order (more than one = multi view)."""
+# The primary's fields that TrayState reads through and takes as keywords.
+PRIMARY_FIELDS = frozenset(f.name for f in fields(InstanceState)) - {"name"}
+# The primary of a TrayState given no instances: the single daemon on the default port.
+PRIMARY_NAME, DEFAULT_PORT = "main", 19283
 
-    daemon: str = "stopped"
-    detail: str = ""
-    health: str = UNKNOWN
-    health_detail: str = ""
-    models: int = 0
-    clients: int = 0
-    memory_bytes: int = 0
-    port: int = 19283
-    sharing_ids: frozenset = frozenset()  # the primary's, as in InstanceState
-    shared_models: int = 0
-    saved_bytes: int = 0
+
+@dataclass(frozen=True, init=False)
+class TrayState:
+    """Everything the tray shows: ``instances``, every configured instance in config order
+    (the primary first; more than one = the multi view), and the tray's own fields.
+
+    An instance's state has one definition, :class:`InstanceState`. The primary's fields
+    read through (``s.daemon`` is ``s.primary.daemon``), and as keywords of the
+    constructor and :meth:`with_` they change the primary, after ``instances`` is applied:
+    ``TrayState(daemon="running", health=HEALTHY)`` is one running daemon named
+    :data:`PRIMARY_NAME` on :data:`DEFAULT_PORT`."""
+
+    instances: tuple[InstanceState, ...]
     autostart: bool = False
     autostart_supported: bool = True
     dashboard: bool = False
     busy: str = ""  # an action in progress that changes what may be clicked: "exiting"
     # Keys edited in config.toml that apply only after a restart (Host.config_status).
     restart_needed: tuple[str, ...] = ()
-    instances: tuple[InstanceState, ...] = ()
 
-    def with_(self, **changes) -> TrayState:
-        return replace(self, **changes)
+    def __init__(self, *, instances: tuple[InstanceState, ...] = (), autostart: bool = False,
+                 autostart_supported: bool = True, dashboard: bool = False, busy: str = "",
+                 restart_needed: tuple[str, ...] = (), **primary: Any):
+        unknown = sorted(set(primary) - PRIMARY_FIELDS)
+        if unknown:
+            raise TypeError(f"TrayState got unexpected keyword argument(s): {', '.join(unknown)}")
+        instances = tuple(instances) or (InstanceState(PRIMARY_NAME, port=DEFAULT_PORT),)
+        if primary:
+            instances = (instances[0].with_(**primary), *instances[1:])
+        for key, value in (("instances", instances), ("autostart", autostart),
+                           ("autostart_supported", autostart_supported), ("dashboard", dashboard),
+                           ("busy", busy), ("restart_needed", tuple(restart_needed))):
+            object.__setattr__(self, key, value)  # frozen: the dataclass way to initialise
+
+    def __getattr__(self, key: str) -> Any:
+        # Only called for names not found otherwise: the primary's fields.
+        if key in PRIMARY_FIELDS:
+            return getattr(self.primary, key)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
+
+    @property
+    def primary(self) -> InstanceState:
+        return self.instances[0]
+
+    def with_(self, **changes: Any) -> TrayState:
+        own = {f.name: getattr(self, f.name) for f in fields(self)}
+        return TrayState(**{**own, **changes})
 
     @property
     def multi(self) -> bool:
@@ -171,7 +198,7 @@ def colour_for(s: TrayState) -> str:
         return YELLOW
     if s.multi:
         return max((instance_colour(i.daemon, i.health) for i in s.instances), key=_RANK.__getitem__)
-    return instance_colour(s.daemon, s.health)
+    return instance_colour(s.primary.daemon, s.primary.health)
 
 
 def _plural(n: int, word: str) -> str:
@@ -196,7 +223,7 @@ def short_reason(reason: str, limit: int = REASON_MAX) -> str:
 
 def _status_text(s: TrayState, *, short: bool) -> str:
     text = _state_text(s, short=short)
-    if s.restart_needed and s.busy != "exiting" and s.daemon != "error":
+    if s.restart_needed and s.busy != "exiting" and s.primary.daemon != "error":
         # Short: the row must stay narrow; the title / Check Status name the keys.
         text += " · restart needed" + ("" if short else f" ({', '.join(s.restart_needed)})")
     return text
@@ -208,28 +235,29 @@ def _state_text(s: TrayState, *, short: bool) -> str:
     def reason(text: str) -> str:
         return short_reason(text) if short else " ".join(text.split())
 
+    p = s.primary
     if s.busy == "exiting":
         return "Exiting…"
-    if s.daemon == "error":
-        return f"Error: {reason(s.detail or 'unknown')}"
-    if s.daemon == "running" and colour == RED:
-        return f"Not responding: {reason(s.health_detail or 'no answer to ping')}"
-    if s.daemon == "running" and colour == YELLOW:
-        return f"Running on port {s.port} · checking…"
-    if s.daemon == "running":
-        text = " · ".join(("Running", _plural(s.models, "model"), _plural(s.clients, "client"), fmt_bytes(s.memory_bytes)))
-        if s.sharing_ids:
-            text += f" · saved {fmt_bytes(s.saved_bytes)}" if short else f" · {saved_text(s)}"
+    if p.daemon == "error":
+        return f"Error: {reason(p.detail or 'unknown')}"
+    if p.daemon == "running" and colour == RED:
+        return f"Not responding: {reason(p.health_detail or 'no answer to ping')}"
+    if p.daemon == "running" and colour == YELLOW:
+        return f"Running on port {p.port} · checking…"
+    if p.daemon == "running":
+        text = " · ".join(("Running", _plural(p.models, "model"), _plural(p.clients, "client"), fmt_bytes(p.memory_bytes)))
+        if p.sharing_ids:
+            text += f" · saved {fmt_bytes(p.saved_bytes)}" if short else f" · {saved_text(s)}"
         return text
-    if s.daemon == "starting":
+    if p.daemon == "starting":
         return "Starting…"
-    if s.daemon == "stopping":
+    if p.daemon == "stopping":
         return "Stopping…"
-    return "Stopped" + (f" ({reason(s.detail)})" if s.detail else "")
+    return "Stopped" + (f" ({reason(p.detail)})" if p.detail else "")
 
 
 def sharing_changes(status: dict) -> dict:
-    """InstanceState / TrayState fields from a ``status`` answer's ``sharing``."""
+    """InstanceState fields (TrayState keywords: the primary's) from a ``status`` answer's ``sharing``."""
     sh = status.get("sharing") if isinstance(status, dict) else None
     if not isinstance(sh, dict):
         return {}
@@ -242,7 +270,7 @@ def saved_text(s: TrayState) -> str:
     (a client of two instances counts once); "" while no client uses a model."""
     from luna_daemon.models.sharing import summary
 
-    parts = [i for i in s.instances if i.daemon == "running"] if s.multi else ([s] if s.daemon == "running" else [])
+    parts = [i for i in s.instances if i.daemon == "running"]  # one instance: the primary
     ids = frozenset().union(*(p.sharing_ids for p in parts)) if parts else frozenset()
     if not ids:
         return ""
@@ -271,8 +299,8 @@ def title_for(s: TrayState) -> str:
     if s.multi:  # every instance must fit: short reasons, the full ones are in Check Status
         return _clip(f"{APP_NAME} — {_multi_text(s, short=True, ports=True)}", TITLE_MAX)
     line = full_status(s)
-    if s.daemon == "running" and colour_for(s) == GREEN:
-        line = f"{line} · port {s.port}"
+    if s.primary.daemon == "running" and colour_for(s) == GREEN:
+        line = f"{line} · port {s.primary.port}"
     return _clip(f"{APP_NAME} — {line}", TITLE_MAX)
 
 
@@ -341,7 +369,7 @@ def build_view(s: TrayState) -> View:
     if s.multi:
         return _build_multi_view(s)
     exiting = s.busy == "exiting"
-    st = s.daemon
+    st = s.primary.daemon
     running = st == "running"
 
     def item(key: str, enabled: bool, checked: bool | None = None) -> ItemSpec:
@@ -361,7 +389,7 @@ def build_view(s: TrayState) -> View:
         item("dashboard", s.dashboard),
         item("settings", s.dashboard),
         SEPARATOR,
-        item("unload", running and s.models > 0),
+        item("unload", running and s.primary.models > 0),
         item("autostart", s.autostart_supported, s.autostart),
         SEPARATOR,
         item("exit", True),
