@@ -14,7 +14,9 @@ What a caller can rely on:
   with code 1: <its last output line>" (a port already taken names its holder there) --
   and :class:`DaemonStartError` is raised.
 * While it runs, a heartbeat (``status``, supervisor role: not counted as client traffic)
-  every ``health_interval`` keeps the snapshot's models / clients / queue fresh; a child
+  every ``health_interval`` keeps the snapshot's models / clients / queue fresh, and
+  :meth:`ChildInstance.last_status` hands that answer to the faces (the dashboard's poller
+  reads it instead of asking the child again: one ``status`` per child per interval); a child
   that fails HEALTH_FAILURES heartbeats in a row is killed. An unexpected exit turns the
   state ``error`` with the exit reason ("killed by signal 9 (SIGKILL)") and the child is
   restarted after a backoff (1, 2, 4, ... BACKOFF_MAX s; back to 1 s after HEALTHY_RESET s
@@ -161,7 +163,9 @@ class ChildInstance:
         # The in-process parts of a Daemon do not exist here (faces check for None).
         self.server = self.registry = self.service = self.engine = None
         self._run: _Run | None = None
-        self._status: dict[str, Any] = {}
+        # The current run's last heartbeat answer and its time.time() (None: none yet in
+        # this run, or no run); read and written under _state_lock (last_status()).
+        self._last: tuple[dict[str, Any], float] | None = None
         self._wanted = False  # running is wanted: an exit is unexpected (restart it)
         self._wake = threading.Event()  # ends a restart backoff early (stop)
         self._delay: float | None = None
@@ -185,12 +189,30 @@ class ChildInstance:
         run = self._run
         return run.proc.pid if run is not None and run.proc.poll() is None else None
 
+    def last_status(self) -> tuple[dict[str, Any], float] | None:
+        """The last heartbeat's ``status`` answer of the current run and the wall-clock
+        time (``time.time()``) it arrived; thread-safe, never blocks, never does I/O.
+
+        None before the first answer of a run (during a start or a restart) and once the
+        run has ended (stopped, exited, killed): an answer of a process that is gone is
+        never handed out as current. A failed heartbeat keeps the previous answer (a child
+        that stopped answering shows its last numbers until it is killed), so the time can
+        be up to ``HEALTH_FAILURES`` intervals old. The dict is a new object per heartbeat
+        that nothing modifies afterwards; treat it as read-only. Callers that want a
+        stopped child's counters to stay visible keep their own copy (web.instances)."""
+        with self._state_lock:
+            return self._last
+
+    def _set_last(self, last: tuple[dict[str, Any], float] | None) -> None:
+        with self._state_lock:
+            self._last = last
+
     def snapshot(self) -> dict[str, Any]:
         """Daemon.snapshot()'s keys (models, clients, in_flight, engine from the last
         heartbeat) plus ``pid``, ``restarts`` and ``exit_reason``."""
         with self._state_lock:
-            state, detail = self.state, self.detail
-        st = self._status if state == RUNNING else {}
+            state, detail, last = self.state, self.detail, self._last
+        st = last[0] if state == RUNNING and last is not None else {}
         s = self.settings
         return {
             "state": state, "detail": detail,
@@ -219,6 +241,7 @@ class ChildInstance:
     def _launch(self, timeout: float) -> None:
         """One launch (the caller holds ``_lifecycle``): running, or error + DaemonStartError."""
         self._set_state(STARTING)
+        self._set_last(None)  # a new run: the previous one's answer is not its answer
         run: _Run | None = None
         t_end = time.monotonic() + timeout
         try:
@@ -343,6 +366,7 @@ class ChildInstance:
         if self._run is run:
             self._run = None
         self.address = None
+        self._set_last(None)
 
     # ------------------------------------------------------------ supervision
     def _ensure_watcher(self) -> None:
@@ -373,7 +397,12 @@ class ChildInstance:
         from luna_daemon.client import DaemonError, DaemonUnavailable
 
         try:
-            self._status = dict(run.client.status())
+            answer = dict(run.client.status())
+            # Checked and stored in one step: whoever ends a run sets _run first and
+            # clears _last after, so a late answer of an ended run never looks current.
+            with self._state_lock:
+                if self._run is run:
+                    self._last = (answer, time.time())
             run.failures = 0
         except (DaemonUnavailable, DaemonError, OSError) as exc:
             run.failures += 1
@@ -391,6 +420,7 @@ class ChildInstance:
             self._run = None
             self.address = None
             self.started_at = None
+            self._set_last(None)
             self.exit_reason = reason
             if code == 0 and not run.kill_reason:
                 # It was told to (a ``shutdown`` on its own port): respected, not restarted.
@@ -434,6 +464,7 @@ class ChildInstance:
             self._run = None
             self.address = None
             self.started_at = None
+            self._set_last(None)
             self._last_stop_clean = clean
             if clean:
                 self._set_state(STOPPED)

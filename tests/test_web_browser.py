@@ -143,6 +143,34 @@ def test_status_page_shows_running_and_start_stop_work(page, running):
     assert running.daemon.state == "running"
 
 
+def test_stopped_daemon_shows_no_live_looking_zeros(page, running):
+    # Running with nobody connected is a measurement: 0. Stopped, nothing is measured:
+    # "—" and "stopped", never a 0 that looks like one.
+    open_dashboard(page, running, "status")
+    expect(page.locator("#state-label")).to_have_text("running", timeout=WAIT_MS)
+    saved = page.locator("[data-testid=memory-saved]")
+    expect(saved).to_have_text("0 ComfyUI instances share 0 models: saved 0 B")
+    for sel in ("#st-clients", "#st-queue", "#st-inflight", "#st-models", "#st-rpm"):
+        expect(page.locator(sel)).to_have_text("0")
+
+    page.click("#btn-stop")
+    expect(page.locator("#state-label")).to_have_text("stopped", timeout=WAIT_MS)
+    expect(saved).to_have_text("Memory saved: — (stopped)")
+    for sel in ("#st-clients", "#st-queue", "#st-inflight", "#st-models", "#st-rpm"):
+        expect(page.locator(sel)).to_have_text("—")
+    expect(page.locator("#devices-body td:last-child").first).to_have_text("—")  # its models' bytes
+    # Still so after the next periodic status message (its numbers are zeros).
+    page.wait_for_timeout(2500)
+    expect(page.locator("#st-clients")).to_have_text("—")
+    expect(saved).to_have_text("Memory saved: — (stopped)")
+    shot(page, "status-stopped-figures")
+
+    page.click("#btn-start")
+    expect(page.locator("#state-label")).to_have_text("running", timeout=WAIT_MS)
+    expect(page.locator("#st-clients")).to_have_text("0", timeout=WAIT_MS)
+    expect(saved).to_have_text("0 ComfyUI instances share 0 models: saved 0 B", timeout=WAIT_MS)
+
+
 def test_without_a_login_link_the_page_is_read_only(page, browser, running):
     url = running.dashboard_url("status")
     open_dashboard_page = browser.new_page()
@@ -410,8 +438,17 @@ def test_stop_on_one_instance_card_stops_only_that_instance(pair_page, pair):
     assert colour(page, "[data-instance=clip] .dot") == "rgb(30, 185, 70)"
     shot(page, "instances")
 
+    for c in (vae, clip):  # running, nobody connected: a measured 0
+        for field in ("clients", "queue", "models"):
+            expect(c.locator(f"[data-field={field}]")).to_have_text("0", timeout=WAIT_MS)
+
     clip.locator("[data-testid=instance-stop]").click()
     expect(clip.locator("[data-testid=instance-state]")).to_have_text("stopped", timeout=WAIT_MS)
+    for field in ("clients", "queue", "models"):  # stopped: nothing measured
+        expect(clip.locator(f"[data-field={field}]")).to_have_text("—")
+        expect(vae.locator(f"[data-field={field}]")).to_have_text("0")
+    # One instance still runs: the memory-saved line is a figure, not "stopped".
+    expect(page.locator("[data-testid=memory-saved]")).to_contain_text("saved 0 B")
     expect(clip.locator("[data-testid=instance-msg]")).to_contain_text("stop: done (stopped)")
     assert colour(page, "[data-instance=clip] .dot") == "rgb(150, 150, 150)"  # gray, and the word says it too
     expect(vae.locator("[data-testid=instance-state]")).to_have_text("running")

@@ -2,9 +2,11 @@
 
 A host runs its primary instance in-process (``host.daemon``) and every further instance
 as a supervised child process (``host.instances``, issue 14). The primary's numbers are
-read from its live objects; a child's come from the answers of its ``status`` and ``ps``
-ops, which :class:`ChildPoller` fetches in the background through a supervisor
-connection (kept out of the child's request stats and events).
+read from its live objects; a child's come from its ``status`` answer, which the
+supervisor's heartbeat already fetches every ``health_interval``
+(:meth:`~luna_daemon.supervisor.ChildInstance.last_status`; not asked a second time), and
+its ``ps`` answer (the model list), which :class:`ChildPoller` fetches in the background
+through a supervisor connection (kept out of the child's request stats and events).
 
 What a caller can rely on:
 
@@ -26,8 +28,8 @@ from typing import Any
 
 log = logging.getLogger("luna_daemon.web.monitor")
 
-# Seconds one status/ps fetch from a child may take (connect and answer). Bounded so a
-# hung child delays only the next refresh of the other children, by at most this much.
+# Seconds one ps fetch from a child may take (connect and answer). Bounded so a hung
+# child delays only the next refresh of the other children, by at most this much.
 FETCH_TIMEOUT = 2.0
 
 
@@ -71,7 +73,8 @@ def log_file_of(host: Any, name: str, inst: Any) -> str:
 
 
 class ChildPoller:
-    """Background fetches of every child instance's ``status`` and ``ps`` answers."""
+    """Every child instance's last ``status`` (the supervisor's heartbeat answer) and
+    ``ps`` (fetched here, in the background) answers, cached for pages and scrapes."""
 
     def __init__(self, host: Any, interval: float | None = None):
         self.host = host
@@ -110,9 +113,26 @@ class ChildPoller:
         self._wake.set()
 
     def get(self, name: str) -> dict[str, Any] | None:
-        """``{"status": {...}, "models": [...], "time": t}`` of the last good fetch, or None."""
+        """``{"status": {...}, "time": t, "models": [...], "models_time": t2}``, or None
+        before the child's first heartbeat answer. ``status`` is the supervisor's last
+        heartbeat answer (``ChildInstance.last_status``, read now: at most one
+        ``health_interval`` old while the child runs and answers) and ``time``
+        (``time.time()``) when it arrived; ``models`` the last good ``ps`` this poller
+        fetched and ``models_time`` when (``[]`` and None until one arrived). Both are
+        kept while the child is stopped or unreachable (counters stay visible)."""
+        inst = next((i for n, i in self.children() if n == name), None)
+        last = None
+        if inst is not None and getattr(inst, "state", None) == "running":
+            fn = getattr(inst, "last_status", None)
+            last = fn() if callable(fn) else None
         with self._lock:
-            return self._cache.get(name)
+            entry = self._cache.get(name)
+            if last is not None and isinstance(last[0], dict):
+                entry = self._cache[name] = {"models": [], "models_time": None, **(entry or {}),
+                                             "status": last[0], "time": last[1]}
+            if entry is None or entry.get("status") is None:
+                return None
+            return dict(entry)
 
     # ------------------------------------------------------------ thread
     def _run(self) -> None:
@@ -123,7 +143,7 @@ class ChildPoller:
                 try:
                     self._refresh(name, inst)
                 except Exception as exc:  # noqa: BLE001 - a bug here must not end the thread
-                    log.debug("child instance %s: status fetch failed: %s", name, exc)
+                    log.debug("child instance %s: ps fetch failed: %s", name, exc)
             self._wake.wait(self.interval)
             self._wake.clear()
 
@@ -144,22 +164,21 @@ class ChildPoller:
         return c
 
     def _refresh(self, name: str, inst: Any) -> None:
+        # Only ps (the model list): the status answer is the supervisor's heartbeat's
+        # (get()), so a child gets one status request per interval, not two.
         address = getattr(inst, "address", None)
         if getattr(inst, "state", None) != "running" or not address:
-            return  # keep the last answer: counters stay visible while it is down
+            return  # keep the last answer: the list comes back with the next run
         c = self._client(name, inst, address)
         try:
-            status = c.call("status")
             models = c.call("ps").get("models") or []
         except Exception as exc:  # noqa: BLE001 - unreachable / hung / restarting child
-            log.debug("child instance %s at %s:%s did not answer status: %s", name, address[0], address[1], exc)
+            log.debug("child instance %s at %s:%s did not answer ps: %s", name, address[0], address[1], exc)
             with self._lock:
                 if self._clients.get(name, (None, None))[1] is c:
                     del self._clients[name]
             c.close()
             return
-        if not isinstance(status, dict):
-            return
         with self._lock:
-            self._cache[name] = {"status": status, "models": [m for m in models if isinstance(m, dict)],
-                                 "time": time.time()}
+            entry = self._cache.setdefault(name, {"status": None, "time": None})
+            entry["models"], entry["models_time"] = [m for m in models if isinstance(m, dict)], time.time()

@@ -4,7 +4,8 @@ Every function here works in every daemon state: a stopped or failed daemon has 
 registry, service or server, and the views then report zeros and empty lists rather than
 raising. They read each daemon attribute once into a local, because a stop on another
 thread may set it to None between two reads. A child instance's numbers are the last
-answers :class:`~luna_daemon.web.instances.ChildPoller` fetched (never a blocking call).
+answers :class:`~luna_daemon.web.instances.ChildPoller` holds (the supervisor's heartbeat
+``status``, its own ``ps``; never a blocking call).
 """
 
 from __future__ import annotations
@@ -89,11 +90,14 @@ def sharing(host: Any, children: ChildPoller | None = None) -> dict[str, Any]:
     """Memory saved (docs/monitor.md "Memory saved"): ``by_instance`` = each running
     instance's ``sharing`` (the primary's live, a child's as last polled) and ``total`` = the
     host's (``sharing.combine``: a client using two instances counts once) with ``text``,
-    the one line every face shows."""
+    the one line every face shows: :data:`SHARING_STOPPED` while no instance runs (a
+    stopped host measures nothing; its zeros are not a measurement), else the figure --
+    0 clients included."""
     from luna_daemon.models.sharing import combine, summary
 
     by_instance: dict[str, dict[str, Any]] = {}
-    for name, inst in instance_items(host):
+    items = instance_items(host)
+    for name, inst in items:
         snap = None
         if is_primary(host, inst):
             reg = inst.registry
@@ -104,7 +108,12 @@ def sharing(host: Any, children: ChildPoller | None = None) -> dict[str, Any]:
         if isinstance(snap, dict):
             by_instance[name] = snap
     total = combine(by_instance.values())
-    return {"by_instance": by_instance, "total": {**total, "text": summary(total)}}
+    running = any(getattr(inst, "state", None) == "running" for _, inst in items)
+    return {"by_instance": by_instance, "total": {**total, "text": summary(total) if running else SHARING_STOPPED}}
+
+
+# The memory-saved line while no instance runs (static/app.js shows the same words).
+SHARING_STOPPED = "Memory saved: — (stopped)"
 
 
 def _instance_view(host: Any, name: str, inst: Any, children: ChildPoller | None) -> dict[str, Any]:
@@ -129,14 +138,18 @@ def _instance_view(host: Any, name: str, inst: Any, children: ChildPoller | None
         view["queue"] = sum(e.executor.depth for e in reg.entries()) if reg is not None else 0
         view["requests"] = svc.stats.snapshot() if svc is not None else _NO_REQUESTS
     else:
-        # The poller's answer first: the card's counts then match /api/models (the same
-        # fetch round); the supervisor's heartbeat numbers in the snapshot until then.
+        # The supervisor's last heartbeat answer (through the poller, which keeps it while
+        # the child is down: its request counters stay visible), as in the snapshot.
         cached = children.get(name) if children is not None else None
         st = cached["status"] if cached else {}
         view["requests"] = st.get("requests") or _NO_REQUESTS
         for key in ("models", "clients", "in_flight", "queue"):
             value = st.get(key) if state == "running" and cached else view.get(key)
             view[key] = value if isinstance(value, int) and state == "running" else 0
+        if state == "running" and cached and cached.get("models_time") is not None:
+            # The count of the poller's ps list: the card then matches /api/models (which
+            # lists that same answer) rather than a status from another moment.
+            view["models"] = len(cached["models"])
     return view
 
 

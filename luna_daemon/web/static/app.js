@@ -31,6 +31,11 @@
   // One formatter for every face: static/units.js (the rules of luna_daemon/units.py).
   const { fmtBytes, fmtDuration } = globalThis.LunaUnits;
   const now = () => Date.now() / 1000;
+  // A live figure (clients, queue, models loaded, memory saved) of an instance that is not
+  // running is no measurement: "—" instead of a 0 that would look like one. Running with
+  // nothing in use still shows 0.
+  const NOT_RUNNING = "—";
+  const live = (running, v) => (running ? (v ?? 0) : NOT_RUNNING);
   function el(tag, props = {}, ...children) {
     const e = document.createElement(tag);
     for (const [k, v] of Object.entries(props)) {
@@ -291,8 +296,8 @@
       // The devices this instance uses: a VAE-only instance has no CLIP device to show.
       const devs = Object.entries(i.devices || {}).filter(([k]) => !i.service || i.service === "full" || i.service === k);
       const rows = [["Service", i.service], ["Devices", devs.map(([k, v]) => `${k}: ${v}`).join(" · ") || "—"],
-        ["Address", i.address || "— (a free port once started)"], ["Models", i.models ?? 0], ["Queue", i.queue ?? 0],
-        ["Clients", i.clients ?? 0]];
+        ["Address", i.address || "— (a free port once started)"], ["Models", live(i.state === "running", i.models)],
+        ["Queue", live(i.state === "running", i.queue)], ["Clients", live(i.state === "running", i.clients)]];
       if (!i.primary && i.restarts) rows.push(["Restarts", i.restarts]);
       c.kv.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { dataset: { field: k.toLowerCase() } }, v)]));
       for (const [b, ok] of [[c.start, i.state === "stopped" || i.state === "error"],
@@ -318,12 +323,14 @@
 
   // "N ComfyUI instances share M models: saved X GB" (docs/monitor.md "Memory saved"): the
   // host's total line from the server; the title lists what each instance saves.
-  function renderSaved(sh) {
+  function renderSaved(sh, anyRunning) {
     const box = $("st-saved");
     const total = sh && sh.total;
     box.hidden = !total;
     if (!total) return;
-    box.textContent = total.text;
+    // views.SHARING_STOPPED's words, also right after a state event (before the next status).
+    box.textContent = anyRunning ? total.text : `Memory saved: ${NOT_RUNNING} (stopped)`;
+    box.classList.toggle("stopped", !anyRunning);
     box.title = Object.entries(sh.by_instance || {}).map(([name, i]) =>
       `${name}: ${i.clients} clients, ${i.models} models, saved ${fmtBytes(i.saved_bytes)}` +
       (i.per_model || []).map((m) => `\n  ${m.name}: ${m.users} users × ${fmtBytes(m.bytes)}`).join("")).join("\n");
@@ -347,17 +354,18 @@
     renderInstances(s);
     renderLogInstances();
     document.title = `Luna Daemon — ${overall}`;
-    renderSaved(s.sharing);
+    const up = s.state === "running"; // the Overview / Traffic cards are the primary's
+    renderSaved(s.sharing, instances().length ? instances().some((i) => i.state === "running") : up);
     $("st-uptime").textContent = s.state === "running" ? fmtDuration(s.uptime) : "—";
     $("st-engine").textContent = s.engine || `${s.engine_setting} (not started)`;
     $("st-address").textContent = `${s.host}:${s.port}`;
     $("st-version").textContent = s.version;
-    $("st-models").textContent = s.models;
-    $("st-clients").textContent = s.clients;
-    $("st-queue").textContent = s.queue;
-    $("st-inflight").textContent = s.in_flight;
+    $("st-models").textContent = live(up, s.models);
+    $("st-clients").textContent = live(up, s.clients);
+    $("st-queue").textContent = live(up, s.queue);
+    $("st-inflight").textContent = live(up, s.in_flight);
     const r = s.requests || {};
-    $("st-rpm").textContent = r.per_minute ?? 0;
+    $("st-rpm").textContent = live(up, r.per_minute);
     $("st-total").textContent = `${r.total ?? 0} (${r.errors ?? 0})`;
     const lc = s.lora_cache;
     $("st-lora").textContent = lc
@@ -367,7 +375,7 @@
       const mem = d.total ? `${fmtBytes(d.used)} / ${fmtBytes(d.total)}` : "not in use yet";
       return el("tr", {}, el("td", {}, d.name), el("td", { class: "num" }, mem),
         el("td", { class: "bar-cell" }, d.total ? memBar(d.name, partsOfDevice(d), false) : ""),
-        el("td", { class: "num" }, fmtBytes(d.models_bytes)));
+        el("td", { class: "num" }, up ? fmtBytes(d.models_bytes) : NOT_RUNNING));
     });
     $("devices-body").replaceChildren(...rows);
     renderMemoryCard();
