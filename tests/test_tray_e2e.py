@@ -476,6 +476,42 @@ def test_a_frozen_instance_does_not_hold_up_the_other_instances_probe(tray_app, 
             pass
 
 
+@pytest.mark.timeout(240)
+def test_check_status_asks_every_instance_at_once(tray_app, monkeypatch):
+    """Two frozen children (SIGSTOP: they accept TCP, never answer): Check Status waits out
+    one probe timeout, not one per frozen instance in turn, and names both."""
+    import psutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    interval = 4.0  # probe timeout min(10, max(2, interval)) = 4 s per hung read
+    app, host, thread, result = tray_app(port=free_port(), health_interval=interval,
+                                         instances=[dict(name="main", service="full"),
+                                                    dict(name="vae", service="vae", port=free_port()),
+                                                    dict(name="clip", service="clip", port=free_port())])
+    wait_until(lambda: app.view.colour == "green", 90, "green with all three instances up")
+    children = [psutil.Process(host.instance(n).snapshot()["pid"]) for n in ("vae", "clip")]
+    for child in children:
+        child.suspend()
+    try:
+        n0 = len(app.icon.notes)
+        t0 = time.monotonic()
+        app.click("check")
+        replies = lambda: [m for t, m in app.icon.notes[n0:] if t == "Luna Daemon status"]  # noqa: E731
+        wait_until(replies, 60, "the status notification")  # (health alerts come too, titled otherwise)
+        took = time.monotonic() - t0
+        text = replies()[0]
+        assert "vae: Not responding" in text and "clip: Not responding" in text, text
+        assert text.startswith("main: "), text
+        # One probe timeout (plus a status read of main); in turn it would be >= 2 timeouts.
+        assert took < 1.6 * interval, f"Check Status took {took:.1f}s: the frozen instances were asked in turn"
+    finally:
+        for child in children:
+            try:
+                child.resume()
+            except psutil.NoSuchProcess:
+                pass
+
+
 # =============================================================================================
 # Part 2: the real tray on a virtual screen
 # =============================================================================================

@@ -11,6 +11,7 @@ members: ``host``, ``settings``, ``config``, ``multi``, ``primary``, ``notifier`
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -92,7 +93,12 @@ class TrayActions:
     def _do_check(self, title: str = "Luna Daemon status") -> None:
         """A real ``status`` call; the answer as a notification, the colour updated."""
         if self.multi:  # every instance, one line each
-            lines = [f"{n}: {self._check_text(n)}" for n in self._instances()]
+            # Asked at once: a hung instance costs its probe timeout once, not once per
+            # instance after it (the queued menu actions wait behind this one).
+            names = list(self._instances())
+            with concurrent.futures.ThreadPoolExecutor(len(names), thread_name_prefix="luna-tray-check") as pool:
+                texts = list(pool.map(self._check_text, names))
+            lines = [f"{n}: {t}" for n, t in zip(names, texts)]
             saved = saved_text(self.state)  # the host total (refreshed by the status calls above)
             self.notifier.reply("\n".join(lines + ([saved] if saved else [])), title=title)
             return
