@@ -457,3 +457,16 @@ def test_a_down_instance_is_a_line_with_its_reason(tmp_path, model_dir):
         assert _rows(dr.stdout, "daemon port")[0]["status"] == "ok" and dr.returncode == 1
         proc.terminate()
         assert proc.wait(90) == 0  # the host ends cleanly with a child that never started
+
+
+def test_cli_module_keeps_every_name_it_had_before_the_split():
+    """cli.py was split into cli_*.py modules; what callers import from luna_daemon.cli
+    (entry points, the tray, tests, scripts) must stay importable from there."""
+    import luna_daemon.cli as cli
+
+    names = ["main", "tray_entry", "build_parser", "can_open_browser", "UsageError", "_out", "_json",
+             "EXIT_OK", "EXIT_FAIL", "EXIT_USAGE", "EXIT_UNAVAILABLE", "EXIT_UNCLEAN",
+             "cmd_serve", "cmd_tray", "cmd_status", "cmd_ps", "cmd_unload", "cmd_load", "cmd_stop",
+             "cmd_config", "cmd_logs", "cmd_dashboard", "cmd_doctor", "cmd_demo", "cmd_service", "cmd_bench"]
+    missing = [n for n in names if not hasattr(cli, n)]
+    assert not missing, missing
