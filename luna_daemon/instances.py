@@ -45,8 +45,8 @@ PER_INSTANCE_KEYS = frozenset({
 _TABLE_KEYS = PER_INSTANCE_KEYS | {"name"}
 
 # Which kind of model an op needs; ops without a role (ping, hello, status, unload, ...)
-# go to the primary or to the instance a caller names. Kept equal to service.py's
-# ``@op(..., service=...)`` kinds by tests/test_settings_instances.py.
+# go to the primary or to the instance a caller names. Kept equal to the
+# ``@op(..., service=...)`` kinds of luna_daemon/ops/ by tests/test_settings_instances.py.
 ROLE_OF_OP: dict[str, str] = {
     **{op: "vae" for op in ("vae_load", "vae_encode", "vae_decode", "vae_load_sd")},
     **{op: "clip" for op in ("clip_load", "clip_tokenize", "clip_encode", "clip_load_sd",

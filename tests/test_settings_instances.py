@@ -214,14 +214,16 @@ def test_dashboard_cannot_save_instances(tmp_path):
 
 
 def _service_op_kinds() -> dict[str, set[str]]:
-    """``@op("name", service="full vae")`` of service.py, read from its source (no torch)."""
-    tree = ast.parse((REPO / "luna_daemon" / "service.py").read_text(encoding="utf-8"))
+    """``@op("name", service="full vae")`` of the op modules (luna_daemon/ops/), read from
+    their source (no torch)."""
     out = {}
-    for node in ast.walk(tree):
-        for dec in getattr(node, "decorator_list", ()):
-            if isinstance(dec, ast.Call) and getattr(dec.func, "id", "") == "op":
-                kinds = next((k.value.value for k in dec.keywords if k.arg == "service"), "")
-                out[dec.args[0].value] = set(kinds.split())
+    for path in sorted((REPO / "luna_daemon" / "ops").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            for dec in getattr(node, "decorator_list", ()):
+                if isinstance(dec, ast.Call) and getattr(dec.func, "id", "") == "op":
+                    kinds = next((k.value.value for k in dec.keywords if k.arg == "service"), "")
+                    out[dec.args[0].value] = set(kinds.split())
     return out
 
 
