@@ -33,6 +33,19 @@ def model_dir(tmp_path_factory) -> Path:
     return root
 
 
+def serve_env(home, model_dir, **extra) -> dict[str, str]:
+    """The environment of a ``luna-daemon`` subprocess isolated under ``home``: free daemon /
+    dashboard / lock ports, ``model_dir`` as the only model root, the standalone engine, no
+    model hub. ``extra`` adds or replaces variables."""
+    import json
+
+    env = dict(os.environ, LUNA_HOME=str(home), LUNA_PORT=str(free_port()), LUNA_MONITOR_PORT=str(free_port()),
+               LUNA_LOCK_PORT=str(free_port()), LUNA_MODEL_ROOTS=json.dumps([str(model_dir)]), LUNA_ENGINE="standalone",
+               HF_HUB_OFFLINE="1")
+    env.update(extra)
+    return env
+
+
 @pytest.fixture
 def make_settings(tmp_path, model_dir):
     """Settings isolated under tmp_path (LUNA_HOME) with free ports and model_roots set."""

@@ -15,16 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, serve_env
 from luna_daemon.client import DaemonClient, wait_for_daemon
 
 
 def _env(tmp_path, model_dir, **extra):
-    env = dict(os.environ, LUNA_HOME=str(tmp_path / "home"), LUNA_PORT=str(free_port()), LUNA_MONITOR_PORT=str(free_port()),
-               LUNA_LOCK_PORT=str(free_port()), LUNA_MODEL_ROOTS=json.dumps([str(model_dir)]), LUNA_ENGINE="standalone",
-               HF_HUB_OFFLINE="1")
-    env.update(extra)
-    return env
+    return serve_env(tmp_path / "home", model_dir, **extra)
 
 
 def _cli(env, *args, timeout=120, cwd=None):

@@ -6,14 +6,13 @@ over a real WebSocket, as the dashboard page does."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
 import sys
 
 import pytest
-from conftest import free_port
+from conftest import serve_env
 from websockets.sync.client import connect
 
 from luna_daemon.client import wait_for_daemon
@@ -24,9 +23,7 @@ WAIT = 10.0
 
 
 def _env(home, model_dir, **extra):
-    env = dict(os.environ, LUNA_HOME=str(home), LUNA_PORT=str(free_port()), LUNA_MONITOR_PORT=str(free_port()),
-               LUNA_LOCK_PORT=str(free_port()), LUNA_MODEL_ROOTS=json.dumps([str(model_dir)]), LUNA_ENGINE="standalone",
-               HF_HUB_OFFLINE="1")
+    env = serve_env(home, model_dir)
     for name in ("DISPLAY", "WAYLAND_DISPLAY"):
         env.pop(name, None)  # headless: no browser may be started by a test
     env.update(extra)

@@ -21,7 +21,7 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings
 
-from conftest import free_port
+from conftest import free_port, serve_env
 from hostile_frames import encode, hostile_frame
 from luna_daemon import protocol, transport
 from luna_daemon.client import DaemonClient, wait_for_daemon
@@ -42,9 +42,8 @@ class Served:
     def __init__(self, home: Path, model_dir: Path):
         self.home = home
         self.port, self.monitor_port = free_port(), free_port()
-        self.env = dict(os.environ, LUNA_HOME=str(home), LUNA_PORT=str(self.port), LUNA_MONITOR_PORT=str(self.monitor_port),
-                        LUNA_LOCK_PORT=str(free_port()), LUNA_MODEL_ROOTS=json.dumps([str(model_dir)]), LUNA_ENGINE="standalone",
-                        HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+        self.env = serve_env(home, model_dir, LUNA_PORT=str(self.port), LUNA_MONITOR_PORT=str(self.monitor_port),
+                             PYTHONPATH=str(ROOT))
         home.mkdir(parents=True, exist_ok=True)
         self.stderr_path = home / "stderr.txt"
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 -- lives as long as the process

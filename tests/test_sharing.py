@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, serve_env
 
 from luna_daemon.client import DaemonClient, DaemonError, wait_for_daemon
 from luna_daemon.models.sharing import (
@@ -46,11 +46,7 @@ c.close()
 
 
 def _env(tmp_path, model_dir, **extra):
-    env = dict(os.environ, LUNA_HOME=str(tmp_path / "home"), LUNA_PORT=str(free_port()), LUNA_MONITOR_PORT=str(free_port()),
-               LUNA_LOCK_PORT=str(free_port()), LUNA_MODEL_ROOTS=json.dumps([str(model_dir)]), LUNA_ENGINE="standalone",
-               HF_HUB_OFFLINE="1")
-    env.update(extra)
-    return env
+    return serve_env(tmp_path / "home", model_dir, **extra)
 
 
 @contextlib.contextmanager
