@@ -131,16 +131,23 @@ def placements() -> dict[str, tuple[set[int] | None, set[int] | None]]:
     return {"cross-core": ({cpus[0]}, {cpus[1]}), "same-core": ({cpus[0]}, {cpus[0]})}
 
 
+def _stat_fields(path: Path) -> list[str]:
+    """The fields of a Linux ``/proc/.../stat`` file after the command name (fields[0] is
+    stat field 3). The name is cut at its *last* ")": it may itself hold spaces and ")".
+    Raises OSError when the process / thread is gone."""
+    return path.read_text().rsplit(")", 1)[1].split()
+
+
 def _thread_stats(pid: int) -> dict[str, tuple[int, int]]:
     """{tid: (cpu ticks used, CPU it last ran on)} for every thread of ``pid`` (Linux /proc)."""
     out = {}
     try:
         for task in Path(f"/proc/{pid}/task").iterdir():
             try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                fields = _stat_fields(task / "stat")
             except OSError:
                 continue  # the thread ended
-            # fields[0] is stat field 3; utime/stime are fields 14/15, processor 39.
+            # utime/stime are stat fields 14/15, processor 39.
             out[task.name] = (int(fields[11]) + int(fields[12]), int(fields[36]))
     except (OSError, ValueError, IndexError):
         return {}
@@ -172,7 +179,7 @@ def _faults_during(pid: int, fn: Callable[[], Any]) -> int | None:
     """Minor page faults process ``pid`` took while ``fn()`` ran (Linux /proc), or None."""
     def minflt() -> int | None:
         try:
-            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+            return int(_stat_fields(Path(f"/proc/{pid}/stat"))[7])  # minflt: stat field 10
         except (OSError, ValueError, IndexError):
             return None
 

@@ -280,14 +280,11 @@ class _Doctor:
         if not sys.platform.startswith("linux"):
             return [Finding("huge pages", OK, "huge_pages = true has no effect on this platform (Linux only)")]
         mode = hugepages.kernel_mode()
-        if mode is None:
-            return [Finding("huge pages", WARN, f"this kernel has no transparent huge pages ({hugepages.SYSFS} "
-                                                "missing): decodes take ~10x more page faults",
-                            "none needed; a kernel with CONFIG_TRANSPARENT_HUGEPAGE would be faster")]
-        if mode == "never":
-            return [Finding("huge pages", WARN, f"the kernel's THP mode is 'never' ({hugepages.SYSFS}): the daemon "
-                                                "cannot use huge pages, decodes take ~10x more page faults",
-                            f"as root: echo madvise > {hugepages.SYSFS} (then restart the daemon)")]
+        problem = hugepages.kernel_problem(mode)
+        if problem is not None:
+            what, fix = problem
+            return [Finding("huge pages", WARN, f"{what}: the daemon cannot use huge pages, decodes take ~10x "
+                                                "more page faults", fix)]
         return [Finding("huge pages", OK, f"kernel THP mode {mode!r}: the daemon's tensors of 2 MiB and more use "
                                           "huge pages (`luna-daemon status` shows whether the running one does)")]
 

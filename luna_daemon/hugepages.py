@@ -61,6 +61,19 @@ def kernel_mode(path: str = SYSFS) -> str | None:
     return mode or None
 
 
+def kernel_problem(mode: str | None) -> tuple[str, str] | None:
+    """Why the kernel (``mode`` as :func:`kernel_mode` read it) gives no huge pages, and
+    what to do -- ``(what, fix)`` -- or None when it honours the request. The one source
+    of this advice for ``status`` (:func:`configure`) and ``doctor``."""
+    if mode == "never":
+        return (f"the kernel's THP mode is 'never' ({SYSFS})",
+                f"as root: echo madvise > {SYSFS} (then restart the daemon)")
+    if mode is None:
+        return (f"this kernel has no transparent huge pages ({SYSFS} missing)",
+                "none needed; a kernel with CONFIG_TRANSPARENT_HUGEPAGE would be faster")
+    return None
+
+
 def _faults_of_probe() -> int | None:
     """Minor page faults this thread took to allocate and fill a 36 MiB tensor."""
     import resource
@@ -118,11 +131,8 @@ def _configure(enabled: bool) -> dict[str, Any]:
         out["reason"] = f"kernel THP mode {mode!r}" if mode else "granted by the kernel"
     elif not enabled:
         out["reason"] = "off in settings (huge_pages = false)"
-    elif mode == "never":
-        out["reason"] = (f"the kernel's THP mode is 'never' ({SYSFS}); "
-                         f"as root: echo madvise > {SYSFS}")
-    elif mode is None:
-        out["reason"] = "this kernel has no transparent huge pages"
+    elif (problem := kernel_problem(mode)) is not None:
+        out["reason"] = "; ".join(problem)
     else:
         out["reason"] = (f"asked for, but a 36 MiB probe still took {faults} page faults (the process made a "
                          f"big tensor before the setting could apply, or {ENV} was set otherwise)")

@@ -32,6 +32,14 @@ def test_kernel_mode_reads_the_bracketed_mode(tmp_path):
     assert hugepages.kernel_mode(str(tmp_path / "missing")) is None
 
 
+def test_kernel_problem_is_the_one_advice_for_status_and_doctor():
+    assert hugepages.kernel_problem("madvise") is None and hugepages.kernel_problem("always") is None
+    what, fix = hugepages.kernel_problem("never")
+    assert "'never'" in what and f"echo madvise > {hugepages.SYSFS}" in fix
+    what, fix = hugepages.kernel_problem(None)
+    assert "no transparent huge pages" in what and fix
+
+
 def _configure_in_fresh_process(code: str) -> dict:
     script = textwrap.dedent("""
         import json, os, sys
