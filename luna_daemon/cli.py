@@ -50,8 +50,6 @@ from luna_daemon.cli_local import (  # noqa: F401
 from luna_daemon.cli_process import _serve_instance, cmd_serve, cmd_tray, tray_entry  # noqa: F401
 from luna_daemon.cli_tools import _has_module, _isatty, _report, cmd_bench, cmd_demo, cmd_service  # noqa: F401
 
-log = logging.getLogger(__name__)
-
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
