@@ -3,6 +3,8 @@
 Everything is measured side by side in one run, as ratios, because the machine is noisy:
 
 * ``transport_benchmark``: (a) raw loopback TCP limit (persistent socket, ``recv_into``),
+  (a2) the same with the receive tuned as the daemon's transport tunes it (wake-up
+  threshold ``SO_RCVLOWAT`` 1 MiB while more is due; Linux),
   (b) the daemon protocol doing the same decode-sized exchange (send a 1x4x128x128 f32
   latent, receive a 1x1024x1024x3 f32 image), (c) ``ping`` p50 vs raw 1-byte RTT,
   (d) a tiny real VAE decode via the daemon (default client: shared memory on) vs the
@@ -215,9 +217,12 @@ def _end_process(proc: subprocess.Popen, wait: float = 10.0) -> None:
 
 
 class _RawPeer:
-    """Client side of the raw loopback exchange (request of req_n bytes, reply rep_n)."""
+    """Client side of the raw loopback exchange (request of req_n bytes, reply rep_n).
 
-    def __init__(self, req_n: int, rep_n: int, cpus: set[int] | None = None):
+    ``lowat``: receive with the kernel's wake-up threshold raised to that many bytes while
+    more than twice as many are still due (what ``transport.Channel`` does), else plain."""
+
+    def __init__(self, req_n: int, rep_n: int, cpus: set[int] | None = None, lowat: int = 0):
         self.proc = subprocess.Popen([sys.executable, "-c", _RAW_SERVER, str(req_n), str(rep_n)], stdout=subprocess.PIPE,
                                      text=True, preexec_fn=_pin(cpus))
         try:
@@ -230,10 +235,16 @@ class _RawPeer:
         self.req = bytearray(req_n)
         self.rep = bytearray(rep_n)
         self.view = memoryview(self.rep)
+        self.lowat = lowat
 
     def exchange(self) -> None:
         self.sock.sendall(self.req)
         got, n = 0, len(self.rep)
+        if self.lowat and n >= 2 * self.lowat:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self.lowat)
+            while got < n - self.lowat:
+                got += self.sock.recv_into(self.view[got:n - self.lowat])
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         while got < n:
             got += self.sock.recv_into(self.view[got:])
 
@@ -291,6 +302,7 @@ def _serve(home: str, model_roots: list[str], extra_env: dict[str, str] | None,
 
 def _transport_once(cl: set[int] | None, sv: set[int] | None, repeats: int, work: str, vae_path: Path,
                     with_decode: bool) -> dict[str, list[float]]:
+    from luna_daemon import transport
     from luna_daemon.client import DaemonClient
     from luna_daemon.models.engines.standalone import StandaloneEngine
 
@@ -303,6 +315,10 @@ def _transport_once(cl: set[int] | None, sv: set[int] | None, repeats: int, work
             stack.callback(os.sched_setaffinity, 0, old_affinity)
         raw = _RawPeer(req_n, rep_n, sv)
         stack.callback(raw.close)
+        tuned = None
+        if transport._LOWAT:
+            tuned = _RawPeer(req_n, rep_n, sv, lowat=transport._LOWAT)
+            stack.callback(tuned.close)
         ping_raw = _RawPeer(1, 1, sv)
         stack.callback(ping_raw.close)
         with daemon_process([work], cpus=sv) as (port, token, _proc):
@@ -314,7 +330,7 @@ def _transport_once(cl: set[int] | None, sv: set[int] | None, repeats: int, work
             copy = _Memcpy(req_n + rep_n)
             where = _WhereRan(client=os.getpid(), raw=raw.proc.pid, ping_raw=ping_raw.proc.pid, daemon=_proc.pid)
             t = _interleaved({
-                "raw": raw.exchange,
+                "raw": raw.exchange, **({"raw_tuned": tuned.exchange} if tuned else {}),
                 "proto": lambda: client.call("echo", {"latent": latent, "reply_shape": list(IMAGE_SHAPE)}),
                 "shm": lambda: shm_client.call("echo", {"latent": latent, "reply_shape": list(IMAGE_SHAPE)}),
                 "memcpy": copy.warm, "memcpy_fresh": copy.fresh,
@@ -392,6 +408,10 @@ def _transport_report(repeats: int, work: str) -> dict[str, Any]:
             "a_raw_s": med["raw"], "a_raw_GBps": mb / 1e3 / med["raw"],
             "b_protocol_s": med["proto"], "b_protocol_GBps": mb / 1e3 / med["proto"],
             "ratio_b_over_a": med["proto"] / med["raw"],
+            # None where the daemon's transport does not tune the receive (not Linux).
+            "a2_raw_tuned_s": med.get("raw_tuned"),
+            "ratio_a2_over_a": med["raw_tuned"] / med["raw"] if "raw_tuned" in med else None,
+            "ratio_b_over_a2": med["proto"] / med["raw_tuned"] if "raw_tuned" in med else None,
             "c_raw_rtt_us": med["raw_rtt"] * 1e6, "c_ping_p50_us": med["ping"] * 1e6,
             "ratio_ping_over_rtt": med["ping"] / med["raw_rtt"],
             "e_shm_s": med["shm"], "e_memcpy_s": med["memcpy"], "e_memcpy_fresh_s": med["memcpy_fresh"],
@@ -409,8 +429,12 @@ def _transport_report(repeats: int, work: str) -> dict[str, Any]:
             notes[what] = "" if r[f"{what}_comparable"] is not False else (
                 f"  [not comparable: the scheduler ran the client on CPU {seen['client']}, the raw peer on CPU "
                 f"{seen[raw_name]}, the daemon on CPU {seen['daemon']}; see the pinned placements]")
+        tuned_line = [] if "raw_tuned" not in med else [
+            f"[{name}] (a2) raw loopback, receive tuned like the daemon's (SO_RCVLOWAT): {med['raw_tuned'] * 1e3:.2f} ms  "
+            f"a2/a = {r['ratio_a2_over_a']:.2f}, b/a2 = {r['ratio_b_over_a2']:.2f}{notes['bulk']}"]
         lines += [
             f"[{name}] (a) raw loopback: {med['raw'] * 1e3:.2f} ms ({r['a_raw_GBps']:.2f} GB/s)",
+            *tuned_line,
             f"[{name}] (b) daemon protocol: {med['proto'] * 1e3:.2f} ms ({r['b_protocol_GBps']:.2f} GB/s)  b/a = {r['ratio_b_over_a']:.2f} (target <= 1.15 pinned){notes['bulk']}",
             f"[{name}] (c) ping p50 {r['c_ping_p50_us']:.0f} us vs raw RTT {r['c_raw_rtt_us']:.0f} us  ratio = {r['ratio_ping_over_rtt']:.2f} (target <= 2.0){notes['ping']}",
             f"[{name}] (e) shared memory: {med['shm'] * 1e3:.2f} ms  e/a = {r['ratio_e_over_a']:.2f} (target <= 0.5); "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from luna_daemon import bench
+from luna_daemon import bench, transport
 
 
 def test_comparable_placements():
@@ -58,6 +58,11 @@ def test_transport_benchmark_runs_end_to_end():
         for key in ("a_raw_s", "b_protocol_s", "c_raw_rtt_us", "c_ping_p50_us"):
             assert r[key] > 0, (name, key)
         assert r["ratio_b_over_a"] == pytest.approx(r["b_protocol_s"] / r["a_raw_s"])
+        if transport._LOWAT:  # (a2): the raw pair with the receive tuned like the daemon's
+            assert r["a2_raw_tuned_s"] > 0
+            assert r["ratio_b_over_a2"] == pytest.approx(r["b_protocol_s"] / r["a2_raw_tuned_s"])
+        else:
+            assert r["a2_raw_tuned_s"] is None and r["ratio_b_over_a2"] is None
         if name != "unpinned":
             assert r["bulk_comparable"] is True and r["ping_comparable"] is True
     d = placements["unpinned"]

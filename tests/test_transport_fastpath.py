@@ -191,6 +191,85 @@ def test_a_big_body_cut_off_is_a_connection_error(pair):
         transport.Channel(a).read_frame(Limits(), idle_timeout=10, frame_timeout=10)
 
 
+needs_lowat = pytest.mark.skipif(not transport._LOWAT, reason="the raised SO_RCVLOWAT is used on Linux only")
+
+
+def _lowat(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+
+
+@needs_lowat
+@pytest.mark.parametrize("tail", [1, 100 * 1024, transport._LOWAT or 1, (transport._LOWAT or 1) + 1])
+def test_a_big_body_whose_last_bytes_come_late_is_received_at_once(pair, tail):
+    """The raised wake-up threshold never covers bytes that are not on their way: all but
+    the last ``tail`` bytes are sent, then nothing for 2 s, then the rest. Whatever
+    ``tail`` is (below, at, above the threshold), the receive finishes as the last bytes
+    arrive, not at frame_timeout (a receive waiting for a full threshold would hang)."""
+    a, b = pair
+    head, body = _frame_parts(6 * MiB)
+    ch = transport.Channel(a)
+
+    def late() -> None:
+        b.sendall(head + body[:-tail])
+        time.sleep(2.0)
+        b.sendall(body[-tail:])
+
+    sender = threading.Thread(target=late)
+    sender.start()
+    t0 = time.monotonic()
+    frame = ch.read_frame(Limits(), idle_timeout=10, frame_timeout=20)
+    took = time.monotonic() - t0
+    sender.join(30)
+    assert bytes(frame.header["args"]["t"].numpy()) == body
+    assert 1.5 < took < 10  # the late bytes were waited for, and no longer than that
+    assert _lowat(a) == 1
+
+
+@needs_lowat
+def test_the_wake_up_threshold_is_back_at_one_after_every_big_body(pair):
+    """Between frames SO_RCVLOWAT is 1: a small frame after a big one (a ping) must wake
+    the reader at once, also when the big one failed midway."""
+    a, b = pair
+    ch = transport.Channel(a)
+    head, body = _frame_parts(4 * MiB)
+    sender = threading.Thread(target=b.sendall, args=(head + body,))  # more than the socket buffers hold
+    sender.start()
+    ch.read_frame(Limits(), idle_timeout=10, frame_timeout=20)
+    sender.join(30)
+    assert _lowat(a) == 1
+    ping = protocol.encode_bytes(Kind.REQUEST, {"id": 2, "op": "ping"})
+    threading.Timer(0.3, b.sendall, (ping,)).start()
+    t0 = time.monotonic()
+    assert ch.read_frame(Limits(), idle_timeout=10, frame_timeout=10).header["op"] == "ping"
+    assert time.monotonic() - t0 < 3
+    # A big body that stalls: FrameTimeout, and the threshold is reset on the way out.
+    sender = threading.Thread(target=b.sendall, args=(head + body[:2 * MiB],))
+    sender.start()
+    with pytest.raises(transport.FrameTimeout):
+        ch.read_frame(Limits(), idle_timeout=10, frame_timeout=1.0)
+    sender.join(30)
+    assert _lowat(a) == 1
+
+
+def test_an_invalid_frame_with_a_body_is_refused_after_its_body(pair):
+    """An invalid frame with a body (a descriptor that does not match its nbytes) is
+    refused only once its whole body is in: the stream stays in step, so the server can
+    answer the error and the client reads it (a reset would lose the answer)."""
+    a, b = pair
+    ch = transport.Channel(a)
+    body = bytes(3 * MiB)
+    header = orjson.dumps({"id": 1, "op": "x", "tensors": [
+        {"name": "t", "dtype": "float32", "shape": [7], "offset": 0, "nbytes": len(body)}]})  # shape != nbytes
+    ping = protocol.encode_bytes(Kind.REQUEST, {"id": 2, "op": "ping"})
+    sender = threading.Thread(target=b.sendall, args=(protocol.PREFIX.pack(b"LUNA", 1, 1, 0, len(header), len(body)) + header + body + ping,))
+    sender.start()
+    with pytest.raises(LunaError) as err:
+        ch.read_frame(Limits(), idle_timeout=10, frame_timeout=20)
+    assert err.value.code == "bad_frame"
+    sender.join(30)
+    assert ch.read_frame(Limits(), idle_timeout=10, frame_timeout=10).header == {"id": 2, "op": "ping"}
+
+
 # ----------------------------------------------------------------------------- peer_gone
 def test_peer_gone_with_a_live_peer_buffered_data_and_a_close(pair):
     a, b = pair
