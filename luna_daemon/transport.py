@@ -16,8 +16,8 @@ Speed matters here (``ping`` must stay within 2x the raw loopback round trip):
   arriving batch), and on Linux with the socket's wake-up threshold (``SO_RCVLOWAT``)
   raised to 1 MiB while more than that is still due (see ``_LOWAT``);
 * between a frame's first bytes and the receive of its big body only the prefix is
-  checked and the buffer chosen (see ``read_frame``: a late start costs far more than
-  the work);
+  checked and the buffer chosen; the frame is decoded while the body's last MiB is
+  still arriving (see ``read_frame``);
 * on POSIX the socket stays in blocking mode and the timeouts are the kernel's
   ``SO_RCVTIMEO`` / ``SO_SNDTIMEO``, set only when they change (Python's ``settimeout``
   would add a ``poll`` syscall before every ``recv``); small answers leave with one
@@ -212,7 +212,11 @@ class Channel:
             raise ConnectionResetError("peer closed the connection mid-frame")
         self._end += k
 
-    def _read_exact_into(self, view: memoryview, deadline: float | None) -> None:
+    def _read_exact_into(self, view: memoryview, deadline: float | None,
+                         tail: Callable[[], None] | None = None) -> None:
+        """Fill ``view`` from the buffer and the socket by ``deadline``. ``tail``, if given,
+        is called once when the raised wake-up threshold ends, i.e. with the last
+        _LOWAT bytes of a big body still on their way (not at all for smaller bodies)."""
         n = len(view)
         got = min(n, self._end - self._start)
         if got:
@@ -243,6 +247,9 @@ class Channel:
                         self._set_lowat(self._lowat_max)
                 elif self._lowat != 1:
                     self._set_lowat(1)
+                    if tail is not None:
+                        tail()
+                        tail = None
                 try:
                     k = self._recv_into(view[got:end], _WAITALL)
                 except TimeoutError:
@@ -327,12 +334,28 @@ class Channel:
             return protocol.decode_frame(pre, header_bytes, bytearray(), header, segments)
         # Nothing more before the body is received: a receiver that starts reading a big
         # body late -- ~0.3 ms of Python, as decoding the frame first took -- made the
-        # whole 12 MB transfer ~1 ms slower on loopback (kernel receive-window dynamics;
-        # measured with raw sockets in the benchmark's placements), far more than the
-        # work itself. The frame is decoded once its body is in.
+        # whole 12 MB transfer ~1 ms slower on loopback (the kernel's receive-window
+        # dynamics; raw sockets, the benchmark's placements), far more than the work
+        # itself. Late in the body it is the other way round: the frame is decoded while
+        # its last MiB is on its way (``tail``), which hides the decoding (~0.1 ms on
+        # caches the copy has just flushed) instead of adding it after the last byte.
+        # A decode error is raised only once the whole body is in, so the peer reads the
+        # error answer instead of a reset of a connection it is still sending on.
         body = self._body_buffer(pre.body_len)
-        self._read_exact_into(memoryview(body.numpy()), deadline)
-        return protocol.decode_frame(pre, header_bytes, body, header, segments)
+        done: list = []
+
+        def decode() -> None:
+            try:
+                done.append(protocol.decode_frame(pre, header_bytes, body, header, segments))
+            except protocol.LunaError as exc:
+                done.append(exc)
+
+        self._read_exact_into(memoryview(body.numpy()), deadline, decode)
+        if not done:
+            decode()
+        if isinstance(done[0], protocol.LunaError):
+            raise done[0]
+        return done[0]
 
     def _body_buffer(self, n: int) -> Any:
         """A uint8 tensor of ``n`` bytes to receive a body into. Not zero-filled (a

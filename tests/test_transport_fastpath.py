@@ -226,6 +226,35 @@ def test_a_big_body_whose_last_bytes_come_late_is_received_at_once(pair, tail):
 
 
 @needs_lowat
+def test_a_big_frame_is_decoded_while_its_last_bytes_are_on_their_way(pair, monkeypatch):
+    """The frame is decoded (descriptors checked, views made) before the body's last MiB
+    has arrived, and its tensors still hold every byte once read_frame returns."""
+    a, b = pair
+    head, body = _frame_parts(6 * MiB)
+    events: list[str] = []
+    real = protocol.decode_frame
+
+    def spy(*args, **kwargs):
+        events.append("decoded")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "decode_frame", spy)
+
+    def late() -> None:
+        b.sendall(head + body[:-100 * 1024])
+        time.sleep(1.0)
+        events.append("tail sent")
+        b.sendall(body[-100 * 1024:])
+
+    sender = threading.Thread(target=late)
+    sender.start()
+    frame = transport.Channel(a).read_frame(Limits(), idle_timeout=10, frame_timeout=20)
+    sender.join(30)
+    assert events == ["decoded", "tail sent"]
+    assert bytes(frame.header["args"]["t"].numpy()) == body
+
+
+@needs_lowat
 def test_the_wake_up_threshold_is_back_at_one_after_every_big_body(pair):
     """Between frames SO_RCVLOWAT is 1: a small frame after a big one (a ping) must wake
     the reader at once, also when the big one failed midway."""
