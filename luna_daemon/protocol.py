@@ -400,7 +400,15 @@ def _json_default(obj: Any) -> Any:
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A read-only byte view of a CPU tensor (copies only if not contiguous / not CPU)."""
+    """A byte view of a CPU tensor's memory (copies only if not contiguous / not CPU)."""
+    # The usual big tensor (contiguous, on the CPU, no autograd): one numpy view. It runs
+    # on every tensor sent, often on caches a big copy has just flushed, where the general
+    # path below (detach, reshape, view, numpy: four new tensors) took ~30 us more.
+    try:
+        if not t.requires_grad and t.is_contiguous() and t.device.type == "cpu":
+            return memoryview(t.numpy()).cast("B")
+    except (TypeError, RuntimeError):  # bfloat16 (not a numpy type), a zero in the shape, conj/neg bits
+        pass
     import torch  # already imported: ``t`` is a tensor
 
     t = t.detach()

@@ -421,3 +421,22 @@ def test_shm_overlap_is_per_storage_and_resolver_sees_the_header():
     hb = json.dumps({"id": 1, "ok": True, "tensors": overlapping}).encode()
     with pytest.raises(ProtocolError, match="overlap"):
         protocol.decode_frame(protocol.Prefix(1, 2, 0, len(hb), 0), hb, bytearray(), segments={name: seg})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int64", "int32", "uint8", "bool"])
+@pytest.mark.parametrize("case", ["plain", "scalar", "empty", "strided", "grad", "offset"])
+def test_tensor_bytes_are_the_tensors_bytes_on_every_path(dtype, case):
+    """The numpy fast path and the general one give the same bytes, in memory order, for
+    every wire dtype (bfloat16 has no numpy type), empty / 0-d / non-contiguous tensors,
+    autograd tensors and views at a storage offset."""
+    import torch
+
+    from luna_daemon.protocol import _tensor_bytes
+
+    dt = getattr(torch, dtype)
+    base = (torch.arange(24) % 7).to(dt).reshape(2, 3, 4)
+    t = {"plain": base, "scalar": base[0, 0, 0], "empty": base[:, :0], "strided": base.transpose(0, 2),
+         "grad": base.float().requires_grad_() if dt.is_floating_point else base, "offset": base[1]}[case]
+    expected = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    got = _tensor_bytes(t)
+    assert got.format == "B" and bytes(got) == expected and got.nbytes == t.numel() * t.element_size()
