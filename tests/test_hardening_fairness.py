@@ -317,7 +317,19 @@ def test_unread_pipelined_answers_do_not_pin_a_slot(make_settings):
         _quiet(d)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.connect(d.address)
-        s.sendall(b"".join(bytes(b) for b in protocol.request(1, "hello")[0]) * 20000)
+        # Far more answers than any socket buffer holds (10 MB of requests; 20 000 came to
+        # ~4 MB of answers, about what the daemon's send buffer can grow to: on a loaded CI
+        # run they all fitted and nothing ever blocked). Sent from a thread, since the
+        # send itself blocks once the daemon stops reading; closing the socket ends it.
+        hellos = b"".join(bytes(b) for b in protocol.request(1, "hello")[0]) * 200_000
+
+        def pipeline() -> None:
+            try:
+                s.sendall(hellos)
+            except OSError:
+                pass  # evicted / closed: what the test waits for
+
+        threading.Thread(target=pipeline, daemon=True).start()
         stuck_since = [None]
 
         def stuck() -> bool:  # in flight without a break for a second: blocked in send
