@@ -14,7 +14,7 @@ Speed matters here (``ping`` must stay within 2x the raw loopback round trip):
   frame; large bodies are received straight into their final buffer with one
   ``recv_into(..., MSG_WAITALL)`` (POSIX; no ``data += chunk`` copying, no syscall per
   arriving batch), and on Linux with the socket's wake-up threshold (``SO_RCVLOWAT``)
-  raised to 1 MiB while more than that is still due (see ``_LOWAT``);
+  raised to 1 MiB while more than 2 MiB is still due (see ``_LOWAT``);
 * between a frame's first bytes and the receive of its big body only the prefix is
   checked and the buffer chosen; the frame is decoded while the body's last MiB is
   still arriving (see ``read_frame``);

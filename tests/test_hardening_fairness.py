@@ -317,10 +317,11 @@ def test_unread_pipelined_answers_do_not_pin_a_slot(make_settings):
         _quiet(d)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.connect(d.address)
-        # Far more answers than any socket buffer holds (10 MB of requests; 20 000 came to
-        # ~4 MB of answers, about what the daemon's send buffer can grow to: on a loaded CI
-        # run they all fitted and nothing ever blocked). Sent from a thread, since the
-        # send itself blocks once the daemon stops reading; closing the socket ends it.
+        # 200 000 hellos (10 MB of requests, ~130 MB of answers at 664 B each): far more
+        # than any socket buffer holds. With 20 000 (~13 MB of answers) one loaded CI run
+        # never saw the connection thread blocked for a second; why is not established.
+        # Sent from a thread, since the send itself blocks once the daemon stops reading;
+        # it ends with an error when the daemon drops the connection (eviction, stop).
         hellos = b"".join(bytes(b) for b in protocol.request(1, "hello")[0]) * 200_000
 
         def pipeline() -> None:
